@@ -1,0 +1,365 @@
+"""KLStats: streaming, masked, on-device statistics of the KL estimators; and KLSummary.
+
+``update`` accumulates a window on the tensors' device with no host sync; ``compute`` reduces
+across ranks (one ``all_gather`` of a small float64 vector), copies it to the host once and
+returns a :class:`KLSummary` of plain Python numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchmetrics import Metric
+
+from klmonitor import _moments as mom
+from klmonitor import _native
+from klmonitor.estimators import ESTIMATORS
+
+__all__ = ["EstimatorStats", "KLStats", "KLSummary", "Level"]
+
+Level = Literal["token", "sequence"]
+_LEVELS = ("token", "sequence")
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class EstimatorStats:
+    """Mean and spread of one per-sample quantity over a window.
+
+    ``var`` is the sample variance with Bessel's correction (as ``torch.var``); ``stderr`` is
+    ``std / sqrt(n)``. With fewer than two samples ``var``, ``std`` and ``stderr`` are NaN.
+    """
+
+    mean: float
+    var: float
+    std: float
+    stderr: float
+
+    @property
+    def z(self) -> float:
+        """``mean / stderr``: how many standard errors the mean is from 0."""
+        if self.stderr > 0:
+            return self.mean / self.stderr
+        if self.mean == 0 or math.isnan(self.stderr):
+            return 0.0 if self.mean == 0 else math.nan
+        return math.copysign(math.inf, self.mean)
+
+
+@dataclass
+class KLSummary:
+    """What one window of log-probs says about KL(policy || reference).
+
+    Attributes:
+        level: ``"token"`` (statistics over tokens) or ``"sequence"`` (over sequences, each
+            the sum of its tokens' values).
+        count: the samples the statistics are over (tokens, or sequences).
+        tokens: valid, finite tokens counted.
+        sequences: sequences with at least one valid token (``None`` at token level).
+        k1, k2, k3, kl_pq: :class:`EstimatorStats` of the estimators (``kl_pq`` estimates
+            the reverse KL(reference || policy)).
+        r_minus_1: the control variate ``r - 1``; its mean is 0 when the samples come from
+            the policy, so ``r_minus_1.z`` far from 0 flags a sampling mismatch.
+        k2_minus_k3: the paired difference ``k2 - k3``, for the significance of ``drift``.
+        drift: ``(mean k2 - mean k3) / mean k3``, the relative gap; 0 when the KL is 0.
+        drift_z: ``k2_minus_k3.z``: the gap in standard errors.
+        ess: importance-sampling effective sample size ``(sum r)**2 / sum r**2`` as a
+            fraction of ``count``; NaN without samples.
+        nonfinite: valid tokens whose log-ratio was NaN or +-inf (kept out of the stats).
+        clamped: tokens whose |log-ratio| exceeded the clamp (counted with the clamped value).
+        max_abs_log_ratio: the largest finite |log-ratio| seen.
+
+    >>> s = KLStats(); s.update(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.1, -1.9, -0.5]))
+    >>> summary = s.compute()
+    >>> summary.tokens, round(summary.k3.mean, 5)
+    (3, 0.00334)
+    """
+
+    level: str
+    count: int
+    tokens: int
+    sequences: int | None
+    k1: EstimatorStats
+    k2: EstimatorStats
+    k3: EstimatorStats
+    kl_pq: EstimatorStats
+    r_minus_1: EstimatorStats
+    k2_minus_k3: EstimatorStats
+    drift: float
+    drift_z: float
+    ess: float
+    nonfinite: int
+    clamped: int
+    max_abs_log_ratio: float
+
+    @property
+    def kl(self) -> float:
+        """The headline KL estimate: the mean of ``k3`` (unbiased, never negative)."""
+        return self.k3.mean
+
+    def estimator(self, name: str) -> EstimatorStats:
+        """The statistics of estimator ``name`` (``k1``, ``k2``, ``k3``, ``kl_pq``)."""
+        if name not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {name!r}; expected one of {ESTIMATORS}")
+        stats: EstimatorStats = getattr(self, name)
+        return stats
+
+    def to_dict(self, prefix: str = "kl/") -> dict[str, float]:
+        """Flat ``{metric name: value}`` as logged.
+
+        Values that are undefined for this window (NaN or infinite, e.g. a variance of fewer
+        than two samples) are left out rather than logged as NaN.
+
+        >>> s = KLStats(); s.update(torch.zeros(4), torch.full((4,), 0.1))
+        >>> sorted(s.compute().to_dict())[:3]
+        ['kl/clamped', 'kl/drift_k2_k3', 'kl/ess_fraction']
+        """
+        out: dict[str, float] = {}
+        kl = self.kl
+        for name in ESTIMATORS:
+            st = self.estimator(name)
+            out[f"{prefix}{name}/mean"] = st.mean
+            out[f"{prefix}{name}/std"] = st.std
+            out[f"{prefix}{name}/var"] = st.var
+            out[f"{prefix}{name}/stderr"] = st.stderr
+            if kl > 0:
+                out[f"{prefix}{name}/rel_std"] = st.std / kl
+        out[f"{prefix}r_minus_1/mean"] = self.r_minus_1.mean
+        out[f"{prefix}r_minus_1/stderr"] = self.r_minus_1.stderr
+        out[f"{prefix}r_minus_1/z"] = self.r_minus_1.z
+        out[f"{prefix}drift_k2_k3"] = self.drift
+        out[f"{prefix}drift_z"] = self.drift_z
+        out[f"{prefix}ess_fraction"] = self.ess
+        out[f"{prefix}tokens"] = float(self.tokens)
+        if self.sequences is not None:
+            out[f"{prefix}sequences"] = float(self.sequences)
+        out[f"{prefix}nonfinite"] = float(self.nonfinite)
+        out[f"{prefix}clamped"] = float(self.clamped)
+        out[f"{prefix}max_abs_log_ratio"] = self.max_abs_log_ratio
+        return {k: float(v) for k, v in out.items() if math.isfinite(v)}
+
+    @classmethod
+    def from_vector(cls, vec: list[float] | np.ndarray, level: str) -> KLSummary:
+        """Build a summary from a (host) moments vector; see ``klmonitor._moments``."""
+        v = [float(x) for x in vec]
+        n = v[mom.COUNT]
+        stats = []
+        for i in range(mom.NQ):
+            mean = v[mom.MEAN.start + i] if n > 0 else math.nan
+            var = v[mom.M2.start + i] / (n - 1) if n > 1 else math.nan
+            std = math.sqrt(var) if var >= 0 else math.nan
+            stderr = std / math.sqrt(n) if n > 1 else math.nan
+            stats.append(EstimatorStats(mean, var, std, stderr))
+        k1, k2, k3, kl_pq, rm1, diff = stats
+        if n == 0:
+            drift = math.nan
+        elif k3.mean > 0:
+            drift = diff.mean / k3.mean
+        else:
+            drift = 0.0
+        m, m2 = rm1.mean, v[mom.M2.start + 4]
+        ess = (1 + m) ** 2 / ((1 + m) ** 2 + m2 / n) if n > 0 and (1 + m) ** 2 + m2 / n > 0 else math.nan
+        return cls(
+            level=level,
+            count=int(n),
+            tokens=int(v[mom.TOKENS]),
+            sequences=int(n) if level == "sequence" else None,
+            k1=k1,
+            k2=k2,
+            k3=k3,
+            kl_pq=kl_pq,
+            r_minus_1=rm1,
+            k2_minus_k3=diff,
+            drift=drift,
+            drift_z=diff.z,
+            ess=ess,
+            nonfinite=int(v[mom.NONFINITE]),
+            clamped=int(v[mom.CLAMPED]),
+            max_abs_log_ratio=v[mom.MAX_ABS],
+        )
+
+
+def _gather_fixed(result: Tensor, group: Any = None) -> list[Tensor]:
+    """One ``all_gather`` of a tensor whose shape is the same on every rank.
+
+    torchmetrics' default gathers shapes first (and a barrier); our state has a fixed size.
+    """
+    group = group if group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    out = [torch.empty_like(result) for _ in range(world)]
+    dist.all_gather(out, result.contiguous(), group=group)
+    return out
+
+
+class KLStats(Metric):
+    """Streaming statistics of the KL estimators over masked log-probs (a torchmetrics Metric).
+
+    Each ``update`` folds a batch into the window on the tensors' device without a host sync;
+    ``compute`` merges the window over all ranks of a ``torch.distributed`` job (exactly:
+    counts, means and M2 merged with Chan's update in float64) and returns a
+    :class:`KLSummary`. ``reset`` starts a new window.
+
+    Args:
+        level: ``"token"`` pools all valid tokens; ``"sequence"`` sums each sequence's token
+            values (inputs must be ``[B, T]``) and takes statistics over sequences.
+        clamp: log-ratios are clamped to ``[-clamp, clamp]`` before the estimators (``exp``
+            overflows float32 above 88); clamped tokens are counted in ``summary.clamped``.
+        backend: ``"auto"`` uses the fused CPU kernel for float32/bf16/fp16 CPU tensors when a
+            C compiler is available and plain torch otherwise; ``"torch"`` forces plain torch;
+            ``"native"`` requires the fused kernel for CPU inputs.
+        **kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``process_group``).
+
+    >>> stats = KLStats()
+    >>> logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.7, -9.0]])
+    >>> ref = torch.tensor([[-1.2, -1.9, -3.0], [-0.4, -0.7, -1.0]])
+    >>> stats.update(logp, ref, mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    >>> s = stats.compute()
+    >>> s.tokens, round(s.k1.mean, 4), round(s.k3.mean, 5)
+    (5, 0.0, 0.00581)
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = False
+
+    _acc: Tensor
+
+    def __init__(
+        self,
+        level: Level = "token",
+        clamp: float = 20.0,
+        backend: Literal["auto", "torch", "native"] = "auto",
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("dist_sync_fn", _gather_fixed)
+        super().__init__(**kwargs)
+        if level not in _LEVELS:
+            raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
+        if isinstance(clamp, bool) or not isinstance(clamp, int | float) or not 0 < clamp <= 80:
+            raise ValueError(
+                f"clamp must be a number in (0, 80] (exp overflows float32 above ~88), got {clamp!r}"
+            )
+        if backend not in ("auto", "torch", "native"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'native', got {backend!r}")
+        if backend == "native" and not _native.available():
+            raise RuntimeError(
+                "backend='native' needs the fused CPU kernel, which could not be built: install a "
+                "C compiler (cc/gcc/clang, or set CC) or use backend='auto'"
+            )
+        self.level: Level = level
+        self.clamp = float(clamp)
+        self.backend = backend
+        self.add_state("_acc", default=mom.empty(), dist_reduce_fx=mom.merge_rows)
+
+    # -- validation (shapes and dtypes only: metadata, never tensor values) ----------------
+    def _check(self, logprobs: Any, ref_logprobs: Any, mask: Any) -> Tensor | None:
+        for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor of log-probs, got {type(t).__name__}")
+            if not torch.is_floating_point(t):
+                raise TypeError(
+                    f"{name} has dtype {t.dtype}; expected floating-point log-probs (float32, "
+                    "bfloat16, float16 or float64). Pass log-probabilities of the sampled tokens, "
+                    "e.g. logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)"
+                )
+        if logprobs.shape != ref_logprobs.shape:
+            raise ValueError(
+                f"logprobs has shape {tuple(logprobs.shape)} but ref_logprobs has shape "
+                f"{tuple(ref_logprobs.shape)}; both must hold the log-probs of the same sampled "
+                "tokens (check for a one-token shift between policy and reference)"
+            )
+        if logprobs.device != ref_logprobs.device:
+            raise ValueError(
+                f"logprobs is on {logprobs.device} but ref_logprobs is on {ref_logprobs.device}; "
+                "move both to the same device"
+            )
+        if logprobs.dim() == 0:
+            raise ValueError("logprobs is a scalar; expected [N] or [B, T] per-token log-probs")
+        if self.level == "sequence" and logprobs.dim() != 2:
+            raise ValueError(
+                f"level='sequence' needs [B, T] inputs, got shape {tuple(logprobs.shape)}; "
+                "reshape to one row per sequence or use level='token'"
+            )
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.shape != logprobs.shape:
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)} but logprobs has shape "
+                f"{tuple(logprobs.shape)}; pass one mask entry per token (1/True = counted)"
+            )
+        if mask.is_complex():
+            raise TypeError(f"mask has dtype {mask.dtype}; expected bool or 0/1 values")
+        if mask.device != logprobs.device:
+            mask = mask.to(logprobs.device, non_blocking=True)
+        return mask if mask.dtype == torch.bool else mask != 0
+
+    def update(self, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor | None = None) -> None:
+        """Fold a batch into the window (on device, no host sync).
+
+        Args:
+            logprobs: log q(x) of the sampled tokens under the policy, ``[N]`` or ``[B, T]``
+                (any float dtype; detached here).
+            ref_logprobs: log p(x) of the same tokens under the reference, same shape.
+            mask: optional, same shape; nonzero/True marks tokens to count.
+
+        Raises:
+            TypeError: integer log-probs, or a non-tensor argument.
+            ValueError: mismatched shapes or devices, or a non-2-D input at sequence level.
+        """
+        valid = self._check(logprobs, ref_logprobs, mask)
+        logp, ref = logprobs.detach(), ref_logprobs.detach()
+        if self._acc.device != logp.device:
+            self.to(logp.device)
+        if self.level == "sequence":
+            chunk = mom.sequence_moments(logp, ref, valid, self.clamp)
+        elif self._use_native(logp):
+            chunk = self._native_token_moments(logp, ref, valid)
+        else:
+            flat_mask = valid.reshape(-1) if valid is not None else None
+            chunk = mom.token_moments_torch(logp.reshape(-1), ref.reshape(-1), flat_mask, self.clamp)
+        self._acc = mom.merge(self._acc, chunk)
+
+    def _use_native(self, logp: Tensor) -> bool:
+        return (
+            self.backend != "torch"
+            and logp.device.type == "cpu"
+            and logp.dtype in _NATIVE_DTYPES
+            and logp.numel() > 0
+            and _native.available()
+        )
+
+    def _native_token_moments(self, logp: Tensor, ref: Tensor, valid: Tensor | None) -> Tensor:
+        lp = logp.reshape(-1).to(torch.float32).contiguous()
+        rp = ref.reshape(-1).to(torch.float32).contiguous()
+        mk = valid.reshape(-1).contiguous() if valid is not None else None
+        shift, sums = _native.token_sums(lp, rp, mk, self.clamp)
+        n = sums[12]
+        out = np.zeros(mom.SIZE, dtype=np.float64)
+        out[mom.COUNT] = n
+        if n > 0:
+            s1, s2 = sums[0:6], sums[6:12]
+            out[mom.MEAN] = shift.astype(np.float64) + s1 / n
+            out[mom.M2] = np.maximum(s2 - s1 * s1 / n, 0.0)
+        out[mom.TOKENS] = n
+        out[mom.NONFINITE] = sums[13]
+        out[mom.CLAMPED] = sums[14]
+        out[mom.MAX_ABS] = sums[15]
+        return torch.from_numpy(out)
+
+    def compute(self) -> KLSummary:
+        """The window's :class:`KLSummary`, merged over all ranks (one host transfer)."""
+        return KLSummary.from_vector(self._acc.detach().cpu().numpy(), self.level)
+
+    def summary_vector(self) -> Tensor:
+        """The raw moments vector of this rank's window (on device; for advanced use)."""
+        return self._acc
+
+    def __repr__(self) -> str:
+        return f"KLStats(level={self.level!r}, clamp={self.clamp}, backend={self.backend!r})"
