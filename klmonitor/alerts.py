@@ -1,0 +1,862 @@
+"""Alert rules: decisions from a window's :class:`~klmonitor.stats.KLSummary` (no I/O).
+
+A :class:`Rule` turns a summary into a number (:meth:`Rule.measure`), compares it with its
+threshold (:meth:`Rule.triggered`) and fires an :class:`Alert` once the condition has held for
+``patience`` consecutive windows, then stays quiet for ``cooldown`` windows so a lasting
+condition does not raise a storm. An :class:`AlertEngine` evaluates a list of rules on each
+summary and keeps a bounded history. Everything is decided from the (rank-synced) summary, so
+every rank of a distributed job decides the same; speaking is left to the caller.
+
+The default rules (:func:`default_rules`):
+
+=====================  ===============================================  =========  ========
+name                   fires when                                       threshold  level
+=====================  ===============================================  =========  ========
+``drift``              ``|(k2 - k3) / k3| > threshold``, and the paired  0.1        warn
+                       gap is ``> min_z`` standard errors
+``spike``              the KL jumps ``> threshold`` robust standard      6          warn
+                       deviations above its recent running mean
+``nonfinite``          NaN/inf log-ratios counted ``> threshold``        0          error
+``clamped``            clamped log-ratios counted ``> threshold``        0          warn
+``sampling_mismatch``  ``|z|`` of the mean of ``r - 1`` ``> threshold``  6          warn
+                       (see :class:`SamplingMismatchRule` for guards)
+``kl_budget``          the chosen estimator's mean ``> max_kl``          user's     error
+=====================  ===============================================  =========  ========
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from klmonitor.stats import KLSummary
+
+__all__ = [
+    "Alert",
+    "AlertEngine",
+    "AlertLevel",
+    "ClampedRule",
+    "DriftRule",
+    "KLBudgetRule",
+    "NonFiniteRule",
+    "Rule",
+    "SamplingMismatchRule",
+    "SpikeRule",
+    "default_rules",
+]
+
+_STATE_VERSION = 1
+# Estimator names accepted by KLBudgetRule (those KLSummary.estimator knows).
+_BUDGET_ESTIMATORS = ("k1", "k2", "k3", "kl_pq")
+# Windows a default rule stays quiet after firing: at most one alert per 11 windows per rule.
+_DEFAULT_COOLDOWN = 10
+
+
+class AlertLevel(str, Enum):
+    """How serious an alert is; the value is the lower-case name used in logs and dicts.
+
+    >>> AlertLevel("warn") is AlertLevel.WARN, AlertLevel.ERROR.value
+    (True, 'error')
+    """
+
+    INFO = "info"
+    WARN = "warn"
+    ERROR = "error"
+
+
+_LEVELS = tuple(level.value for level in AlertLevel)
+
+
+def _as_level(level: Any, arg: str = "level") -> AlertLevel:
+    if isinstance(level, AlertLevel):
+        return level
+    if isinstance(level, str) and level.lower() in _LEVELS:
+        return AlertLevel(level.lower())
+    raise ValueError(f"{arg} must be an AlertLevel or one of {_LEVELS}, got {level!r}")
+
+
+def _float_to_json(x: float) -> float | str:
+    # Strict JSON (W&B, browsers) has no NaN/Infinity; keep them as strings float() reads back.
+    return x if math.isfinite(x) else str(x)
+
+
+@dataclass
+class Alert:
+    """One firing of a rule.
+
+    Attributes:
+        rule: the name of the rule that fired.
+        step: the training step (the trainer's ``global_step``) of the window.
+        level: :class:`AlertLevel` (a plain string is converted).
+        value: what the rule measured (its unit depends on the rule, see its docstring).
+        threshold: the rule's threshold ``value`` was compared with.
+        message: a sentence for a person: what happened, how big, what to check.
+        stop: ``True`` when the rule asks to stop training.
+
+    >>> a = Alert("drift", 100, AlertLevel.WARN, 0.25, 0.1, "k2 and k3 disagree by 25%")
+    >>> a.level, a.to_dict()["level"], Alert.from_dict(a.to_dict()) == a
+    (<AlertLevel.WARN: 'warn'>, 'warn', True)
+    """
+
+    rule: str
+    step: int
+    level: AlertLevel
+    value: float
+    threshold: float
+    message: str
+    stop: bool = False
+
+    def __post_init__(self) -> None:
+        self.level = _as_level(self.level)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict: the level as its string, non-finite floats as ``"inf"``/``"nan"``.
+
+        ``json.dumps(alert.to_dict(), allow_nan=False)`` always works.
+        """
+        return {
+            "rule": self.rule,
+            "step": int(self.step),
+            "level": self.level.value,
+            "value": _float_to_json(float(self.value)),
+            "threshold": _float_to_json(float(self.threshold)),
+            "message": self.message,
+            "stop": bool(self.stop),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Alert:
+        """Rebuild an alert from :meth:`to_dict` output (missing optional keys get defaults).
+
+        Raises:
+            ValueError: ``rule``, ``step`` or ``level`` missing, or an unknown level.
+        """
+        missing = [k for k in ("rule", "step", "level") if k not in d]
+        if missing:
+            raise ValueError(f"alert dict lacks the key(s) {missing}; got keys {sorted(d)}")
+        return cls(
+            rule=str(d["rule"]),
+            step=int(d["step"]),
+            level=_as_level(d["level"], "alert dict 'level'"),
+            value=float(d.get("value", math.nan)),
+            threshold=float(d.get("threshold", math.nan)),
+            message=str(d.get("message", "")),
+            stop=bool(d.get("stop", False)),
+        )
+
+
+# -- argument checks ---------------------------------------------------------------------
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_number(
+    x: Any, arg: str, *, low: float | None = None, low_inclusive: bool = False, hint: str = ""
+) -> float:
+    """``x`` as a finite float, ``> low`` (or ``>= low``); else TypeError/ValueError naming it."""
+    if not _is_real(x):
+        raise TypeError(f"{arg} must be a real number{hint}, got {type(x).__name__} {x!r}")
+    value = float(x)
+    if not math.isfinite(value):
+        raise ValueError(f"{arg} must be finite{hint}, got {x!r}")
+    if low is not None and (value < low if low_inclusive else value <= low):
+        op = ">=" if low_inclusive else ">"
+        raise ValueError(f"{arg} must be {op} {low}{hint}, got {x!r}")
+    return value
+
+
+def _check_int(x: Any, arg: str, *, low: int, hint: str = "") -> int:
+    if not isinstance(x, numbers.Integral) or isinstance(x, bool):
+        raise TypeError(f"{arg} must be an int >= {low}{hint}, got {type(x).__name__} {x!r}")
+    if int(x) < low:
+        raise ValueError(f"{arg} must be an int >= {low}{hint}, got {x!r}")
+    return int(x)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+# -- rules -------------------------------------------------------------------------------
+
+
+class Rule(ABC):
+    """Base class of alert rules: a measured value, a threshold, patience and cooldown.
+
+    Subclasses implement :meth:`measure` (and usually :meth:`message`); :meth:`triggered`
+    defaults to ``value > threshold``. A window where :meth:`measure` returns ``None`` (not
+    applicable) resets the patience streak and never fires.
+
+    Args:
+        threshold: the value :meth:`triggered` compares with (a finite number).
+        patience: consecutive triggered windows needed before the rule fires (``>= 1``).
+            After firing, the streak starts again from 0.
+        cooldown: windows after a firing during which the rule cannot fire again (``>= 0``),
+            so a lasting condition gives one alert per ``cooldown + 1`` windows, not a storm.
+        level: the :class:`AlertLevel` of its alerts (or ``"info"``, ``"warn"``, ``"error"``).
+        stop_training: mark its alerts ``stop=True`` (the callback then stops training).
+        name: overrides the class's default name (names must be unique in an engine).
+
+    >>> class TokensBelow(Rule):
+    ...     name = "few_tokens"
+    ...     def measure(self, summary):
+    ...         return float(summary.tokens)
+    ...     def triggered(self, value, summary):
+    ...         return value < self.threshold
+    >>> import torch; from klmonitor import KLStats
+    >>> stats = KLStats(); stats.update(torch.zeros(3), torch.zeros(3))
+    >>> TokensBelow(10).evaluate(stats.compute(), step=7).message
+    'few_tokens: value 3 (threshold 10)'
+    """
+
+    name: str = "rule"
+
+    def __init__(
+        self,
+        threshold: float,
+        *,
+        patience: int = 1,
+        cooldown: int = 0,
+        level: AlertLevel | str = AlertLevel.WARN,
+        stop_training: bool = False,
+        name: str | None = None,
+    ) -> None:
+        self.threshold = _check_number(threshold, "threshold")
+        self.patience = _check_int(patience, "patience", low=1, hint=" (consecutive windows before firing)")
+        self.cooldown = _check_int(cooldown, "cooldown", low=0, hint=" (quiet windows after firing)")
+        self.level = _as_level(level)
+        if not isinstance(stop_training, bool):
+            raise TypeError(f"stop_training must be True or False, got {stop_training!r}")
+        self.stop_training = stop_training
+        if name is not None:
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"name must be a non-empty string, got {name!r}")
+            self.name = name
+        self._streak = 0
+        self._cooldown_left = 0
+
+    @abstractmethod
+    def measure(self, summary: KLSummary) -> float | None:
+        """The value compared with the threshold; ``None`` when the rule does not apply."""
+
+    def triggered(self, value: float, summary: KLSummary) -> bool:
+        """Whether ``value`` crosses the threshold in this window (default: ``value > threshold``)."""
+        return value > self.threshold
+
+    def message(self, value: float, summary: KLSummary) -> str:
+        """A sentence for a person: what happened, how big, what to check."""
+        return f"{self.name}: value {_fmt(value)} (threshold {_fmt(self.threshold)})"
+
+    def observe(self, summary: KLSummary) -> None:
+        """Hook run after every evaluation (e.g. to update a running history); no-op here."""
+        return None
+
+    def evaluate(self, summary: KLSummary, step: int) -> Alert | None:
+        """Update patience and cooldown with this window; return an :class:`Alert` if it fires.
+
+        Args:
+            summary: the window's :class:`KLSummary`.
+            step: the training step the window is logged at.
+        """
+        if not isinstance(summary, KLSummary):
+            raise TypeError(
+                f"summary must be a KLSummary (from KLStats.compute()), got {type(summary).__name__}"
+            )
+        step = _check_int(step, "step", low=0, hint=" (the trainer's global_step)")
+        alert = None
+        value = self.measure(summary)
+        fired = False
+        if value is None:
+            self._streak = 0
+        elif self.triggered(value, summary):
+            self._streak += 1
+            fired = self._cooldown_left == 0 and self._streak >= self.patience
+        else:
+            self._streak = 0
+        if self._cooldown_left > 0:
+            self._cooldown_left -= 1
+        if fired and value is not None:
+            self._streak = 0
+            self._cooldown_left = self.cooldown
+            alert = Alert(
+                rule=self.name,
+                step=step,
+                level=self.level,
+                value=float(value),
+                threshold=self.threshold,
+                message=self.message(value, summary),
+                stop=self.stop_training,
+            )
+        self.observe(summary)
+        return alert
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to decide exactly like an uninterrupted one."""
+        return {"streak": self._streak, "cooldown_left": self._cooldown_left}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; missing keys take their fresh-rule defaults."""
+        self._streak = int(state.get("streak", 0))
+        self._cooldown_left = int(state.get("cooldown_left", 0))
+
+    def reset(self) -> None:
+        """Forget the streak, the cooldown and any history."""
+        self._streak = 0
+        self._cooldown_left = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(threshold={self.threshold}, patience={self.patience}, "
+            f"cooldown={self.cooldown}, level={self.level.value!r}, name={self.name!r})"
+        )
+
+
+class DriftRule(Rule):
+    """k2 and k3 separate: the policy has left the region where KL is quadratic.
+
+    Measures ``summary.drift = (mean k2 - mean k3) / mean k3`` and fires when
+    ``|drift| > threshold`` and the paired difference ``k2 - k3`` is more than ``min_z``
+    standard errors from 0 (the gap is real, not noise). With a per-token KL of about 1e-7
+    the relative gap is about 1e-5; it passes 0.1 at a per-token KL of roughly 0.1 to 0.4
+    (see ESTIMATORS.md: the gap is third order in the change of the policy).
+
+    Args:
+        threshold: the largest ``|drift|`` tolerated (a fraction: 0.1 is 10%).
+        min_z: the gap must also be more than this many standard errors.
+        patience, cooldown, level, stop_training, name: as in :class:`Rule`.
+
+    >>> import torch; from klmonitor import KLStats
+    >>> s = KLStats(); s.update(torch.zeros(4), torch.tensor([0.01, -0.01, 0.02, -0.02]))
+    >>> DriftRule().evaluate(s.compute(), step=1) is None
+    True
+    """
+
+    name = "drift"
+
+    def __init__(
+        self,
+        threshold: float = 0.1,
+        *,
+        min_z: float = 3.0,
+        patience: int = 2,
+        cooldown: int = _DEFAULT_COOLDOWN,
+        level: AlertLevel | str = AlertLevel.WARN,
+        stop_training: bool = False,
+        name: str | None = None,
+    ) -> None:
+        _check_number(threshold, "threshold", low=0.0, hint=" (the relative k2-k3 gap, e.g. 0.1)")
+        super().__init__(
+            threshold,
+            patience=patience,
+            cooldown=cooldown,
+            level=level,
+            stop_training=stop_training,
+            name=name,
+        )
+        self.min_z = _check_number(min_z, "min_z", low=0.0, low_inclusive=True)
+
+    def measure(self, summary: KLSummary) -> float | None:
+        """The signed relative gap ``drift``; ``None`` when undefined (no samples)."""
+        return summary.drift if math.isfinite(summary.drift) else None
+
+    def triggered(self, value: float, summary: KLSummary) -> bool:
+        """``|drift| > threshold`` and ``|drift_z| > min_z``."""
+        z = summary.drift_z
+        return abs(value) > self.threshold and not math.isnan(z) and abs(z) > self.min_z
+
+    def message(self, value: float, summary: KLSummary) -> str:
+        """Explain the gap and what to check."""
+        side = "above" if value > 0 else "below"
+        return (
+            f"k2 and k3 disagree by {abs(value):.0%} (k2 is {side} k3: mean k2 = {_fmt(summary.k2.mean)}, "
+            f"mean k3 = {_fmt(summary.k3.mean)}, gap {_fmt(abs(summary.drift_z))} standard errors; "
+            f"threshold {self.threshold:.0%}): the policy has left the region where the quadratic "
+            "approximation of KL holds. Check the learning rate and the KL coefficient."
+        )
+
+
+class KLBudgetRule(Rule):
+    """The KL estimate exceeds the user's budget ``max_kl``.
+
+    Args:
+        max_kl: the largest KL tolerated, in nats, on the summary's scale (per token at
+            token level, per sequence at sequence level); the rule's ``threshold``.
+        estimator: whose mean is compared: ``"k3"`` (default: unbiased, never negative),
+            ``"k1"``, ``"k2"`` or ``"kl_pq"`` (the reverse KL).
+        patience, cooldown, level, stop_training, name: as in :class:`Rule`.
+
+    >>> import torch; from klmonitor import KLStats
+    >>> s = KLStats(); s.update(torch.zeros(4), torch.tensor([1.0, -1.0, 2.0, -2.0]))
+    >>> KLBudgetRule(max_kl=0.5).evaluate(s.compute(), step=3).level.value
+    'error'
+    """
+
+    name = "kl_budget"
+
+    def __init__(
+        self,
+        max_kl: float,
+        *,
+        estimator: str = "k3",
+        patience: int = 1,
+        cooldown: int = _DEFAULT_COOLDOWN,
+        level: AlertLevel | str = AlertLevel.ERROR,
+        stop_training: bool = False,
+        name: str | None = None,
+    ) -> None:
+        _check_number(max_kl, "max_kl", low=0.0, hint=" (the KL budget in nats)")
+        if estimator not in _BUDGET_ESTIMATORS:
+            raise ValueError(f"estimator must be one of {_BUDGET_ESTIMATORS}, got {estimator!r}")
+        super().__init__(
+            max_kl, patience=patience, cooldown=cooldown, level=level, stop_training=stop_training, name=name
+        )
+        self.estimator = estimator
+
+    @property
+    def max_kl(self) -> float:
+        """The budget (the same number as ``threshold``)."""
+        return self.threshold
+
+    def measure(self, summary: KLSummary) -> float | None:
+        """The chosen estimator's mean; ``None`` when undefined (no samples)."""
+        mean = summary.estimator(self.estimator).mean
+        return None if math.isnan(mean) else mean
+
+    def message(self, value: float, summary: KLSummary) -> str:
+        """Say how far over budget the KL is."""
+        per = "sequence" if summary.level == "sequence" else "token"
+        return (
+            f"KL per {per} ({self.estimator} mean) is {_fmt(value)}, above the budget max_kl = "
+            f"{_fmt(self.threshold)} ({value / self.threshold:.2g}x): the policy is further from the "
+            "reference than allowed. Lower the learning rate, raise the KL coefficient, or roll back "
+            "to an earlier checkpoint."
+        )
+
+
+class SpikeRule(Rule):
+    """The KL jumps far above its recent running mean.
+
+    Keeps the finite KL values (``summary.kl``, the mean of k3) of the last ``window``
+    windows. With at least ``min_history`` of them, the measured value is the jump in robust
+    standard deviations, ``(kl - mean) / max(std, rel_floor * |mean|, abs_floor)``, and the
+    rule fires when it exceeds ``threshold``. The floors keep a flat history (a KL of 1e-7,
+    or exactly 0, with tiny noise) from turning a negligible change into a spike: a jump must
+    exceed ``threshold * rel_floor`` of the recent mean (60% by default) and
+    ``threshold * abs_floor`` nats (6e-3). Drops are never spikes.
+
+    Args:
+        threshold: the jump, in (floored) standard deviations, that fires (``n_std``).
+        window: how many past windows the running mean/std are over.
+        min_history: past values needed before the rule can fire.
+        rel_floor: the std used is at least this fraction of ``|mean|``.
+        abs_floor: ... and at least this many nats.
+        patience, cooldown, level, stop_training, name: as in :class:`Rule`.
+
+    >>> import torch; from klmonitor import KLStats
+    >>> rule, s = SpikeRule(min_history=3), KLStats()
+    >>> for shift in (0.1, 0.1, 0.1, 3.0):
+    ...     s.reset(); s.update(torch.zeros(4), torch.tensor([shift, -shift, shift, -shift]))
+    ...     alert = rule.evaluate(s.compute(), step=1)
+    >>> alert.rule, alert.value > rule.threshold
+    ('spike', True)
+    """
+
+    name = "spike"
+
+    def __init__(
+        self,
+        threshold: float = 6.0,
+        *,
+        window: int = 20,
+        min_history: int = 5,
+        rel_floor: float = 0.1,
+        abs_floor: float = 1e-3,
+        patience: int = 1,
+        cooldown: int = _DEFAULT_COOLDOWN,
+        level: AlertLevel | str = AlertLevel.WARN,
+        stop_training: bool = False,
+        name: str | None = None,
+    ) -> None:
+        _check_number(threshold, "threshold", low=0.0, hint=" (standard deviations, e.g. 6)")
+        super().__init__(
+            threshold,
+            patience=patience,
+            cooldown=cooldown,
+            level=level,
+            stop_training=stop_training,
+            name=name,
+        )
+        self.window = _check_int(window, "window", low=2, hint=" (past windows in the running mean/std)")
+        self.min_history = _check_int(min_history, "min_history", low=2, hint=" (past values needed)")
+        if self.min_history > self.window:
+            raise ValueError(
+                f"min_history ({min_history}) must be <= window ({window}); the history keeps only "
+                "`window` values"
+            )
+        self.rel_floor = _check_number(rel_floor, "rel_floor", low=0.0, low_inclusive=True)
+        self.abs_floor = _check_number(abs_floor, "abs_floor", low=0.0, hint=" (nats; keeps a flat KL quiet)")
+        self._history: deque[float] = deque(maxlen=self.window)
+
+    def _baseline(self) -> tuple[float, float]:
+        n = len(self._history)
+        mean = math.fsum(self._history) / n
+        var = math.fsum((x - mean) ** 2 for x in self._history) / (n - 1)
+        scale = max(math.sqrt(var), self.rel_floor * abs(mean), self.abs_floor)
+        return mean, scale
+
+    def measure(self, summary: KLSummary) -> float | None:
+        """``(kl - mean) / scale`` of the recent history; ``None`` before ``min_history``."""
+        kl = summary.kl
+        if len(self._history) < self.min_history or not math.isfinite(kl):
+            return None
+        mean, scale = self._baseline()
+        return (kl - mean) / scale
+
+    def message(self, value: float, summary: KLSummary) -> str:
+        """Say how big the jump is against the recent history."""
+        mean, _ = self._baseline()
+        times = f", {summary.kl / mean:.3g}x its recent mean" if mean > 0 else ""
+        return (
+            f"KL jumped to {_fmt(summary.kl)} from a recent mean of {_fmt(mean)} over the last "
+            f"{len(self._history)} windows{times} ({_fmt(value)} standard deviations; threshold "
+            f"{_fmt(self.threshold)}). Check this step's batch (an outlier prompt or reward), a "
+            "learning-rate spike, or a policy collapse."
+        )
+
+    def observe(self, summary: KLSummary) -> None:
+        """Append this window's KL to the history (finite values only)."""
+        if math.isfinite(summary.kl):
+            self._history.append(float(summary.kl))
+
+    @property
+    def history(self) -> list[float]:
+        """The recent KL values, oldest first."""
+        return list(self._history)
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {**super().state_dict(), "history": list(self._history)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state)
+        self._history = deque((float(x) for x in state.get("history", [])), maxlen=self.window)
+
+    def reset(self) -> None:  # noqa: D102
+        super().reset()
+        self._history.clear()
+
+
+class NonFiniteRule(Rule):
+    """Tokens whose log-ratio was NaN or infinite (kept out of the statistics).
+
+    Args:
+        threshold: fires when more than this many such tokens are in a window.
+        patience, cooldown, level, stop_training, name: as in :class:`Rule`.
+
+    >>> import torch; from klmonitor import KLStats
+    >>> s = KLStats(); s.update(torch.zeros(3), torch.tensor([0.0, -float("inf"), 0.0]))
+    >>> NonFiniteRule().evaluate(s.compute(), step=2).value
+    1.0
+    """
+
+    name = "nonfinite"
+
+    def __init__(
+        self,
+        threshold: float = 0,
+        *,
+        patience: int = 1,
+        cooldown: int = _DEFAULT_COOLDOWN,
+        level: AlertLevel | str = AlertLevel.ERROR,
+        stop_training: bool = False,
+        name: str | None = None,
+    ) -> None:
+        _check_number(threshold, "threshold", low=0.0, low_inclusive=True, hint=" (a token count)")
+        super().__init__(
+            threshold,
+            patience=patience,
+            cooldown=cooldown,
+            level=level,
+            stop_training=stop_training,
+            name=name,
+        )
+
+    def measure(self, summary: KLSummary) -> float | None:
+        """The number of NaN/inf log-ratio tokens."""
+        return float(summary.nonfinite)
+
+    def message(self, value: float, summary: KLSummary) -> str:
+        """Say how many tokens, that they were excluded, and the usual causes."""
+        total = summary.tokens + summary.nonfinite
+        return (
+            f"{int(value)} of {total} tokens had a NaN or infinite log-ratio log p - log q and were "
+            "excluded from the KL statistics (the true KL is infinite if a token is impossible under "
+            "the reference). -inf usually means the reference gives a sampled token zero probability: "
+            "a different tokenizer or vocabulary, or top-k/top-p masking applied to one model's "
+            "logits; +inf the same for the policy; NaN means a bug upstream (NaN logits or log-probs)."
+        )
+
+
+class ClampedRule(Rule):
+    """Tokens whose |log-ratio| exceeded ``KLStats(clamp=...)`` and were clamped.
+
+    Args:
+        threshold: fires when more than this many tokens were clamped in a window.
+        patience, cooldown, level, stop_training, name: as in :class:`Rule`.
+
+    >>> import torch; from klmonitor import KLStats
+    >>> s = KLStats(clamp=20.0); s.update(torch.zeros(2), torch.tensor([0.0, -50.0]))
+    >>> "50" in ClampedRule().evaluate(s.compute(), step=2).message
+    True
+    """
+
+    name = "clamped"
+
+    def __init__(
+        self,
+        threshold: float = 0,
+        *,
+        patience: int = 1,
+        cooldown: int = _DEFAULT_COOLDOWN,
+        level: AlertLevel | str = AlertLevel.WARN,
+        stop_training: bool = False,
+        name: str | None = None,
+    ) -> None:
+        _check_number(threshold, "threshold", low=0.0, low_inclusive=True, hint=" (a token count)")
+        super().__init__(
+            threshold,
+            patience=patience,
+            cooldown=cooldown,
+            level=level,
+            stop_training=stop_training,
+            name=name,
+        )
+
+    def measure(self, summary: KLSummary) -> float | None:
+        """The number of clamped tokens."""
+        return float(summary.clamped)
+
+    def message(self, value: float, summary: KLSummary) -> str:
+        """Say how many tokens, how extreme, and what it means for the estimates."""
+        m = summary.max_abs_log_ratio
+        return (
+            f"{int(value)} of {summary.tokens} tokens had |log p - log q| above the clamp and were "
+            f"clamped (largest: max_abs_log_ratio = {_fmt(m)} nats, a probability ratio of "
+            f"e^{_fmt(m)}), so the KL estimates of this window are too small. Policy and reference "
+            "disagree massively on some tokens: check that both score the same tokens with the same "
+            "tokenizer and inputs; raise KLStats(clamp=...) if such ratios are genuine."
+        )
+
+
+class SamplingMismatchRule(Rule):
+    """The samples were probably not drawn from the policy whose log-probs were given.
+
+    Under the policy ``E[r - 1] = 0`` exactly, so the mean of ``r - 1`` (which is also
+    ``mean k3 - mean k1``) far from 0 in standard errors means stale log-probs, an inference
+    engine whose numerics or sampling settings (temperature, top-k/top-p) differ from the
+    trainer's, a wrong mask, or shifted tokens. The value measured is ``r_minus_1.z``.
+
+    A plain z test false-alarms when the policy is far from the reference: ``r`` then has a
+    heavy right tail that a finite sample mostly misses, so the honest sample mean of
+    ``r - 1`` is negative (by up to ``1 - exp(-KL)``) with an underestimated standard error;
+    in simulations honest z went down to -135 at per-token KLs of 0.25 to 4. No statistic of the
+    sample can tell that from a real mismatch (by AM-GM, ``mean r >= exp(-mean k1)`` for any
+    sample), so the rule is one-sided where the statistics are not:
+
+    - ``z > 0``: a heavy right tail only makes the self-normalised z smaller, so a positive
+      z is tested at any drift (honest samples gave at most +3 in about 800 windows);
+    - ``z < 0``: tested only while the policy is close to the reference, where the CLT
+      holds: per-token KL (the larger of the k1 and k3 means) ``<= max_kl`` and
+      ``summary.ess >= min_ess``. Otherwise the window is not applicable (streak reset).
+
+    Both sides also need ``count >= min_samples`` and ``|mean r - 1|`` per token
+    ``>= min_abs_mean``: a mismatch that moves the KL estimate (k3 - k1) by less than that
+    many nats is not worth an alarm however many tokens make it significant.
+
+    Args:
+        threshold: the ``|z|`` that fires.
+        min_samples: samples (tokens, or sequences) needed in the window.
+        max_kl: the negative side is tested only up to this per-token KL.
+        min_ess: ... and only when the effective sample size fraction is at least this.
+        min_abs_mean: the smallest per-token ``|mean(r - 1)|`` that can fire.
+        patience, cooldown, level, stop_training, name: as in :class:`Rule`.
+
+    >>> import torch; from klmonitor import KLStats
+    >>> s = KLStats(); s.update(torch.zeros(200), torch.linspace(-0.1, 0.1, 200))
+    >>> SamplingMismatchRule(patience=1).evaluate(s.compute(), step=0) is None
+    True
+    """
+
+    name = "sampling_mismatch"
+
+    def __init__(
+        self,
+        threshold: float = 6.0,
+        *,
+        min_samples: int = 100,
+        max_kl: float = 0.1,
+        min_ess: float = 0.5,
+        min_abs_mean: float = 1e-3,
+        patience: int = 3,
+        cooldown: int = _DEFAULT_COOLDOWN,
+        level: AlertLevel | str = AlertLevel.WARN,
+        stop_training: bool = False,
+        name: str | None = None,
+    ) -> None:
+        _check_number(threshold, "threshold", low=0.0, hint=" (standard errors, e.g. 6)")
+        super().__init__(
+            threshold,
+            patience=patience,
+            cooldown=cooldown,
+            level=level,
+            stop_training=stop_training,
+            name=name,
+        )
+        self.min_samples = _check_int(min_samples, "min_samples", low=2)
+        self.max_kl = _check_number(max_kl, "max_kl", low=0.0, hint=" (per-token KL in nats)")
+        self.min_ess = _check_number(min_ess, "min_ess", low=0.0, low_inclusive=True)
+        if self.min_ess > 1:
+            raise ValueError(f"min_ess must be in [0, 1] (a fraction of the samples), got {min_ess!r}")
+        self.min_abs_mean = _check_number(min_abs_mean, "min_abs_mean", low=0.0, low_inclusive=True)
+
+    @staticmethod
+    def _per_token(summary: KLSummary) -> float:
+        # At sequence level each sample is a sum over its tokens; divide by the mean length.
+        if summary.level == "sequence" and summary.tokens > 0:
+            return summary.count / summary.tokens
+        return 1.0
+
+    def measure(self, summary: KLSummary) -> float | None:
+        """``r_minus_1.z``, or ``None`` when the test is not reliable (see the class doc)."""
+        z = summary.r_minus_1.z
+        if summary.count < self.min_samples or math.isnan(z):
+            return None
+        if z < 0:
+            kl = max(summary.k1.mean, summary.k3.mean) * self._per_token(summary)
+            if not (kl <= self.max_kl and summary.ess >= self.min_ess):
+                return None
+        return z
+
+    def triggered(self, value: float, summary: KLSummary) -> bool:
+        """``|z| > threshold`` and a material per-token mean."""
+        mean = abs(summary.r_minus_1.mean) * self._per_token(summary)
+        return abs(value) > self.threshold and mean >= self.min_abs_mean
+
+    def message(self, value: float, summary: KLSummary) -> str:
+        """Explain why a nonzero mean of r - 1 points at the sampling, and what to check."""
+        return (
+            f"The mean of r - 1 = p/q - 1 is {_fmt(summary.r_minus_1.mean)} over {summary.count} "
+            f"samples, {_fmt(value)} standard errors from 0 (threshold {_fmt(self.threshold)}); "
+            "it is exactly 0 when the samples come from the policy whose log-probs were given, so "
+            "they probably do not: check for stale log-probs (sampler weights behind the trainer's), "
+            "an inference engine whose numerics or sampling settings (temperature, top-k/top-p) differ "
+            "from the trainer's, a wrong mask, or tokens shifted by one between samples and log-probs. "
+            f"The k1 and k3 estimates differ by this amount ({_fmt(summary.k1.mean)} vs "
+            f"{_fmt(summary.k3.mean)})."
+        )
+
+
+# -- engine ------------------------------------------------------------------------------
+
+
+class AlertEngine:
+    """Evaluates a list of rules on each summary and keeps a bounded history of alerts.
+
+    Args:
+        rules: the rules, evaluated in this order; their names must be unique.
+        history_size: the most alerts kept in :attr:`history` (oldest dropped first).
+
+    >>> import torch; from klmonitor import KLStats
+    >>> engine = AlertEngine(default_rules(max_kl=0.05))
+    >>> s = KLStats(); s.update(torch.zeros(4), torch.tensor([1.0, -1.0, 2.0, -2.0]))
+    >>> [a.rule for a in engine.evaluate(s.compute(), step=10)]
+    ['kl_budget']
+    >>> engine.state_dict()["history"][0]["step"]
+    10
+    """
+
+    def __init__(self, rules: Sequence[Rule], history_size: int = 1000) -> None:
+        if isinstance(rules, Rule) or not isinstance(rules, Sequence):
+            raise TypeError(f"rules must be a list of Rule objects, got {type(rules).__name__}")
+        bad = [r for r in rules if not isinstance(r, Rule)]
+        if bad:
+            raise TypeError(f"rules must hold Rule objects only, got {type(bad[0]).__name__} {bad[0]!r}")
+        names = [r.name for r in rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"rule names must be unique, got duplicates {dupes}; pass name=... to one of them"
+            )
+        self._rules = list(rules)
+        self.history_size = _check_int(history_size, "history_size", low=1)
+        self._history: deque[Alert] = deque(maxlen=self.history_size)
+
+    @property
+    def rules(self) -> list[Rule]:
+        """The rules, in evaluation order."""
+        return list(self._rules)
+
+    @property
+    def history(self) -> list[Alert]:
+        """The alerts fired so far (at most ``history_size``), oldest first."""
+        return list(self._history)
+
+    def evaluate(self, summary: KLSummary, step: int) -> list[Alert]:
+        """Evaluate every rule on ``summary``; return (and record) the alerts that fired."""
+        fired = [a for a in (rule.evaluate(summary, step) for rule in self._rules) if a is not None]
+        self._history.extend(fired)
+        return fired
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"version": 1, "rules": {name: rule state}, "history": [alert dicts]}``."""
+        return {
+            "version": _STATE_VERSION,
+            "rules": {r.name: r.state_dict() for r in self._rules},
+            "history": [a.to_dict() for a in self._history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output.
+
+        Rules missing from ``state`` are reset; state of rules this engine does not have is
+        ignored; a missing history is empty.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from AlertEngine.state_dict(), got {type(state).__name__}")
+        rule_states = state.get("rules", {})
+        for rule in self._rules:
+            if rule.name in rule_states:
+                rule.load_state_dict(rule_states[rule.name])
+            else:
+                rule.reset()
+        self._history = deque(
+            (Alert.from_dict(d) for d in state.get("history", [])), maxlen=self.history_size
+        )
+
+    def reset(self) -> None:
+        """Reset every rule and clear the history."""
+        for rule in self._rules:
+            rule.reset()
+        self._history.clear()
+
+
+def default_rules(max_kl: float | None = None) -> list[Rule]:
+    """The default rule set: drift, spike, nonfinite, clamped, sampling_mismatch (+ kl_budget).
+
+    Args:
+        max_kl: when given, adds a :class:`KLBudgetRule` with this budget on the k3 mean.
+
+    >>> [r.name for r in default_rules(max_kl=0.1)]
+    ['drift', 'spike', 'nonfinite', 'clamped', 'sampling_mismatch', 'kl_budget']
+    """
+    rules: list[Rule] = [DriftRule(), SpikeRule(), NonFiniteRule(), ClampedRule(), SamplingMismatchRule()]
+    if max_kl is not None:
+        rules.append(KLBudgetRule(max_kl))
+    return rules
