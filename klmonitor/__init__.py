@@ -15,12 +15,32 @@ from klmonitor.stats import EstimatorStats, KLStats, KLSummary
 
 __version__ = "0.1.0"
 
-__all__ = ["EstimatorStats", "KLStats", "KLSummary", "__version__", "estimators"]
+__all__ = [
+    "Alert",
+    "AlertLevel",
+    "EstimatorStats",
+    "KLMonitor",
+    "KLStats",
+    "KLSummary",
+    "__version__",
+    "alerts",
+    "estimators",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
-    pass
+    from klmonitor import alerts
+    from klmonitor.alerts import Alert, AlertLevel
+    from klmonitor.callback import KLMonitor
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy imports keep `import klmonitor` free of Lightning and of the alert machinery.
+    # Lazy: `import klmonitor` stays free of Lightning until the callback is used.
+    if name == "KLMonitor":
+        from klmonitor.callback import KLMonitor
+
+        return KLMonitor
+    if name in ("Alert", "AlertLevel", "alerts"):
+        import klmonitor.alerts as alerts_module
+
+        return alerts_module if name == "alerts" else getattr(alerts_module, name)
     raise AttributeError(f"module 'klmonitor' has no attribute {name!r}")
