@@ -9,6 +9,8 @@ with no host sync: no ``.item()``, no boolean indexing, no Python branch on a te
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -110,28 +112,56 @@ def _prepare(
     return lc, w, good, diag
 
 
+def token_chunk(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
+    """Moments vector over the valid tokens of one flat chunk, in one torch expression.
+
+    Written so ``torch.compile`` can fuse it into a single pass (``backend="compile"``).
+    """
+    lc, w, _, diag = _prepare(logp, ref, mask, clamp)
+    # Shifts: the quantities' mean over a few evenly spread valid tokens, so the sums of
+    # squares below stay well conditioned when the mean dwarfs the spread.
+    stride = max(1, logp.shape[0] // _SAMPLE)
+    ws = w[::stride][:_SAMPLE]
+    sample = quantities(lc[::stride][:_SAMPLE])
+    inv = 1.0 / ws.sum().clamp_min(1.0)
+    shift = torch.stack([(q * ws).sum() * inv for q in sample])
+    s1, s2 = [], []
+    for q, sh in zip(quantities(lc), shift, strict=True):
+        d = ((q - sh) * w).double()
+        s1.append(d.sum())
+        s2.append((d * d).sum())
+    return from_shifted_sums(diag[0], shift, torch.stack(s1), torch.stack(s2), diag)
+
+
 def token_moments_torch(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
-    """Moments vector over the valid tokens of flat tensors, in plain torch ops."""
+    """Moments vector over the valid tokens of flat tensors, in plain torch ops.
+
+    Eager torch materialises ~30 temporaries per element, so long inputs go in chunks.
+    """
     out = empty(logp.device)
     n = logp.numel()
     for lo in range(0, max(n, 1), _CHUNK):
         hi = min(lo + _CHUNK, n)
         m = mask[lo:hi] if mask is not None else None
-        lc, w, _, diag = _prepare(logp[lo:hi], ref[lo:hi], m, clamp)
-        # Shifts: the quantities' mean over a few evenly spread valid tokens, so the sums of
-        # squares below stay well conditioned when the mean dwarfs the spread.
-        stride = max(1, (hi - lo) // _SAMPLE)
-        ws = w[::stride][:_SAMPLE]
-        sample = quantities(lc[::stride][:_SAMPLE])
-        inv = 1.0 / ws.sum().clamp_min(1.0)
-        shift = torch.stack([(q * ws).sum() * inv for q in sample])
-        s1, s2 = [], []
-        for q, s in zip(quantities(lc), shift, strict=True):
-            d = ((q - s) * w).double()
-            s1.append(d.sum())
-            s2.append((d * d).sum())
-        out = merge(out, from_shifted_sums(diag[0], shift, torch.stack(s1), torch.stack(s2), diag))
+        out = merge(out, token_chunk(logp[lo:hi], ref[lo:hi], m, clamp))
     return out
+
+
+_compiled: Any = None
+
+
+def token_moments_compiled(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
+    """:func:`token_chunk` through ``torch.compile``: one fused pass on GPU.
+
+    Dynamic shapes: compiled once per dtype, device and mask-or-not, not per batch size.
+    """
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(token_chunk, dynamic=True)
+    if logp.numel() == 0:
+        return token_chunk(logp, ref, mask, clamp)
+    result: Tensor = _compiled(logp, ref, mask, clamp)
+    return result
 
 
 def sequence_moments(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:

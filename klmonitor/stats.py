@@ -210,8 +210,10 @@ class KLStats(Metric):
         clamp: log-ratios are clamped to ``[-clamp, clamp]`` before the estimators (``exp``
             overflows float32 above 88); clamped tokens are counted in ``summary.clamped``.
         backend: ``"auto"`` uses the fused CPU kernel for float32/bf16/fp16 CPU tensors when a
-            C compiler is available and plain torch otherwise; ``"torch"`` forces plain torch;
-            ``"native"`` requires the fused kernel for CPU inputs.
+            C compiler is available and plain torch otherwise (e.g. on GPU); ``"torch"``
+            forces plain torch; ``"native"`` requires the fused kernel for CPU inputs;
+            ``"compile"`` runs the torch path through ``torch.compile`` (one fused pass on
+            GPU; compiled once, with dynamic shapes, on first use).
         **kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``process_group``).
 
     >>> stats = KLStats()
@@ -233,7 +235,7 @@ class KLStats(Metric):
         self,
         level: Level = "token",
         clamp: float = 20.0,
-        backend: Literal["auto", "torch", "native"] = "auto",
+        backend: Literal["auto", "torch", "native", "compile"] = "auto",
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("dist_sync_fn", _gather_fixed)
@@ -244,8 +246,8 @@ class KLStats(Metric):
             raise ValueError(
                 f"clamp must be a number in (0, 80] (exp overflows float32 above ~88), got {clamp!r}"
             )
-        if backend not in ("auto", "torch", "native"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'native', got {backend!r}")
+        if backend not in ("auto", "torch", "native", "compile"):
+            raise ValueError(f"backend must be 'auto', 'torch', 'native' or 'compile', got {backend!r}")
         if backend == "native" and not _native.available():
             raise RuntimeError(
                 "backend='native' needs the fused CPU kernel, which could not be built: install a "
@@ -323,12 +325,13 @@ class KLStats(Metric):
             chunk = self._native_token_moments(logp, ref, valid)
         else:
             flat_mask = valid.reshape(-1) if valid is not None else None
-            chunk = mom.token_moments_torch(logp.reshape(-1), ref.reshape(-1), flat_mask, self.clamp)
+            fn = mom.token_moments_compiled if self.backend == "compile" else mom.token_moments_torch
+            chunk = fn(logp.reshape(-1), ref.reshape(-1), flat_mask, self.clamp)
         self._acc = mom.merge(self._acc, chunk)
 
     def _use_native(self, logp: Tensor) -> bool:
         return (
-            self.backend != "torch"
+            self.backend in ("auto", "native")
             and logp.device.type == "cpu"
             and logp.dtype in _NATIVE_DTYPES
             and logp.numel() > 0
