@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -178,6 +179,7 @@ class KLMonitor(Callback):
         self._windows = 0
         self._hist: Tensor | None = None
         self._hist_pos = 0
+        self._rng = random.Random(0)
         self._restored_window: list[float] | None = None
 
     # -- public views ----------------------------------------------------------------------
@@ -292,24 +294,32 @@ class KLMonitor(Callback):
         self._warn_once(f"input:{kind}", message + " (klmonitor warns once per kind of problem.)")
 
     def _sample_histogram(self, logp: Tensor, ref: Tensor, mask: Tensor | None) -> None:
-        # A random draw from the batch into a device ring buffer: no host sync. Masked and
-        # non-finite draws are stored as NaN and dropped on the host at the logging step.
+        # A contiguous run of tokens at a random offset (host RNG: no device sync) goes into a
+        # device ring buffer sized so the window's steps share it; masked and non-finite
+        # entries are stored as NaN and dropped on the host at the logging step. A handful of
+        # small ops per step: cheap next to the training step.
         n = logp.numel()
         if n == 0:
             return
         dev = logp.device
+        size = self.histogram_samples
         if self._hist is None or self._hist.device != dev:
-            self._hist = torch.full((self.histogram_samples,), math.nan, dtype=torch.float32, device=dev)
+            self._hist = torch.full((size,), math.nan, dtype=torch.float32, device=dev)
             self._hist_pos = 0
-        k = min(self.histogram_samples, n)
-        idx = torch.randint(0, n, (k,), device=dev)
-        lr = ref.detach().reshape(-1)[idx].float() - logp.detach().reshape(-1)[idx].float()
+        k = min(n, size, -(-size // self._every))
+        start = self._rng.randrange(n - k + 1)
+        lr = (
+            ref.detach().reshape(-1)[start : start + k].float()
+            - logp.detach().reshape(-1)[start : start + k].float()
+        )
         if mask is not None:
-            keep = mask.detach().reshape(-1).to(dev)[idx] != 0
-            lr = torch.where(keep, lr, torch.full_like(lr, math.nan))
-        slots = (torch.arange(k, device=dev) + self._hist_pos) % self.histogram_samples
-        self._hist[slots] = lr
-        self._hist_pos = (self._hist_pos + k) % self.histogram_samples
+            keep = mask.detach().reshape(-1)[start : start + k].to(dev, non_blocking=True)
+            lr = lr.masked_fill(keep == 0, math.nan)
+        first = min(k, size - self._hist_pos)
+        self._hist[self._hist_pos : self._hist_pos + first] = lr[:first]
+        if first < k:
+            self._hist[: k - first] = lr[first:]
+        self._hist_pos = (self._hist_pos + k) % size
 
     # -- the logging step ------------------------------------------------------------------
     def _end_window(

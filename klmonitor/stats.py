@@ -322,7 +322,10 @@ class KLStats(Metric):
         if self.level == "sequence":
             chunk = mom.sequence_moments(logp, ref, valid, self.clamp)
         elif self._use_native(logp):
-            chunk = self._native_token_moments(logp, ref, valid)
+            # CPU tensors: the kernel's result is merged on the host, in place (no torch ops,
+            # which cost more than the kernel itself on small batches).
+            mom.merge_into_numpy(self._acc.numpy(), self._native_token_moments(logp, ref, valid))
+            return
         else:
             flat_mask = valid.reshape(-1) if valid is not None else None
             fn = mom.token_moments_compiled if self.backend == "compile" else mom.token_moments_torch
@@ -338,7 +341,7 @@ class KLStats(Metric):
             and _native.available()
         )
 
-    def _native_token_moments(self, logp: Tensor, ref: Tensor, valid: Tensor | None) -> Tensor:
+    def _native_token_moments(self, logp: Tensor, ref: Tensor, valid: Tensor | None) -> np.ndarray:
         lp = logp.reshape(-1).to(torch.float32).contiguous()
         rp = ref.reshape(-1).to(torch.float32).contiguous()
         mk = valid.reshape(-1).contiguous() if valid is not None else None
@@ -354,7 +357,7 @@ class KLStats(Metric):
         out[mom.NONFINITE] = sums[13]
         out[mom.CLAMPED] = sums[14]
         out[mom.MAX_ABS] = sums[15]
-        return torch.from_numpy(out)
+        return out
 
     def compute(self) -> KLSummary:
         """The window's :class:`KLSummary`, merged over all ranks (one host transfer)."""

@@ -161,18 +161,18 @@ def token_sums(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> 
     shift = np.zeros(6, dtype=np.float32)
     lib.klm_sample_shift(lp, rp, mp, n, clamp, shift.ctypes.data)
     workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
-    bounds = np.linspace(0, n, workers + 1).astype(np.int64)
-    parts = np.zeros((workers, NOUT), dtype=np.float64)
     sp = shift.ctypes.data
+    if workers == 1:
+        sums = np.zeros(NOUT, dtype=np.float64)
+        lib.klm_token_moments(lp, rp, mp, 0, n, sp, clamp, sums.ctypes.data)
+        return shift, sums
+    bounds = [n * k // workers for k in range(workers + 1)]
+    parts = np.zeros((workers, NOUT), dtype=np.float64)
 
     def run(k: int) -> None:
-        row = parts[k].ctypes.data
-        lib.klm_token_moments(lp, rp, mp, int(bounds[k]), int(bounds[k + 1]), sp, clamp, row)
+        lib.klm_token_moments(lp, rp, mp, bounds[k], bounds[k + 1], sp, clamp, parts[k].ctypes.data)
 
-    if workers == 1:
-        run(0)
-    else:
-        list(_thread_pool(workers).map(run, range(workers)))
+    list(_thread_pool(workers).map(run, range(workers)))
     sums = parts.sum(axis=0)
     sums[15] = parts[:, 15].max()
     return shift, sums

@@ -1,0 +1,152 @@
+"""KLMonitor's overhead on a small Lightning model's training step, with and without it.
+
+A small GRU policy (vocabulary 64, hidden 128, batch 32 x 64 tokens) does a KL-penalised
+policy-gradient step per batch under a real ``pytorch_lightning.Trainer`` on CPU. The same
+run is timed with and without ``KLMonitor`` (windows of 50 steps, histogram on), alternating
+the two several times in one process so drift in machine load hits both alike; the reported
+overhead is the ratio of the median step times.
+
+    python benchmarks/bench_callback.py            # ~1-2 minutes on 2 cores
+    python benchmarks/bench_callback.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from klmonitor import KLMonitor
+
+
+class _Steps(Dataset[int]):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class GRUPolicy(pl.LightningModule):
+    def __init__(self, vocab: int = 64, hidden: int = 128, batch: int = 32, seq: int = 64) -> None:
+        super().__init__()
+        self.vocab, self.batch, self.seq = vocab, batch, seq
+        self.embed = nn.Embedding(vocab, hidden)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+        # The frozen reference: a copy of the initial policy.
+        self.ref = nn.ModuleDict(
+            {
+                "embed": copy.deepcopy(self.embed),
+                "gru": copy.deepcopy(self.gru),
+                "head": copy.deepcopy(self.head),
+            }
+        ).requires_grad_(False)
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def _logits(self, tokens: torch.Tensor, reference: bool) -> torch.Tensor:
+        if reference:
+            h, _ = self.ref["gru"](self.ref["embed"](tokens))
+            return self.ref["head"](h)
+        h, _ = self.gru(self.embed(tokens))
+        return self.head(h)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Runs after every callback's on_train_batch_end (the module hook is called last).
+        self.times.append(time.perf_counter() - self._t0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            tokens = torch.randint(0, self.vocab, (self.batch, self.seq + 1))
+        inp, out = tokens[:, :-1], tokens[:, 1:]
+        logp = self._logits(inp, False).log_softmax(-1).gather(-1, out[..., None]).squeeze(-1)
+        with torch.no_grad():
+            ref = self._logits(inp, True).log_softmax(-1).gather(-1, out[..., None]).squeeze(-1)
+        reward = (out == 0).float().sum(-1)
+        loss = -((reward - reward.mean()) * logp.sum(-1)).mean() + 0.05 * (logp - ref).mean()
+        mask = torch.ones_like(logp, dtype=torch.bool)
+        return {"loss": loss, "logprobs": logp, "ref_logprobs": ref, "mask": mask}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader[int]:
+        return DataLoader(_Steps(10**6), batch_size=1)
+
+
+def run_once(steps: int, monitor: bool) -> list[float]:
+    torch.manual_seed(0)
+    model = GRUPolicy()
+    callbacks = [KLMonitor(log_every_n_steps=50)] if monitor else []
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=50,
+    )
+    trainer.fit(model)
+    return model.times[10:]  # drop warm-up
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=200, help="steps per run")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating with/without rounds")
+    ap.add_argument("--quick", action="store_true", help="a short smoke run")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    steps, rounds = (40, 1) if args.quick else (args.steps, args.rounds)
+    with_cb: list[float] = []
+    without: list[float] = []
+    for _ in range(rounds):
+        without += run_once(steps, monitor=False)
+        with_cb += run_once(steps, monitor=True)
+    med_with, med_without = statistics.median(with_cb), statistics.median(without)
+    overhead = med_with / med_without - 1
+    # The mean includes the logging steps (one reduction and logger write per 50 steps).
+    mean_overhead = statistics.fmean(with_cb) / statistics.fmean(without) - 1
+    result = {
+        "threads": torch.get_num_threads(),
+        "steps_per_run": steps,
+        "rounds": rounds,
+        "median_step_ms_without": med_without * 1e3,
+        "median_step_ms_with": med_with * 1e3,
+        "overhead_fraction": overhead,
+        "mean_step_ms_without": statistics.fmean(without) * 1e3,
+        "mean_step_ms_with": statistics.fmean(with_cb) * 1e3,
+        "mean_overhead_fraction": mean_overhead,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"torch threads: {result['threads']}; {rounds} rounds x {steps} steps each way")
+        print(f"median step without KLMonitor: {med_without * 1e3:8.3f} ms")
+        print(f"median step with KLMonitor:    {med_with * 1e3:8.3f} ms")
+        print(f"overhead of the median step:   {overhead * 100:+.2f} %   (target: under 2 %)")
+        print(
+            f"mean step {statistics.fmean(without) * 1e3:.3f} -> {statistics.fmean(with_cb) * 1e3:.3f} ms: "
+            f"{mean_overhead * 100:+.2f} % (includes the logging steps)"
+        )
+
+
+if __name__ == "__main__":
+    main()
