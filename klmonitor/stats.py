@@ -321,7 +321,7 @@ class KLStats(Metric):
             self.to(logp.device)
         if self.level == "sequence":
             chunk = mom.sequence_moments(logp, ref, valid, self.clamp)
-        elif self._use_native(logp):
+        elif self._use_native(logp, ref):
             # CPU tensors: the kernel's result is merged on the host, in place (no torch ops,
             # which cost more than the kernel itself on small batches).
             mom.merge_into_numpy(self._acc.numpy(), self._native_token_moments(logp, ref, valid))
@@ -332,11 +332,13 @@ class KLStats(Metric):
             chunk = fn(logp.reshape(-1), ref.reshape(-1), flat_mask, self.clamp)
         self._acc = mom.merge(self._acc, chunk)
 
-    def _use_native(self, logp: Tensor) -> bool:
+    def _use_native(self, logp: Tensor, ref: Tensor) -> bool:
+        # float64 in either input keeps the float64 torch path (as log_ratio would promote).
         return (
             self.backend in ("auto", "native")
             and logp.device.type == "cpu"
             and logp.dtype in _NATIVE_DTYPES
+            and ref.dtype in _NATIVE_DTYPES
             and logp.numel() > 0
             and _native.available()
         )

@@ -3,7 +3,7 @@
  * plus the counts of valid, non-finite and clamped tokens and the largest |log-ratio|.
  *
  * Written for gcc/clang auto-vectorisation: no calls inside the loop (exp is a polynomial
- * with bit-level scaling, min/max are plain comparisons, the max reduction runs on the
+ * with bit-level scaling (an expm1, precise near 0), min/max are plain comparisons, the max reduction runs on the
  * integer bit pattern of non-negative floats, which orders like the floats themselves).
  * Accumulators are double: with per-quantity shifts close to the mean, the variance keeps
  * full precision even when the mean is far larger than the spread.
@@ -16,47 +16,54 @@
 
 #define NQ 6          /* k1, k2, k3, kl_pq, r - 1, k2 - k3 */
 #define NOUT 16       /* S1[6], S2[6], count, nonfinite, clamped, max|l| */
-#define TAYLOR_BELOW 0.1f
+/* Below this |l| the series is used (in float32 it beats expm1(l) - l there:
+ * 0.34 < ln2 / 2, so expm1's range reduction would not help, and the series' truncation
+ * after l^9 stays below 3e-9 relative). Above it, expm1_poly's n != 0 branch. */
+#define TAYLOR_BELOW 0.34f
 #define FLT_BIG 3.402823466e38f
 
 static inline float maxf(float a, float b) { return a > b ? a : b; }
 static inline float minf(float a, float b) { return a < b ? a : b; }
 static inline float absf(float a) { return a < 0.f ? -a : a; }
 
-/* e^x for |x| <= 88: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial of
- * degree 7 (truncation below 1e-8 relative), 2^n by building the float's exponent bits. */
-static inline float exp_poly(float x) {
+/* e^x - 1 for |x| <= 88 without cancellation near 0: x = n ln2 + r with |r| <= ln2 / 2,
+ * expm1(r) by its Taylor polynomial to r^8 (truncation below 2e-8 relative), then
+ * e^x - 1 = 2^n expm1(r) + (2^n - 1), where 2^n is built from the float's exponent bits and
+ * 2^n - 1 is exact. For |x| < ln2 / 2, n = 0 and the result is the polynomial itself. */
+static inline float expm1_poly(float x) {
     const float LOG2E = 1.44269504088896341f;
     const float LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;
     float n = __builtin_floorf(x * LOG2E + 0.5f);
     float r = x - n * LN2_HI;
     r = r - n * LN2_LO;
-    float p = 1.f / 5040.f;
+    float p = 1.f / 40320.f;
+    p = p * r + 1.f / 5040.f;
     p = p * r + 1.f / 720.f;
     p = p * r + 1.f / 120.f;
     p = p * r + 1.f / 24.f;
     p = p * r + 1.f / 6.f;
     p = p * r + 0.5f;
     p = p * r + 1.f;
-    p = p * r + 1.f;
+    p = p * r;
     union { int32_t i; float f; } scale;
     scale.i = ((int32_t)n + 127) << 23;
-    return p * scale.f;
+    return scale.f * p + (scale.f - 1.f);
 }
 
 /* The six quantities of one clamped, finite log-ratio lc. */
 static inline void quantities(float lc, float q[NQ]) {
     float l2 = lc * lc;
     /* c = 1/6 + l/24 + l^2/120 + ...: k3 = l^2 (1/2 + l c) and k2 - k3 = -l^3 c near 0 */
-    float c = 1.f / 5040.f;
+    float c = 1.f / 362880.f;
+    c = c * lc + 1.f / 40320.f;
+    c = c * lc + 1.f / 5040.f;
     c = c * lc + 1.f / 720.f;
     c = c * lc + 1.f / 120.f;
     c = c * lc + 1.f / 24.f;
     c = c * lc + 1.f / 6.f;
     float k3s = l2 * (0.5f + lc * c);
-    float ex = exp_poly(lc);
     int small = absf(lc) < TAYLOR_BELOW;
-    float em1 = small ? k3s + lc : ex - 1.f;
+    float em1 = small ? k3s + lc : expm1_poly(lc);
     float k3 = maxf(small ? k3s : em1 - lc, 0.f);
     float k2 = 0.5f * l2;
     q[0] = -lc;
