@@ -17,7 +17,7 @@ from torch import Tensor
 
 from klmonitor import _moments as mom
 from klmonitor.alerts import Alert, AlertEngine, Rule, default_rules
-from klmonitor.sinks import LoggerSink, make_sinks, warn_once_factory
+from klmonitor.sinks import LoggerSink, WarnOnce, make_sinks
 from klmonitor.stats import KLStats, KLSummary, Level
 
 log = logging.getLogger("klmonitor")
@@ -172,8 +172,7 @@ class KLMonitor(Callback):
         self._every = log_every_n_steps or 50
         self._sinks: list[LoggerSink] = []
         self._sinks_ready = False
-        self._warned: set[str] = set()
-        self._warn_once = warn_once_factory(self._warned)
+        self._warn_once = WarnOnce()
         self._last_logged_step = 0
         self._batches_in_window = 0
         self._windows = 0

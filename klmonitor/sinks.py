@@ -19,7 +19,7 @@ from klmonitor.alerts import Alert
 
 log = logging.getLogger("klmonitor")
 
-__all__ = ["LoggerSink", "TensorBoardSink", "WandbSink", "make_sinks"]
+__all__ = ["LoggerSink", "TensorBoardSink", "WandbSink", "WarnOnce", "make_sinks"]
 
 
 class LoggerSink:
@@ -58,9 +58,17 @@ class LoggerSink:
 
     def finalize(self) -> None:
         """Flush at the end of training."""
-        flush = getattr(getattr(self.logger, "experiment", None), "flush", None)
-        if callable(flush):
-            self._guard("flush", flush)
+
+        def flush() -> None:
+            # Inside the guard: a dead tracker's `experiment` property may raise anything.
+            # Loggers without an experiment object (custom ones) have nothing to flush.
+            if not hasattr(type(self.logger), "experiment"):
+                return
+            fn = getattr(self.logger.experiment, "flush", None)
+            if callable(fn):
+                fn()
+
+        self._guard("flush", flush)
 
 
 class TensorBoardSink(LoggerSink):
@@ -186,13 +194,18 @@ def make_sinks(
     return sinks
 
 
-def warn_once_factory(seen: set[str]) -> Callable[[str, str], None]:
-    """A ``warn_once(kind, message)`` that warns the first time each ``kind`` is seen."""
+class WarnOnce:
+    """``warn_once(kind, message)``: a ``UserWarning`` the first time each ``kind`` is seen.
 
-    def warn_once(kind: str, message: str) -> None:
-        if kind in seen:
+    A class rather than a closure so the callback holding it can be pickled (spawn launchers).
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, kind: str, message: str) -> None:
+        """Warn with ``message`` unless a warning of this ``kind`` was already given."""
+        if kind in self.seen:
             return
-        seen.add(kind)
+        self.seen.add(kind)
         warnings.warn(message, UserWarning, stacklevel=3)
-
-    return warn_once

@@ -324,6 +324,8 @@ class KLStats(Metric):
         elif self._use_native(logp, ref):
             # CPU tensors: the kernel's result is merged on the host, in place (no torch ops,
             # which cost more than the kernel itself on small batches).
+            if self._acc.is_shared():  # never write into memory another process may share
+                self._acc = self._acc.clone()
             mom.merge_into_numpy(self._acc.numpy(), self._native_token_moments(logp, ref, valid))
             return
         else:
@@ -331,6 +333,12 @@ class KLStats(Metric):
             fn = mom.token_moments_compiled if self.backend == "compile" else mom.token_moments_torch
             chunk = fn(logp.reshape(-1), ref.reshape(-1), flat_mask, self.clamp)
         self._acc = mom.merge(self._acc, chunk)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Spawn launchers (ddp_spawn, torch.multiprocessing) move CPU tensors into shared
+        # memory; the host fast path merges in place, so each process needs its own state.
+        self._acc = self._acc.clone()
 
     def _use_native(self, logp: Tensor, ref: Tensor) -> bool:
         # float64 in either input keeps the float64 torch path (as log_ratio would promote).
