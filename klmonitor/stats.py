@@ -68,8 +68,9 @@ class KLSummary:
         k2_minus_k3: the paired difference ``k2 - k3``, for the significance of ``drift``.
         drift: ``(mean k2 - mean k3) / mean k3``, the relative gap; 0 when the KL is 0.
         drift_z: ``k2_minus_k3.z``: the gap in standard errors.
-        ess: importance-sampling effective sample size ``(sum r)**2 / sum r**2`` as a
-            fraction of ``count``; NaN without samples.
+        ess: importance-sampling effective sample size ``(sum r)**2 / (n sum r**2)`` over
+            tokens, a fraction in (0, 1]; NaN without samples, at sequence level, or when
+            every ratio of the window underflows float32 (all log-ratios below about -16.6).
         nonfinite: valid tokens whose log-ratio was NaN or +-inf (kept out of the stats).
         clamped: tokens whose |log-ratio| exceeded the clamp (counted with the clamped value).
         max_abs_log_ratio: the largest finite |log-ratio| seen.
@@ -162,8 +163,12 @@ class KLSummary:
             drift = diff.mean / k3.mean
         else:
             drift = 0.0
+        # ESS from the mean and M2 of r - 1 (sum r = n (1 + m), sum r^2 = n (1 + m)^2 + M2).
+        # Token level only: a sequence's sum of r_t - 1 is not its importance weight. NaN when
+        # every ratio of the window underflows float32 (r - 1 rounds to -1: all l < ~-16.6).
         m, m2 = rm1.mean, v[mom.M2.start + 4]
-        ess = (1 + m) ** 2 / ((1 + m) ** 2 + m2 / n) if n > 0 and (1 + m) ** 2 + m2 / n > 0 else math.nan
+        denom = (1 + m) ** 2 + m2 / n if n > 0 else 0.0
+        ess = (1 + m) ** 2 / denom if level == "token" and denom > 0 else math.nan
         return cls(
             level=level,
             count=int(n),

@@ -1,0 +1,98 @@
+"""``klmonitor reproduce``: the Gaussian experiment of ESTIMATORS.md, in-process and as a script."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from klmonitor.cli import main
+
+KEYS = {"p_mean", "true_kl", "estimator", "bias", "std"}
+
+
+def _check_records(records: list[dict], samples: int) -> None:
+    assert isinstance(records, list) and records
+    for rec in records:
+        assert set(rec) == KEYS
+        assert isinstance(rec["estimator"], str)
+        for key in KEYS - {"estimator"}:
+            assert isinstance(rec[key], float) and math.isfinite(rec[key]), (key, rec)
+        assert rec["true_kl"] == pytest.approx(rec["p_mean"] ** 2 / 2)
+        assert rec["std"] > 0
+    by = {(r["p_mean"], r["estimator"]): r for r in records}
+    assert {m for m, _ in by} == {0.1, 1.0}
+    assert {e for _, e in by} >= {"k1", "k2", "k3"}
+    se = {key: r["std"] / math.sqrt(samples) for key, r in by.items()}  # normalised stderr
+    for mu in (0.1, 1.0):
+        for name in ("k1", "k3"):  # unbiased
+            assert abs(by[mu, name]["bias"]) <= 5 * se[mu, name], (mu, name, by[mu, name])
+    # k2 overestimates: l = mu x - mu^2 / 2, so E[k2] = (mu^2 + mu^4 / 4) / 2 against
+    # KL = mu^2 / 2, a normalised bias of mu^2 / 4: 0.25 at mu = 1, 0.0025 at mu = 0.1.
+    assert by[1.0, "k2"]["bias"] == pytest.approx(0.25, abs=5 * se[1.0, "k2"])
+    assert by[0.1, "k2"]["bias"] == pytest.approx(0.0025, abs=5 * se[0.1, "k2"])
+    # The variances: k1 is far noisier than k3 when p is near q (the point of the note).
+    assert by[0.1, "k1"]["std"] > 5 * by[0.1, "k3"]["std"]
+
+
+def test_reproduce_json_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["reproduce", "--json", "--samples", "200000"])
+    out = capsys.readouterr().out
+    assert code in (0, None)
+    _check_records(json.loads(out), 200_000)
+
+
+def test_reproduce_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["reproduce", "--samples", "1000", "--p-mean", "0.5"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "N(0.5, 1)" in out
+    for name in ("k1", "k2", "k3"):
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    "argv", [["--samples", "1"], ["--samples", "0"], ["--samples", "-5"], ["--p-mean", "0"]]
+)
+def test_invalid_arguments_give_one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    code = main(["reproduce", "--json", *argv])
+    captured = capsys.readouterr()
+    assert code not in (0, None)
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0], captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def _console_script() -> list[str]:
+    beside = Path(sys.executable).with_name("klmonitor")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("klmonitor")
+    if found is None:
+        pytest.skip("the klmonitor console script is not installed")
+    return [found]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*_console_script(), *args], capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_console_script_reproduce_json() -> None:
+    proc = _run(["reproduce", "--json", "--samples", "100000"])
+    assert proc.returncode == 0, proc.stderr
+    _check_records(json.loads(proc.stdout), 100_000)
+
+
+def test_console_script_invalid_samples_exits_nonzero_without_traceback() -> None:
+    proc = _run(["reproduce", "--samples", "1"])
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "samples" in lines[0] and "Traceback" not in proc.stderr
