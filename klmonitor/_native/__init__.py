@@ -41,8 +41,9 @@ _BASE_FLAGS = [
     "-shared",
     "-fPIC",
 ]
-# Tried in order: the host's vector units, then generic code.
-_ARCH_FLAGS: tuple[list[str], ...] = (["-march=native"], [])
+# Tried in order: the host's vector units with OpenMP (which then shares torch's own runtime
+# and worker threads), then without OpenMP (Python threads split the work), then generic code.
+_ARCH_FLAGS: tuple[list[str], ...] = (["-march=native", "-fopenmp"], ["-march=native"], [])
 NOUT = 16
 # Below this many tokens one thread does the work; the pool's hand-off costs more than it saves.
 _PARALLEL_FROM = 1 << 16
@@ -128,6 +129,8 @@ def load() -> ctypes.CDLL | None:
                 lib.klm_sample_shift.restype = None
                 lib.klm_token_moments.argtypes = [p, p, p, i64, i64, p, f32, p]
                 lib.klm_token_moments.restype = None
+                lib.klm_token_moments_parallel.argtypes = [p, p, p, i64, p, f32, p, ctypes.c_int]
+                lib.klm_token_moments_parallel.restype = ctypes.c_int
                 _lib = lib
             except OSError as exc:
                 log.info("klmonitor: could not load the fused CPU kernel (%s); using torch.", exc)
@@ -166,13 +169,15 @@ def token_sums(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> 
         sums = np.zeros(NOUT, dtype=np.float64)
         lib.klm_token_moments(lp, rp, mp, 0, n, sp, clamp, sums.ctypes.data)
         return shift, sums
-    bounds = [n * k // workers for k in range(workers + 1)]
     parts = np.zeros((workers, NOUT), dtype=np.float64)
+    if not lib.klm_token_moments_parallel(lp, rp, mp, n, sp, clamp, parts.ctypes.data, workers):
+        # Built without OpenMP: ctypes releases the GIL, so Python threads split the range.
+        bounds = [n * k // workers for k in range(workers + 1)]
 
-    def run(k: int) -> None:
-        lib.klm_token_moments(lp, rp, mp, bounds[k], bounds[k + 1], sp, clamp, parts[k].ctypes.data)
+        def run(k: int) -> None:
+            lib.klm_token_moments(lp, rp, mp, bounds[k], bounds[k + 1], sp, clamp, parts[k].ctypes.data)
 
-    list(_thread_pool(workers).map(run, range(workers)))
+        list(_thread_pool(workers).map(run, range(workers)))
     sums = parts.sum(axis=0)
     sums[15] = parts[:, 15].max()
     return shift, sums

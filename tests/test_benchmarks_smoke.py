@@ -1,0 +1,122 @@
+"""Smoke run of the benchmark script: it runs, its JSON is complete, naive and ours agree.
+
+No timing is asserted: timings belong to benchmarks/README.md, not to tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_stats.py"
+QUANTITIES = ("k1", "k2", "k3", "kl_pq", "r_minus_1", "k2_minus_k3")
+ROW_KEYS = {
+    "label",
+    "before_each_call",
+    "tokens",
+    "valid_tokens",
+    "dtype",
+    "backend",
+    "native_used",
+    "rounds",
+    "naive_ms",
+    "ours_ms",
+    "floor_ms",
+    "naive_over_ours",
+    "ours_over_floor",
+    "floor_masksum_ms",
+    "ours_over_floor_masksum",
+    "agreement",
+    "ours_vs_float64",
+    "values",
+}
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout)
+
+
+def test_top_level_keys(result: dict) -> None:
+    assert {"meta", "rows", "targets", "fixed_overhead_us", "memory"} <= set(result)
+    meta = result["meta"]
+    assert meta["quick"] is True
+    assert isinstance(meta["native_available"], bool)
+    assert meta["torch_threads"] >= 1
+    # --quick stops below the 4M-token target size; the key is there, empty.
+    assert result["targets"] == []
+
+
+def test_rows_cover_sizes_and_variants(result: dict) -> None:
+    rows = result["rows"]
+    assert {r["tokens"] for r in rows} >= {10_000, 100_000, 1_000_000}
+    variants = {(r["label"], r["before_each_call"]) for r in rows}
+    assert {
+        ("float32", "torch-op"),
+        ("bf16", "torch-op"),
+        ("float32 backend=torch", "torch-op"),
+        ("float32", "idle"),
+    } <= variants
+    for row in rows:
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        for key in (
+            "naive_ms",
+            "ours_ms",
+            "floor_ms",
+            "floor_masksum_ms",
+            "naive_over_ours",
+            "ours_over_floor",
+        ):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+        assert row["valid_tokens"] == row["values"]["ours"]["tokens"]
+        # The mask density is 0.8.
+        assert 0.7 * row["tokens"] < row["valid_tokens"] < 0.9 * row["tokens"]
+
+
+def _assert_close(a: dict, b: dict, mean_se: float, mean_rel: float, var_rel: float) -> None:
+    n = b["tokens"]
+    for q in QUANTITIES:
+        se = math.sqrt(b[q]["var"] / n)
+        tol = max(mean_se * se, mean_rel * abs(b[q]["mean"]))
+        assert abs(a[q]["mean"] - b[q]["mean"]) <= tol, (q, a[q], b[q])
+        assert a[q]["var"] == pytest.approx(b[q]["var"], rel=var_rel), (q, a[q], b[q])
+    assert a["tokens"] == b["tokens"]
+    assert a["nonfinite"] == b["nonfinite"] == 0
+    assert a["max_abs_log_ratio"] == pytest.approx(b["max_abs_log_ratio"], rel=1e-6)
+
+
+def test_naive_and_ours_agree(result: dict) -> None:
+    for row in result["rows"]:
+        values = row["values"]
+        _assert_close(values["naive"], values["ours"], mean_se=0.1, mean_rel=1e-3, var_rel=1e-3)
+        assert row["agreement"]["max_in_tolerance_units"] <= 1.0
+
+
+def test_ours_matches_float64(result: dict) -> None:
+    for row in result["rows"]:
+        values = row["values"]
+        _assert_close(values["ours"], values["float64"], mean_se=0.01, mean_rel=1e-4, var_rel=1e-4)
+
+
+def test_memory_section(result: dict) -> None:
+    memory = result["memory"]
+    assert memory["steady"], "no steady-state memory measurement"
+    for s in memory["steady"]:
+        assert {"rss_before_mib", "rss_after_mib", "rss_growth_mib", "updates", "state_bytes"} <= set(s)
+        assert s["window_tokens"] > 0
+    variants = {p["variant"] for p in memory["peak_per_call"]}
+    assert {"naive float32", "ours float32", "ours bf16", "ours float32 backend=torch"} <= variants
+    overhead = result["fixed_overhead_us"]
+    assert {"naive", "ours", "ours_update_only", "floor"} <= set(overhead)
