@@ -553,20 +553,10 @@ class SpikeRule(Rule):
         self._history.clear()
 
 
-class NonFiniteRule(Rule):
-    """Tokens whose log-ratio was NaN or infinite (kept out of the statistics).
+class _TokenCountRule(Rule):
+    """A rule that fires when a per-window token count exceeds ``threshold`` (default 0)."""
 
-    Args:
-        threshold: fires when more than this many such tokens are in a window.
-        patience, cooldown, level, stop_training, name: as in :class:`Rule`.
-
-    >>> import torch; from klmonitor import KLStats
-    >>> s = KLStats(); s.update(torch.zeros(3), torch.tensor([0.0, -float("inf"), 0.0]))
-    >>> NonFiniteRule().evaluate(s.compute(), step=2).value
-    1.0
-    """
-
-    name = "nonfinite"
+    default_level = AlertLevel.WARN
 
     def __init__(
         self,
@@ -574,7 +564,7 @@ class NonFiniteRule(Rule):
         *,
         patience: int = 1,
         cooldown: int = _DEFAULT_COOLDOWN,
-        level: AlertLevel | str = AlertLevel.ERROR,
+        level: AlertLevel | str | None = None,
         stop_training: bool = False,
         name: str | None = None,
     ) -> None:
@@ -583,10 +573,27 @@ class NonFiniteRule(Rule):
             threshold,
             patience=patience,
             cooldown=cooldown,
-            level=level,
+            level=self.default_level if level is None else level,
             stop_training=stop_training,
             name=name,
         )
+
+
+class NonFiniteRule(_TokenCountRule):
+    """Tokens whose log-ratio was NaN or infinite (kept out of the statistics).
+
+    Args:
+        threshold: fires when more than this many such tokens are in a window.
+        patience, cooldown, level (default error), stop_training, name: as in :class:`Rule`.
+
+    >>> import torch; from klmonitor import KLStats
+    >>> s = KLStats(); s.update(torch.zeros(3), torch.tensor([0.0, -float("inf"), 0.0]))
+    >>> NonFiniteRule().evaluate(s.compute(), step=2).value
+    1.0
+    """
+
+    name = "nonfinite"
+    default_level = AlertLevel.ERROR
 
     def measure(self, summary: KLSummary) -> float | None:
         """The number of NaN/inf log-ratio tokens."""
@@ -604,12 +611,12 @@ class NonFiniteRule(Rule):
         )
 
 
-class ClampedRule(Rule):
+class ClampedRule(_TokenCountRule):
     """Tokens whose |log-ratio| exceeded ``KLStats(clamp=...)`` and were clamped.
 
     Args:
         threshold: fires when more than this many tokens were clamped in a window.
-        patience, cooldown, level, stop_training, name: as in :class:`Rule`.
+        patience, cooldown, level (default warn), stop_training, name: as in :class:`Rule`.
 
     >>> import torch; from klmonitor import KLStats
     >>> s = KLStats(clamp=20.0); s.update(torch.zeros(2), torch.tensor([0.0, -50.0]))
@@ -618,26 +625,6 @@ class ClampedRule(Rule):
     """
 
     name = "clamped"
-
-    def __init__(
-        self,
-        threshold: float = 0,
-        *,
-        patience: int = 1,
-        cooldown: int = _DEFAULT_COOLDOWN,
-        level: AlertLevel | str = AlertLevel.WARN,
-        stop_training: bool = False,
-        name: str | None = None,
-    ) -> None:
-        _check_number(threshold, "threshold", low=0.0, low_inclusive=True, hint=" (a token count)")
-        super().__init__(
-            threshold,
-            patience=patience,
-            cooldown=cooldown,
-            level=level,
-            stop_training=stop_training,
-            name=name,
-        )
 
     def measure(self, summary: KLSummary) -> float | None:
         """The number of clamped tokens."""
