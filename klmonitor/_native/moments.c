@@ -85,7 +85,9 @@ void klm_sample_shift(const float* logp, const float* ref, const uint8_t* mask, 
 /* One block of at most BLOCK tokens, accumulated in float (exact for the counts; for the
  * shifted sums, at most ~BLOCK/8 additions per vector lane, a relative error far below the
  * statistics' own), then added to the double totals: float lanes are twice as wide as double
- * ones, and this loop is bound by arithmetic, not memory. */
+ * ones, and this loop is bound by arithmetic, not memory. The squares of k2 - k3, which is of
+ * order l^3 and so underflows float's normal range for |l| below ~3e-7, are summed in double;
+ * the other squares leave float's normal range only for variances below ~1e-38. */
 #define BLOCK 512
 #define BODY(MASK_EXPR, ACC_T)                                                                 \
     for (int64_t i = blo; i < bhi; i++) {                                                 \
@@ -104,7 +106,7 @@ void klm_sample_shift(const float* logp, const float* ref, const uint8_t* mask, 
         fa2 += d2; fb2 += (ACC_T)d2 * d2;                                                 \
         fa3 += d3; fb3 += (ACC_T)d3 * d3;                                                 \
         fa4 += d4; fb4 += (ACC_T)d4 * d4;                                                 \
-        fa5 += d5; fb5 += (ACC_T)d5 * d5;                                                 \
+        fa5 += d5; fb5 += (double)d5 * d5;                                                \
         fcnt += g;                                                                        \
         fnonfinite += finite ? 0.f : m;                                                   \
         fclamped += alz > clamp ? 1.f : 0.f;                                              \
@@ -127,7 +129,8 @@ static void NAME(const float* restrict logp, const float* restrict ref,         
     for (int64_t blo = lo; blo < hi; blo += BLOCK) {                                          \
         int64_t bhi = blo + BLOCK < hi ? blo + BLOCK : hi;                                    \
         ACC_T fa0 = 0, fa1 = 0, fa2 = 0, fa3 = 0, fa4 = 0, fa5 = 0;                           \
-        ACC_T fb0 = 0, fb1 = 0, fb2 = 0, fb3 = 0, fb4 = 0, fb5 = 0;                           \
+        ACC_T fb0 = 0, fb1 = 0, fb2 = 0, fb3 = 0, fb4 = 0;                                    \
+        double fb5 = 0;                                                                       \
         float fcnt = 0, fnonfinite = 0, fclamped = 0;                                         \
         if (mask) {                                                                           \
             BODY((float)(mask[i] != 0), ACC_T)                                                \
