@@ -7,7 +7,9 @@ returns a :class:`KLSummary` of plain Python numbers.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities import rank_zero_warn
 
 from klmonitor import _moments as mom
 from klmonitor import _native
@@ -373,6 +376,33 @@ class KLStats(Metric):
         out[mom.CLAMPED] = sums[14]
         out[mom.MAX_ABS] = sums[15]
         return out
+
+    def _wrap_compute(self, compute: Callable[[], KLSummary]) -> Callable[[], KLSummary]:
+        # torchmetrics' wrapper does the same (warn, cache, sync and unsync around compute)
+        # and then walks the result twice with apply_to_collection to squeeze and clone any
+        # tensor in it. Our result is a dataclass of Python numbers, so those walks only
+        # deep-copy it: ~0.4 ms per compute, 10 % of a 4M-token update. This skips them.
+        @functools.wraps(compute)
+        def wrapped() -> KLSummary:
+            if not self.update_called:
+                rank_zero_warn(
+                    f"The ``compute`` method of metric {type(self).__name__} was called before the "
+                    "``update`` method: the summary is of an empty window.",
+                    UserWarning,
+                )
+            if self._computed is not None:
+                return self._computed
+            with self.sync_context(
+                dist_sync_fn=self.dist_sync_fn,
+                should_sync=self._to_sync,
+                should_unsync=self._should_unsync,
+            ):
+                value = compute()
+            if self.compute_with_cache:
+                self._computed = value  # type: ignore[assignment]  # torchmetrics types it as None
+            return value
+
+        return wrapped
 
     def compute(self) -> KLSummary:
         """The window's :class:`KLSummary`, merged over all ranks (one host transfer)."""
