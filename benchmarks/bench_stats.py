@@ -57,6 +57,9 @@ from klmonitor import _native
 QUANTITIES = ("k1", "k2", "k3", "kl_pq", "r_minus_1", "k2_minus_k3")
 MASK_DENSITY = 0.8
 LOG_RATIO_STD = 0.05  # per-token |log-ratio| of 1e-3..1e-1, the usual regime of RL fine-tuning
+# A policy far from its reference: most |log-ratios| exceed 0.34, where the kernel's fast path
+# (no range reduction in exp) stops, so this row times its general path.
+WIDE_LOG_RATIO_STD = 1.0
 ROW_LEN = 1000  # inputs are [B, T] with T = 1000 (B = tokens / 1000)
 TARGET_TOKENS = 4_000_000
 EVICT_MIB = 128  # read before each timed call: 4x the 32 MiB L3 of the project's machine
@@ -94,16 +97,18 @@ def log(msg: str) -> None:
 
 
 # -- inputs ---------------------------------------------------------------------------------
-def make_inputs(n: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[Any, Any, Any]:
+def make_inputs(
+    n: int, dtype: torch.dtype = torch.float32, seed: int = 0, std: float = LOG_RATIO_STD
+) -> tuple[Any, Any, Any]:
     """Policy and reference log-probs of ``n`` sampled tokens, ``[n / 1000, 1000]``, and a mask.
 
     Log-probs are ``-Exponential(1)`` (typical sampled-token log-probs); the reference differs
-    by ``N(0, 0.05)`` per token. Built in place so that making them leaves no temporaries.
+    by ``N(0, std)`` per token. Built in place so that making them leaves no temporaries.
     """
     g = torch.Generator().manual_seed(seed)
     shape = (max(1, n // ROW_LEN), min(n, ROW_LEN))
     logp = torch.empty(shape).exponential_(1.0, generator=g).neg_()
-    ref = torch.empty(shape).normal_(0.0, LOG_RATIO_STD, generator=g).add_(logp)
+    ref = torch.empty(shape).normal_(0.0, std, generator=g).add_(logp)
     mask = torch.empty(shape, dtype=torch.bool).bernoulli_(MASK_DENSITY, generator=g)
     return logp.to(dtype), ref.to(dtype), mask
 
@@ -324,11 +329,14 @@ def native_used(backend: str, logp: Any) -> bool:
     )
 
 
-def bench_row(n: int, dtype: torch.dtype, backend: str, cfg: dict, preamble: Preamble) -> dict:
+def bench_row(
+    n: int, dtype: torch.dtype, backend: str, cfg: dict, preamble: Preamble, std: float = LOG_RATIO_STD
+) -> dict:
     label = {torch.float32: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     label += "" if backend == "auto" else f" backend={backend}"
+    label += "" if std == LOG_RATIO_STD else f" std={std:g}"
     log(f"  {n:>10,} tokens, {label}, before each call: {preamble.kind} ...")
-    logp, ref, mask = make_inputs(n, dtype)
+    logp, ref, mask = make_inputs(n, dtype, std=std)
     stats = klm.KLStats() if backend == "auto" else klm.KLStats(backend=backend)
 
     # Correctness first, outside the timings: both against each other and against float64.
@@ -571,6 +579,7 @@ def meta(quick: bool) -> dict:
         "native_available": _native.available(),
         "mask_density": MASK_DENSITY,
         "log_ratio_std": LOG_RATIO_STD,
+        "wide_log_ratio_std": WIDE_LOG_RATIO_STD,
         "row_len": ROW_LEN,
         "load_average_at_start": _loadavg(),
     }
@@ -590,7 +599,8 @@ def format_table(result: dict) -> str:
         f"klmonitor KLStats.update + compute  |  torch {m['torch']}, {m['torch_threads']} threads "
         f"({m['cpu_count']} CPUs: {m['cpu']}), native kernel: {'yes' if m['native_available'] else 'NO'}",
         f"inputs: [B, {m['row_len']}] log-probs, bool mask (density {m['mask_density']}), "
-        f"log-ratio ~ N(0, {m['log_ratio_std']}); median ms over interleaved rounds; {load}",
+        f"log-ratio ~ N(0, {m['log_ratio_std']}) (rows marked std=: N(0, std)); median ms over "
+        f"interleaved rounds; {load}",
         "before each call: torch-op = a 2-thread torch read of 128 MiB (cold caches, OpenMP workers "
         "spinning); idle = numpy read + 20 ms sleep (cold caches, cores free)",
         "floor = logp.sum() + ref.sum() + a uint8 read of the mask; floor* = with mask.sum() "
@@ -670,6 +680,7 @@ def run(quick: bool, sizes: list[int] | None = None, warm_cache: bool = False) -
     for n in cfg["sizes"]:
         rows.append(bench_row(n, torch.float32, "auto", cfg, main))
         if n == cfg["extra_at"]:
+            rows.append(bench_row(n, torch.float32, "auto", cfg, main, std=WIDE_LOG_RATIO_STD))
             rows.append(bench_row(n, torch.bfloat16, "auto", cfg, main))
             rows.append(bench_row(n, torch.float32, "torch", cfg, main))
             if not warm_cache:

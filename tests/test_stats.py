@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import mpmath
 import numpy as np
@@ -609,6 +610,58 @@ def test_native_disabled_by_env_uses_torch_path() -> None:
     assert out["native_error"] and "compiler" in out["native_error"]
 
 
+_PORTABLE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    torch.set_num_threads(2)
+    import klmonitor._native as nat
+    nat._ARCH_FLAGS = ([],)  # generic target: no AVX2, so the portable loop does all the work
+    from klmonitor import KLStats
+    from dataclasses import asdict
+    sys.path.insert(0, sys.argv[1])
+    from test_stats import random_batch
+    out = {"isa": nat.vector_isa(), "cases": []}
+    for size, masked in ((7, False), (4097, True), (200_003, True), (200_003, False)):
+        logp, ref, mask = random_batch(size, seed=size, mask_density=0.6 if masked else None, bad=masked)
+        pair = []
+        for backend in ("native", "torch"):
+            s = KLStats(backend=backend)
+            s.update(logp, ref, mask)
+            pair.append(asdict(s.compute()))
+        out["cases"].append(pair)
+    print(json.dumps(out))
+    """
+)
+
+
+@needs_native
+def test_portable_kernel_matches_torch(tmp_path: Path) -> None:
+    # The AVX2 body runs wherever the compiler targets it (here and on CI); the portable loop
+    # it replaces serves other machines. Build that one alone, in its own cache, and compare.
+    env = {**os.environ, "KLMONITOR_CACHE": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PORTABLE_SCRIPT, str(Path(__file__).parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["isa"] == "portable"
+    for native, plain in out["cases"]:
+        a, b = KLSummary(**native), KLSummary(**plain)
+        for field in ("tokens", "nonfinite", "clamped", "max_abs_log_ratio"):
+            assert getattr(a, field) == getattr(b, field), field
+        for name in QUANTITIES:
+            assert_stats_close(
+                EstimatorStats(**getattr(a, name)),
+                EstimatorStats(**getattr(b, name)),
+                BACKEND_RTOL[name],
+                name,
+            )
+
+
 @needs_native
 def test_native_backend_is_used_for_float32_cpu_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
@@ -627,6 +680,41 @@ def test_native_backend_is_used_for_float32_cpu_inputs(monkeypatch: pytest.Monke
     summary(logp.double(), ref.double(), backend="auto")  # float64 stays on the torch path
     summary(logp.reshape(10, 10), ref.reshape(10, 10), backend="auto", level="sequence")
     assert len(calls) == 2
+
+
+@needs_native
+def test_vector_path_values_over_whole_range() -> None:
+    # One-token windows run the kernel's scalar tail; whole vectors of 8 (and 16) tokens run its
+    # vector body, which has a fast path for vectors whose |l| are all below 0.34 and a general
+    # one (range-reduced exp) otherwise. Each vector here holds copies of one value, so its
+    # window mean is that value's per-token result, checked against 50 digits.
+    for reps in (8, 16):
+        worst = {k: 0.0 for k in QUANTITIES}
+        for l in _WHOLE_RANGE.astype(np.float32):
+            s = summary(torch.zeros(reps), torch.full((reps,), float(l)), backend="native")
+            for name, exact in _exact_per_token(float(l)).items():
+                worst[name] = max(worst[name], abs(getattr(s, name).mean - exact) / abs(exact))
+        for name in ("k1", "k2", "k3", "kl_pq", "r_minus_1"):
+            assert worst[name] <= 1e-5, (reps, name, worst[name])
+        assert worst["k2_minus_k3"] <= 1e-3, (reps, worst["k2_minus_k3"])
+
+
+@needs_native
+@pytest.mark.parametrize("far", [0.3, 0.35, 2.0, -17.0])
+def test_vector_path_mixes_near_and_far_tokens(far: float) -> None:
+    # Seven tokens near zero and one at `far` in one vector: the vector takes the general path
+    # (or, at 0.3, the fast one) and each lane must still get its own value: the window's mean
+    # of each quantity equals the exact mean of the eight per-token values.
+    near = [1e-6, -3e-4, 0.01, -0.05, 0.1, -0.2, 0.33]
+    values = np.array([*near, far], dtype=np.float32)
+    for perm in (values, values[::-1].copy()):
+        s = summary(torch.zeros(8), torch.from_numpy(perm), backend="native")
+        exact = [_exact_per_token(float(x)) for x in perm]
+        for name in QUANTITIES:
+            want = sum(e[name] for e in exact) / 8
+            got = getattr(s, name).mean
+            tol = (1e-5 if name == "k2_minus_k3" else 1e-6) * sum(abs(e[name]) for e in exact) / 8
+            assert abs(got - want) <= tol, (far, name, got, want)
 
 
 @needs_native

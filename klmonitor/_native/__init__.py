@@ -131,6 +131,8 @@ def load() -> ctypes.CDLL | None:
                 lib.klm_token_moments.restype = None
                 lib.klm_token_moments_parallel.argtypes = [p, p, p, i64, p, f32, p, ctypes.c_int]
                 lib.klm_token_moments_parallel.restype = ctypes.c_int
+                lib.klm_vector_isa.argtypes = []
+                lib.klm_vector_isa.restype = ctypes.c_int
                 _lib = lib
             except OSError as exc:
                 log.info("klmonitor: could not load the fused CPU kernel (%s); using torch.", exc)
@@ -141,6 +143,18 @@ def load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the fused CPU kernel is built and loaded."""
     return load() is not None
+
+
+def vector_isa() -> str | None:
+    """Which vector body the kernel was built with.
+
+    ``"avx2"`` (hand-written intrinsics), ``"portable"`` (compiler-vectorised C), or ``None``
+    where there is no kernel.
+    """
+    lib = load()
+    if lib is None:
+        return None
+    return "avx2" if lib.klm_vector_isa() == 1 else "portable"
 
 
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
