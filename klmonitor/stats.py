@@ -360,8 +360,11 @@ class KLStats(Metric):
         )
 
     def _native_token_moments(self, logp: Tensor, ref: Tensor, valid: Tensor | None) -> np.ndarray:
-        lp = logp.reshape(-1).to(torch.float32).contiguous()
-        rp = ref.reshape(-1).to(torch.float32).contiguous()
+        if logp.dtype == ref.dtype and _native.reads_dtype(logp.dtype, self.clamp):
+            lp, rp = logp.reshape(-1).contiguous(), ref.reshape(-1).contiguous()
+        else:  # e.g. bf16 without AVX2, or mixed dtypes: one float32 copy of each
+            lp = logp.reshape(-1).to(torch.float32).contiguous()
+            rp = ref.reshape(-1).to(torch.float32).contiguous()
         mk = valid.reshape(-1).contiguous() if valid is not None else None
         shift, sums = _native.token_sums(lp, rp, mk, self.clamp)
         n = sums[12]

@@ -510,6 +510,21 @@ def test_backends_agree(dtype: torch.dtype, size: int, variant: str) -> None:
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("clamp", [0.25, 5.0, 30.0, 31.0, 80.0])
+def test_backends_agree_at_any_clamp(dtype: torch.dtype, clamp: float) -> None:
+    # Clamps up to 30 take float block sums (and the AVX2 body, which reads bf16/fp16 as
+    # they are); above 30, double sums over float32 copies. 0.25 clamps most tokens.
+    logp, ref, mask = random_batch(20_003, seed=11, dtype=dtype, scale=3.0, mask_density=0.7, bad=True)
+    plain = summary(logp, ref, mask, backend="torch", clamp=clamp)
+    native = summary(logp, ref, mask, backend="native", clamp=clamp)
+    assert native.clamped == plain.clamped
+    assert plain.clamped > 0 or clamp > plain.max_abs_log_ratio  # |l| reach ~55 here
+    assert native.nonfinite == plain.nonfinite > 0
+    assert_summaries_match(native, plain, rtol=BACKEND_RTOL)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_backends_agree_on_log_ratio_concentrated_near_taylor_boundary(dtype: torch.dtype) -> None:
     # |l| in [0.05, 0.3], where the series and the exp-based branch meet.
     g = torch.Generator().manual_seed(3)
@@ -621,8 +636,13 @@ _PORTABLE_SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from test_stats import random_batch
     out = {"isa": nat.vector_isa(), "cases": []}
-    for size, masked in ((7, False), (4097, True), (200_003, True), (200_003, False)):
-        logp, ref, mask = random_batch(size, seed=size, mask_density=0.6 if masked else None, bad=masked)
+    cases = [(7, False, torch.float32), (4097, True, torch.float32), (200_003, True, torch.float32),
+             (200_003, False, torch.float32), (4097, True, torch.bfloat16)]
+    out["bf16_direct"] = nat.reads_dtype(torch.bfloat16, 20.0)
+    for size, masked, dtype in cases:
+        logp, ref, mask = random_batch(
+            size, seed=size, dtype=dtype, mask_density=0.6 if masked else None, bad=masked
+        )
         pair = []
         for backend in ("native", "torch"):
             s = KLStats(backend=backend)
@@ -648,7 +668,7 @@ def test_portable_kernel_matches_torch(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["isa"] == "portable"
+    assert out["isa"] == "portable" and out["bf16_direct"] is False
     for native, plain in out["cases"]:
         a, b = KLSummary(**native), KLSummary(**plain)
         for field in ("tokens", "nonfinite", "clamped", "max_abs_log_ratio"):
@@ -675,7 +695,9 @@ def test_native_backend_is_used_for_float32_cpu_inputs(monkeypatch: pytest.Monke
     logp, ref, _ = random_batch(100, seed=0)
     summary(logp, ref, backend="auto")
     summary(logp.bfloat16(), ref.bfloat16(), backend="native")
-    assert calls == [torch.float32, torch.float32]
+    # bf16 goes to the kernel as it is where the kernel reads it (AVX2), else as float32.
+    direct = _native.reads_dtype(torch.bfloat16, 20.0)
+    assert calls == [torch.float32, torch.bfloat16 if direct else torch.float32]
     summary(logp, ref, backend="torch")
     summary(logp.double(), ref.double(), backend="auto")  # float64 stays on the torch path
     summary(logp.reshape(10, 10), ref.reshape(10, 10), backend="auto", level="sequence")

@@ -45,6 +45,8 @@ _BASE_FLAGS = [
 # and worker threads), then without OpenMP (Python threads split the work), then generic code.
 _ARCH_FLAGS: tuple[list[str], ...] = (["-march=native", "-fopenmp"], ["-march=native"], [])
 NOUT = 16
+# Element types the kernel knows (codes as in moments.c).
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Below this many tokens one thread does the work; the pool's hand-off costs more than it saves.
 _PARALLEL_FROM = 1 << 16
 
@@ -125,12 +127,15 @@ def load() -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(str(path))
                 p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-                lib.klm_sample_shift.argtypes = [p, p, p, i64, f32, p]
+                cint = ctypes.c_int
+                lib.klm_sample_shift.argtypes = [p, p, cint, p, i64, f32, p]
                 lib.klm_sample_shift.restype = None
-                lib.klm_token_moments.argtypes = [p, p, p, i64, i64, p, f32, p]
+                lib.klm_token_moments.argtypes = [p, p, cint, p, i64, i64, p, f32, p]
                 lib.klm_token_moments.restype = None
-                lib.klm_token_moments_parallel.argtypes = [p, p, p, i64, p, f32, p, ctypes.c_int]
-                lib.klm_token_moments_parallel.restype = ctypes.c_int
+                lib.klm_token_moments_parallel.argtypes = [p, p, cint, p, i64, p, f32, p, cint]
+                lib.klm_token_moments_parallel.restype = cint
+                lib.klm_reads_dtype.argtypes = [cint, f32]
+                lib.klm_reads_dtype.restype = cint
                 lib.klm_vector_isa.argtypes = []
                 lib.klm_vector_isa.restype = ctypes.c_int
                 _lib = lib
@@ -157,6 +162,17 @@ def vector_isa() -> str | None:
     return "avx2" if lib.klm_vector_isa() == 1 else "portable"
 
 
+def reads_dtype(dtype: torch.dtype, clamp: float) -> bool:
+    """Whether :func:`token_sums` takes inputs of ``dtype`` as they are (no float32 copy).
+
+    float32 always; bf16 (and fp16 where the CPU has F16C) with the AVX2 body and a clamp up
+    to 30. Other inputs must be converted to float32 by the caller.
+    """
+    lib = load()
+    code = _DTYPE_CODES.get(dtype)
+    return lib is not None and code is not None and bool(lib.klm_reads_dtype(code, clamp))
+
+
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
     global _pool
     if _pool is None or _pool._max_workers < workers:
@@ -165,31 +181,34 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
 
 
 def token_sums(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> tuple[np.ndarray, np.ndarray]:
-    """Shifted sums of the six quantities over contiguous float32 CPU tensors.
+    """Shifted sums of the six quantities over contiguous CPU tensors of one dtype.
 
-    Returns ``(shift[6], sums[16])`` with ``sums`` = S1[6], S2[6], count, nonfinite, clamped,
-    max|l| (see ``moments.c``). ``mask`` is a contiguous bool/uint8 tensor or ``None``.
+    The dtype must pass :func:`reads_dtype` (float32 always does). Returns
+    ``(shift[6], sums[16])`` with ``sums`` = S1[6], S2[6], count, nonfinite, clamped, max|l|
+    (see ``moments.c``). ``mask`` is a contiguous bool/uint8 tensor or ``None``.
     """
     lib = load()
     assert lib is not None, "token_sums called without the native kernel"
+    assert logp.dtype == ref.dtype and reads_dtype(logp.dtype, clamp), (logp.dtype, ref.dtype, clamp)
+    dt = _DTYPE_CODES[logp.dtype]
     n = logp.numel()
     lp, rp = logp.data_ptr(), ref.data_ptr()
     mp = mask.data_ptr() if mask is not None else None
     shift = np.zeros(6, dtype=np.float32)
-    lib.klm_sample_shift(lp, rp, mp, n, clamp, shift.ctypes.data)
+    lib.klm_sample_shift(lp, rp, dt, mp, n, clamp, shift.ctypes.data)
     workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
     sp = shift.ctypes.data
     if workers == 1:
         sums = np.zeros(NOUT, dtype=np.float64)
-        lib.klm_token_moments(lp, rp, mp, 0, n, sp, clamp, sums.ctypes.data)
+        lib.klm_token_moments(lp, rp, dt, mp, 0, n, sp, clamp, sums.ctypes.data)
         return shift, sums
     parts = np.zeros((workers, NOUT), dtype=np.float64)
-    if not lib.klm_token_moments_parallel(lp, rp, mp, n, sp, clamp, parts.ctypes.data, workers):
+    if not lib.klm_token_moments_parallel(lp, rp, dt, mp, n, sp, clamp, parts.ctypes.data, workers):
         # Built without OpenMP: ctypes releases the GIL, so Python threads split the range.
         bounds = [n * k // workers for k in range(workers + 1)]
 
         def run(k: int) -> None:
-            lib.klm_token_moments(lp, rp, mp, bounds[k], bounds[k + 1], sp, clamp, parts[k].ctypes.data)
+            lib.klm_token_moments(lp, rp, dt, mp, bounds[k], bounds[k + 1], sp, clamp, parts[k].ctypes.data)
 
         list(_thread_pool(workers).map(run, range(workers)))
     sums = parts.sum(axis=0)

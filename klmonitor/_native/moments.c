@@ -35,6 +35,35 @@ static inline float maxf(float a, float b) { return a > b ? a : b; }
 static inline float minf(float a, float b) { return a < b ? a : b; }
 static inline float absf(float a) { return a < 0.f ? -a : a; }
 
+/* Element types of the log-prob inputs (both inputs share one; codes as in __init__.py). */
+enum { KLM_F32 = 0, KLM_BF16 = 1, KLM_F16 = 2 };
+
+static inline float bf16_to_float(uint16_t h) {
+    union { uint32_t u; float f; } x;
+    x.u = (uint32_t)h << 16;  /* bfloat16 is the top half of a float32 */
+    return x.f;
+}
+
+static inline float f16_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    union { uint32_t u; float f; } x;
+    if (e == 0x1f) {
+        x.u = sign | 0x7f800000u | (man << 13);  /* inf, NaN */
+    } else if (e != 0) {
+        x.u = sign | ((e + 112u) << 23) | (man << 13);  /* normal: rebias 15 -> 127 */
+    } else {
+        x.f = (float)man * 5.9604644775390625e-8f;  /* zero, subnormal: man * 2^-24 */
+        x.u |= sign;
+    }
+    return x.f;
+}
+
+static inline float load1(const void* p, int64_t i, int dtype) {
+    if (dtype == KLM_BF16) return bf16_to_float(((const uint16_t*)p)[i]);
+    if (dtype == KLM_F16) return f16_to_float(((const uint16_t*)p)[i]);
+    return ((const float*)p)[i];
+}
+
 /* The six quantities of one clamped, finite log-ratio lc (|lc| <= 80), sharing one
  * polynomial. Range reduction lc = n ln2 + r with |r| <= ln2 / 2, then with
  * c(r) = 1/6 + r/24 + r^2/120 + ... (to r^6/9!: truncation below 1e-9 relative),
@@ -75,14 +104,14 @@ static inline void quantities(float lc, float q[NQ]) {
 
 /* Mean of the six quantities over up to 256 valid tokens spread evenly over [0, n): the
  * shifts that keep the accumulated second moments well conditioned. 0 if none is valid. */
-void klm_sample_shift(const float* logp, const float* ref, const uint8_t* mask, int64_t n,
-                      float clamp, float* shift) {
+void klm_sample_shift(const void* logp, const void* ref, int dtype, const uint8_t* mask,
+                      int64_t n, float clamp, float* shift) {
     double acc[NQ] = {0};
     double cnt = 0;
     int64_t stride = n / 256 > 1 ? n / 256 : 1;
     int64_t seen = 0;
     for (int64_t i = 0; i < n && seen < 256 * stride; i += stride, seen += stride) {
-        float l = ref[i] - logp[i];
+        float l = load1(ref, i, dtype) - load1(logp, i, dtype);
         if (!(absf(l) <= FLT_BIG) || (mask && !mask[i])) continue;
         float q[NQ];
         quantities(minf(maxf(l, -clamp), clamp), q);
@@ -167,12 +196,30 @@ DEFINE_RANGE(range_double, double)
 #include <immintrin.h>
 #define KLM_HAVE_AVX2 1
 
+#ifdef __F16C__
+#define KLM_HAVE_F16C 1
+#endif
+
+/* Eight inputs as float32: bf16 widened by a shift, fp16 by F16C's converter. */
+static inline __attribute__((always_inline)) __m256 load8(const void* p, int64_t i, int dtype) {
+    if (dtype == KLM_BF16) {
+        __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+#ifdef KLM_HAVE_F16C
+    if (dtype == KLM_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
+#endif
+    return _mm256_loadu_ps((const float*)p + i);
+}
+
 /* Pass 1 over one block (length a multiple of 8): validate, clamp, sum k1 and the counts;
- * the clamped log-ratio and the token's weight go to the buffers for pass 2. */
+ * the clamped log-ratio and the token's weight go to the buffers for pass 2. has_mask and
+ * dtype are constants at each call, so each combination compiles to its own loop. */
 static inline __attribute__((always_inline)) void avx2_pass1(
-    const float* restrict logp, const float* restrict ref, const uint8_t* restrict mask,
+    const void* restrict logp, const void* restrict ref, const uint8_t* restrict mask,
     int64_t blo, int nb, float clamp, float s0, float* restrict bl, float* restrict bg,
-    __m256* fa0, __m256* fb0, __m256* fcnt, __m256i* msum, __m256i* bmax, int has_mask) {
+    __m256* fa0, __m256* fb0, __m256* fcnt, __m256i* msum, __m256i* bmax, int has_mask,
+    int dtype) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 big = _mm256_set1_ps(FLT_BIG), one = _mm256_set1_ps(1.f);
     const __m256 hi = _mm256_set1_ps(clamp), lo = _mm256_set1_ps(-clamp);
@@ -182,7 +229,7 @@ static inline __attribute__((always_inline)) void avx2_pass1(
     __m256i ms = *msum, mx = *bmax;
     for (int j = 0; j < nb; j += 8) {
         const int64_t i = blo + j;
-        __m256 l = _mm256_sub_ps(_mm256_loadu_ps(ref + i), _mm256_loadu_ps(logp + i));
+        __m256 l = _mm256_sub_ps(load8(ref, i, dtype), load8(logp, i, dtype));
         __m256 al = _mm256_and_ps(l, absmask);
         __m256 v = _mm256_cmp_ps(al, big, _CMP_LE_OQ);  /* finite */
         if (has_mask) {
@@ -265,7 +312,7 @@ static inline __attribute__((always_inline)) void avx2_quantities(
 }
 
 /* The AVX2 form of range_float_blocks over [lo, hi) with hi - lo a multiple of 8. */
-static void range_avx2(const float* restrict logp, const float* restrict ref,
+static void range_avx2(const void* restrict logp, const void* restrict ref, int dtype,
                        const uint8_t* restrict mask, int64_t lo, int64_t hi,
                        const float* shift, float clamp, double* out) {
     float bl[BLOCK] __attribute__((aligned(32)));
@@ -286,11 +333,19 @@ static void range_avx2(const float* restrict logp, const float* restrict ref,
         const int nb = (int)(hi - blo < BLOCK ? hi - blo : BLOCK);
         __m256 fa0 = zero, fb0 = zero, fcnt = zero;
         __m256i msum = _mm256_setzero_si256(), bmax = _mm256_setzero_si256();
-        if (mask) {
-            avx2_pass1(logp, ref, mask, blo, nb, clamp, shift[0], bl, bg, &fa0, &fb0, &fcnt, &msum, &bmax, 1);
+#define PASS1(HAS_MASK, DTYPE)                                                                     \
+    avx2_pass1(logp, ref, mask, blo, nb, clamp, shift[0], bl, bg, &fa0, &fb0, &fcnt, &msum, &bmax, \
+               HAS_MASK, DTYPE)
+        if (dtype == KLM_BF16) {
+            if (mask) PASS1(1, KLM_BF16); else PASS1(0, KLM_BF16);
+#ifdef KLM_HAVE_F16C
+        } else if (dtype == KLM_F16) {
+            if (mask) PASS1(1, KLM_F16); else PASS1(0, KLM_F16);
+#endif
         } else {
-            avx2_pass1(logp, ref, mask, blo, nb, clamp, shift[0], bl, bg, &fa0, &fb0, &fcnt, &msum, &bmax, 0);
+            if (mask) PASS1(1, KLM_F32); else PASS1(0, KLM_F32);
         }
+#undef PASS1
         __m256 fa1 = zero, fa2 = zero, fa3 = zero, fa4 = zero, fa5 = zero;
         __m256 fb1 = zero, fb2 = zero, fb3 = zero, fb4 = zero;
         __m256d fb5lo = _mm256_setzero_pd(), fb5hi = _mm256_setzero_pd();
@@ -336,7 +391,7 @@ static void range_avx2(const float* restrict logp, const float* restrict ref,
         if (bm > cb.i) {  /* some valid |l| exceeds the clamp: count them (rare) */
             int clamped = 0;
             for (int j = 0; j < nb; j++) {
-                float l = ref[blo + j] - logp[blo + j];
+                float l = load1(ref, blo + j, dtype) - load1(logp, blo + j, dtype);
                 if ((!mask || mask[blo + j]) && absf(l) <= FLT_BIG && absf(l) > clamp) clamped++;
             }
             acc[14] += clamped;
@@ -354,17 +409,43 @@ static void range_avx2(const float* restrict logp, const float* restrict ref,
  * FLT_MAX: |values| <= e^30 * 30 for |l| <= 30. Larger clamps take the double path. */
 #define FLOAT_BLOCKS_UP_TO 30.f
 
+/* Whether klm_token_moments reads inputs of this dtype at this clamp: float32 always;
+ * bf16 (and fp16 where F16C exists) with the AVX2 body and float block sums. Elsewhere the
+ * caller converts to float32 first. */
+int klm_reads_dtype(int dtype, float clamp) {
+    if (dtype == KLM_F32) return 1;
+#ifdef KLM_HAVE_AVX2
+    if (clamp > FLOAT_BLOCKS_UP_TO) return 0;
+    if (dtype == KLM_BF16) return 1;
+#ifdef KLM_HAVE_F16C
+    if (dtype == KLM_F16) return 1;
+#endif
+#endif
+    (void)clamp;
+    return 0;
+}
+
 /* Shifted sums over tokens [lo, hi): out = S1[6], S2[6], count, nonfinite, clamped, max|l|.
- * mask may be NULL (every token valid); otherwise a token is valid where mask is nonzero. */
-void klm_token_moments(const float* logp, const float* ref, const uint8_t* mask, int64_t lo,
-                       int64_t hi, const float* shift, float clamp, double* out) {
+ * mask may be NULL (every token valid); otherwise a token is valid where mask is nonzero.
+ * Both inputs have element type dtype, which klm_reads_dtype must accept (else out is NaN). */
+void klm_token_moments(const void* logp, const void* ref, int dtype, const uint8_t* mask,
+                       int64_t lo, int64_t hi, const float* shift, float clamp, double* out) {
+    if (!klm_reads_dtype(dtype, clamp)) {
+        for (int k = 0; k < NOUT; k++) out[k] = __builtin_nan("");
+        return;
+    }
     if (clamp <= FLOAT_BLOCKS_UP_TO) {
 #ifdef KLM_HAVE_AVX2
         int64_t mid = lo + ((hi - lo) & ~(int64_t)7);
-        range_avx2(logp, ref, mask, lo, mid, shift, clamp, out);
-        if (mid < hi) {
+        range_avx2(logp, ref, dtype, mask, lo, mid, shift, clamp, out);
+        if (mid < hi) {  /* the last < 8 tokens, as float32, by the portable loop */
+            float tl[8], tr[8];
             double tail[NOUT];
-            range_float_blocks(logp, ref, mask, mid, hi, shift, clamp, tail);
+            for (int64_t i = mid; i < hi; i++) {
+                tl[i - mid] = load1(logp, i, dtype);
+                tr[i - mid] = load1(ref, i, dtype);
+            }
+            range_float_blocks(tl, tr, mask ? mask + mid : mask, 0, hi - mid, shift, clamp, tail);
             for (int k = 0; k < 15; k++) out[k] += tail[k];
             out[15] = tail[15] > out[15] ? tail[15] : out[15];
         }
@@ -389,19 +470,19 @@ int klm_vector_isa(void) {
  * (rows beyond the team's size are left untouched; the caller zeroes them). Built with
  * -fopenmp, this shares torch's own OpenMP runtime (libgomp.so.1 is loaded once per process),
  * so the kernel runs on torch's worker threads instead of competing with them. */
-int klm_token_moments_parallel(const float* logp, const float* ref, const uint8_t* mask,
-                               int64_t n, const float* shift, float clamp, double* out_parts,
-                               int nthreads) {
+int klm_token_moments_parallel(const void* logp, const void* ref, int dtype,
+                               const uint8_t* mask, int64_t n, const float* shift, float clamp,
+                               double* out_parts, int nthreads) {
 #ifdef _OPENMP
     #pragma omp parallel num_threads(nthreads)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
-        klm_token_moments(logp, ref, mask, lo, hi, shift, clamp, out_parts + (int64_t)NOUT * t);
+        klm_token_moments(logp, ref, dtype, mask, lo, hi, shift, clamp, out_parts + (int64_t)NOUT * t);
     }
     return 1;
 #else
-    (void)logp; (void)ref; (void)mask; (void)n; (void)shift; (void)clamp; (void)out_parts;
+    (void)logp; (void)ref; (void)dtype; (void)mask; (void)n; (void)shift; (void)clamp; (void)out_parts;
     (void)nthreads;
     return 0;
 #endif
