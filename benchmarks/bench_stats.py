@@ -577,6 +577,7 @@ def meta(quick: bool) -> dict:
         "cpu": cpu,
         "platform": platform.platform(),
         "native_available": _native.available(),
+        "native_vector_isa": _native.vector_isa(),
         "mask_density": MASK_DENSITY,
         "log_ratio_std": LOG_RATIO_STD,
         "wide_log_ratio_std": WIDE_LOG_RATIO_STD,
@@ -597,7 +598,7 @@ def format_table(result: dict) -> str:
     load = f"load average {m['load_average_at_start']} -> {m.get('load_average_at_end')}"
     lines = [
         f"klmonitor KLStats.update + compute  |  torch {m['torch']}, {m['torch_threads']} threads "
-        f"({m['cpu_count']} CPUs: {m['cpu']}), native kernel: {'yes' if m['native_available'] else 'NO'}",
+        f"({m['cpu_count']} CPUs: {m['cpu']}), native kernel: {'yes (' + str(m.get('native_vector_isa')) + ')' if m['native_available'] else 'NO'}",
         f"inputs: [B, {m['row_len']}] log-probs, bool mask (density {m['mask_density']}), "
         f"log-ratio ~ N(0, {m['log_ratio_std']}) (rows marked std=: N(0, std)); median ms over "
         f"interleaved rounds; {load}",
