@@ -174,7 +174,10 @@ def token_moments_compiled(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp
         _compiled = torch.compile(token_chunk, dynamic=True)
     if logp.numel() == 0:
         return token_chunk(logp, ref, mask, clamp)
-    result: Tensor = _compiled(logp, ref, mask, clamp)
+    # detach() drops the view's link to its base (the caller flattens [B, T] inputs): dynamo
+    # would otherwise guard on the base's shape and recompile when B becomes 1.
+    flat_mask = mask.detach() if mask is not None else None
+    result: Tensor = _compiled(logp.detach(), ref.detach(), flat_mask, clamp)
     return result
 
 

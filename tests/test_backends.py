@@ -58,3 +58,23 @@ def test_compile_backend_empty_and_all_masked() -> None:
     s.update(torch.zeros(8), torch.ones(8), mask=torch.zeros(8, dtype=torch.bool))
     out = s.compute()
     assert out.tokens == 0 and out.count == 0
+
+
+def test_compile_backend_does_not_recompile_as_batch_shapes_change() -> None:
+    # Dynamic shapes: one graph with a mask and one without, whatever [B, T] is (B = 1
+    # included: dynamo specialises sizes 0 and 1, and a flattened view would carry its base's).
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    s, plain = KLStats(backend="compile"), KLStats(backend="torch")
+    for i, shape in enumerate([(3, 1000), (7, 333), (1, 4097), (64, 50), (1, 999), (5, 4097)]):
+        g = torch.Generator().manual_seed(i)
+        logp = -3 * torch.rand(shape, generator=g)
+        ref = logp + 0.2 * torch.randn(shape, generator=g)
+        mask = torch.rand(shape, generator=g) < 0.7
+        for m in (mask, None):
+            s.update(logp, ref, m)
+            plain.update(logp, ref, m)
+    assert counters["stats"]["unique_graphs"] == 2
+    _close(_fields(plain.compute()), _fields(s.compute()))

@@ -120,3 +120,29 @@ def test_memory_section(result: dict) -> None:
     assert {"naive float32", "ours float32", "ours bf16", "ours float32 backend=torch"} <= variants
     overhead = result["fixed_overhead_us"]
     assert {"naive", "ours", "ours_update_only", "floor"} <= set(overhead)
+
+
+def test_cuda_benchmark_logic_runs_on_cpu() -> None:
+    # bench_cuda.py is for a GPU; --device cpu runs the same code paths (timing, bandwidth,
+    # agreement with float64, the report) so it cannot rot on CPU-only CI.
+    script = SCRIPT.with_name("bench_cuda.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--backends", "torch", "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    out = json.loads(proc.stdout)
+    assert out["device"] == "cpu" and out["copy_gb_per_s"] > 0
+    assert [(r["tokens"], r["dtype"]) for r in out["rows"]] == [
+        (10_000, "float32"),
+        (100_000, "float32"),
+        (100_000, "bf16"),
+    ]
+    for row in out["rows"]:
+        ours = row["backends"]["torch"]
+        assert ours["ms"] > 0 and ours["gb_per_s"] > 0
+        assert ours["naive_over_ours"] == pytest.approx(row["naive_ms"] / ours["ms"])
+        assert row["agreement_vs_float64"]["torch"] <= 1.0
+    assert out["sync"]["torch"].startswith("not checked")
