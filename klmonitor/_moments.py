@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,19 +50,6 @@ def merge(a: Tensor, b: Tensor) -> Tensor:
     counts = a[TOKENS:MAX_ABS] + b[TOKENS:MAX_ABS]
     mx = torch.maximum(a[MAX_ABS], b[MAX_ABS])
     return torch.cat([n.reshape(1), mean, m2, counts, mx.reshape(1)])
-
-
-def merge_into_numpy(a: np.ndarray, b: np.ndarray) -> None:
-    """:func:`merge` of host vectors, in place into ``a`` (the CPU fast path: no torch ops)."""
-    na, nb = a[COUNT], b[COUNT]
-    n = na + nb
-    if nb > 0:
-        delta = b[MEAN] - a[MEAN]
-        a[MEAN] += delta * (nb / n)
-        a[M2] += b[M2] + delta * delta * (na * nb / n)
-        a[COUNT] = n
-    a[TOKENS:MAX_ABS] += b[TOKENS:MAX_ABS]
-    a[MAX_ABS] = max(a[MAX_ABS], b[MAX_ABS])
 
 
 def merge_rows(rows: Tensor) -> Tensor:

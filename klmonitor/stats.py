@@ -330,11 +330,11 @@ class KLStats(Metric):
         if self.level == "sequence":
             chunk = mom.sequence_moments(logp, ref, valid, self.clamp)
         elif self._use_native(logp, ref):
-            # CPU tensors: the kernel's result is merged on the host, in place (no torch ops,
-            # which cost more than the kernel itself on small batches).
+            # CPU tensors: one C call computes the batch's moments and merges them into the
+            # state in place (no torch ops, which cost more than the kernel on small batches).
             if self._acc.is_shared():  # never write into memory another process may share
                 self._acc = self._acc.clone()
-            mom.merge_into_numpy(self._acc.numpy(), self._native_token_moments(logp, ref, valid))
+            self._native_fold(logp, ref, valid)
             return
         else:
             flat_mask = valid.reshape(-1) if valid is not None else None
@@ -359,26 +359,14 @@ class KLStats(Metric):
             and _native.available()
         )
 
-    def _native_token_moments(self, logp: Tensor, ref: Tensor, valid: Tensor | None) -> np.ndarray:
+    def _native_fold(self, logp: Tensor, ref: Tensor, valid: Tensor | None) -> None:
         if logp.dtype == ref.dtype and _native.reads_dtype(logp.dtype, self.clamp):
             lp, rp = logp.reshape(-1).contiguous(), ref.reshape(-1).contiguous()
         else:  # e.g. bf16 without AVX2, or mixed dtypes: one float32 copy of each
             lp = logp.reshape(-1).to(torch.float32).contiguous()
             rp = ref.reshape(-1).to(torch.float32).contiguous()
         mk = valid.reshape(-1).contiguous() if valid is not None else None
-        shift, sums = _native.token_sums(lp, rp, mk, self.clamp)
-        n = sums[12]
-        out = np.zeros(mom.SIZE, dtype=np.float64)
-        out[mom.COUNT] = n
-        if n > 0:
-            s1, s2 = sums[0:6], sums[6:12]
-            out[mom.MEAN] = shift.astype(np.float64) + s1 / n
-            out[mom.M2] = np.maximum(s2 - s1 * s1 / n, 0.0)
-        out[mom.TOKENS] = n
-        out[mom.NONFINITE] = sums[13]
-        out[mom.CLAMPED] = sums[14]
-        out[mom.MAX_ABS] = sums[15]
-        return out
+        _native.fold(lp, rp, mk, self.clamp, self._acc.numpy())
 
     def _wrap_compute(self, compute: Callable[[], KLSummary]) -> Callable[[], KLSummary]:
         # torchmetrics' wrapper does the same (warn, cache, sync and unsync around compute)

@@ -25,6 +25,7 @@ from hypothesis.extra.numpy import arrays
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from klmonitor import EstimatorStats, KLStats, KLSummary, _native
+from klmonitor import _moments as mom
 from klmonitor.estimators import ESTIMATORS
 
 QUANTITIES = ("k1", "k2", "k3", "kl_pq", "r_minus_1", "k2_minus_k3")
@@ -685,13 +686,13 @@ def test_portable_kernel_matches_torch(tmp_path: Path) -> None:
 @needs_native
 def test_native_backend_is_used_for_float32_cpu_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = _native.token_sums
+    real = _native.fold
 
     def spy(*args, **kwargs):
         calls.append(args[0].dtype)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_native, "token_sums", spy)
+    monkeypatch.setattr(_native, "fold", spy)
     logp, ref, _ = random_batch(100, seed=0)
     summary(logp, ref, backend="auto")
     summary(logp.bfloat16(), ref.bfloat16(), backend="native")
@@ -702,6 +703,20 @@ def test_native_backend_is_used_for_float32_cpu_inputs(monkeypatch: pytest.Monke
     summary(logp.double(), ref.double(), backend="auto")  # float64 stays on the torch path
     summary(logp.reshape(10, 10), ref.reshape(10, 10), backend="auto", level="sequence")
     assert len(calls) == 2
+
+
+@needs_native
+def test_native_fold_merges_like_the_torch_path() -> None:
+    # The kernel merges each batch into the state itself (Chan's update in C): its layout must
+    # be _moments' and its merges must equal the torch path's over many uneven batches.
+    lib = _native.load()
+    assert lib is not None and lib.klm_vector_size() == mom.SIZE
+    native, plain = KLStats(backend="native"), KLStats(backend="torch")
+    for i, n in enumerate([1, 9, 0, 4097, 3, 70_001, 512, 2]):
+        logp, ref, mask = random_batch(n, seed=i, mask_density=0.7, bad=i % 2 == 1, scale=0.1 + i)
+        native.update(logp, ref, mask)
+        plain.update(logp, ref, mask)
+    assert_summaries_match(native.compute(), plain.compute(), rtol=BACKEND_RTOL)
 
 
 @needs_native

@@ -132,8 +132,12 @@ def load() -> ctypes.CDLL | None:
                 lib.klm_sample_shift.restype = None
                 lib.klm_token_moments.argtypes = [p, p, cint, p, i64, i64, p, f32, p]
                 lib.klm_token_moments.restype = None
-                lib.klm_token_moments_parallel.argtypes = [p, p, cint, p, i64, p, f32, p, cint]
-                lib.klm_token_moments_parallel.restype = cint
+                lib.klm_fold.argtypes = [p, p, cint, p, i64, f32, cint, p]
+                lib.klm_fold.restype = cint
+                lib.klm_fold_sums.argtypes = [p, p, p]
+                lib.klm_fold_sums.restype = None
+                lib.klm_vector_size.argtypes = []
+                lib.klm_vector_size.restype = cint
                 lib.klm_reads_dtype.argtypes = [cint, f32]
                 lib.klm_reads_dtype.restype = cint
                 lib.klm_vector_isa.argtypes = []
@@ -163,7 +167,7 @@ def vector_isa() -> str | None:
 
 
 def reads_dtype(dtype: torch.dtype, clamp: float) -> bool:
-    """Whether :func:`token_sums` takes inputs of ``dtype`` as they are (no float32 copy).
+    """Whether :func:`fold` takes inputs of ``dtype`` as they are (no float32 copy).
 
     float32 always; bf16 (and fp16 where the CPU has F16C) with the AVX2 body and a clamp up
     to 30. Other inputs must be converted to float32 by the caller.
@@ -180,37 +184,36 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
     return _pool
 
 
-def token_sums(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> tuple[np.ndarray, np.ndarray]:
-    """Shifted sums of the six quantities over contiguous CPU tensors of one dtype.
+def fold(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, acc: np.ndarray) -> None:
+    """Fold contiguous 1-D CPU tensors of one dtype into the moments vector ``acc``, in place.
 
-    The dtype must pass :func:`reads_dtype` (float32 always does). Returns
-    ``(shift[6], sums[16])`` with ``sums`` = S1[6], S2[6], count, nonfinite, clamped, max|l|
-    (see ``moments.c``). ``mask`` is a contiguous bool/uint8 tensor or ``None``.
+    ``acc`` is a float64 array in ``klmonitor._moments``' layout; the dtype must pass
+    :func:`reads_dtype` (float32 always does); ``mask`` is a contiguous bool/uint8 tensor or
+    ``None``. One C call does the shift sample, the shifted sums (split over torch's thread
+    count from 64K tokens) and Chan's merge.
     """
     lib = load()
-    assert lib is not None, "token_sums called without the native kernel"
+    assert lib is not None, "fold called without the native kernel"
     assert logp.dtype == ref.dtype and reads_dtype(logp.dtype, clamp), (logp.dtype, ref.dtype, clamp)
+    assert acc.dtype == np.float64 and acc.flags.c_contiguous and acc.size == lib.klm_vector_size()
     dt = _DTYPE_CODES[logp.dtype]
     n = logp.numel()
-    lp, rp = logp.data_ptr(), ref.data_ptr()
+    lp, rp, ap = logp.data_ptr(), ref.data_ptr(), acc.ctypes.data
     mp = mask.data_ptr() if mask is not None else None
+    workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
+    if lib.klm_fold(lp, rp, dt, mp, n, clamp, workers, ap):
+        return
+    # Built without OpenMP: ctypes releases the GIL, so Python threads split the range.
     shift = np.zeros(6, dtype=np.float32)
     lib.klm_sample_shift(lp, rp, dt, mp, n, clamp, shift.ctypes.data)
-    workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
-    sp = shift.ctypes.data
-    if workers == 1:
-        sums = np.zeros(NOUT, dtype=np.float64)
-        lib.klm_token_moments(lp, rp, dt, mp, 0, n, sp, clamp, sums.ctypes.data)
-        return shift, sums
     parts = np.zeros((workers, NOUT), dtype=np.float64)
-    if not lib.klm_token_moments_parallel(lp, rp, dt, mp, n, sp, clamp, parts.ctypes.data, workers):
-        # Built without OpenMP: ctypes releases the GIL, so Python threads split the range.
-        bounds = [n * k // workers for k in range(workers + 1)]
+    bounds = [n * k // workers for k in range(workers + 1)]
+    sp = shift.ctypes.data
 
-        def run(k: int) -> None:
-            lib.klm_token_moments(lp, rp, dt, mp, bounds[k], bounds[k + 1], sp, clamp, parts[k].ctypes.data)
+    def run(k: int) -> None:
+        lib.klm_token_moments(lp, rp, dt, mp, bounds[k], bounds[k + 1], sp, clamp, parts[k].ctypes.data)
 
-        list(_thread_pool(workers).map(run, range(workers)))
+    list(_thread_pool(workers).map(run, range(workers)))
     sums = parts.sum(axis=0)
     sums[15] = parts[:, 15].max()
-    return shift, sums
+    lib.klm_fold_sums(ap, sp, sums.ctypes.data)

@@ -457,6 +457,37 @@ void klm_token_moments(const void* logp, const void* ref, int dtype, const uint8
     }
 }
 
+/* The moments-vector layout of klmonitor/_moments.py (a test checks they agree): count,
+ * mean[6], M2[6], tokens, nonfinite, clamped, max|l|. */
+#define V_COUNT 0
+#define V_MEAN 1
+#define V_M2 (V_MEAN + NQ)
+#define V_TOKENS (V_M2 + NQ)
+#define V_SIZE (V_TOKENS + 4)
+
+int klm_vector_size(void) { return V_SIZE; }
+
+/* Merge shifted sums (as klm_token_moments writes them, with the shift they used) into the
+ * moments vector acc, in place: Chan's parallel update in double, as _moments.merge does. */
+void klm_fold_sums(double* acc, const float* shift, const double* sums) {
+    const double nb = sums[12];
+    if (nb > 0) {
+        const double na = acc[V_COUNT], n = na + nb;
+        for (int k = 0; k < NQ; k++) {
+            double s1 = sums[k], mean_b = (double)shift[k] + s1 / nb;
+            double m2_b = sums[NQ + k] - s1 * s1 / nb;
+            double delta = mean_b - acc[V_MEAN + k];
+            acc[V_MEAN + k] += delta * (nb / n);
+            acc[V_M2 + k] += (m2_b > 0 ? m2_b : 0) + delta * delta * (na * nb / n);
+        }
+        acc[V_COUNT] = n;
+    }
+    acc[V_TOKENS] += nb;
+    acc[V_TOKENS + 1] += sums[13];
+    acc[V_TOKENS + 2] += sums[14];
+    acc[V_TOKENS + 3] = sums[15] > acc[V_TOKENS + 3] ? sums[15] : acc[V_TOKENS + 3];
+}
+
 /* Which body runs: 1 with the AVX2 intrinsics, 0 with the portable loop only. */
 int klm_vector_isa(void) {
 #ifdef KLM_HAVE_AVX2
@@ -466,24 +497,39 @@ int klm_vector_isa(void) {
 #endif
 }
 
-/* The same over [0, n) split across the OpenMP team: out_parts holds NOUT values per thread
- * (rows beyond the team's size are left untouched; the caller zeroes them). Built with
- * -fopenmp, this shares torch's own OpenMP runtime (libgomp.so.1 is loaded once per process),
- * so the kernel runs on torch's worker threads instead of competing with them. */
-int klm_token_moments_parallel(const void* logp, const void* ref, int dtype,
-                               const uint8_t* mask, int64_t n, const float* shift, float clamp,
-                               double* out_parts, int nthreads) {
-#ifdef _OPENMP
-    #pragma omp parallel num_threads(nthreads)
-    {
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
-        klm_token_moments(logp, ref, dtype, mask, lo, hi, shift, clamp, out_parts + (int64_t)NOUT * t);
-    }
-    return 1;
-#else
-    (void)logp; (void)ref; (void)dtype; (void)mask; (void)n; (void)shift; (void)clamp; (void)out_parts;
-    (void)nthreads;
-    return 0;
+/* Everything one update needs, in one call: the shift sample, the shifted sums over [0, n) on
+ * up to nthreads OpenMP threads, and the merge into the moments vector acc. Returns 0, doing
+ * nothing, when nthreads > 1 but the library was built without OpenMP (the caller then splits
+ * the range over its own threads with klm_token_moments and merges with klm_fold_sums). */
+int klm_fold(const void* logp, const void* ref, int dtype, const uint8_t* mask, int64_t n,
+             float clamp, int nthreads, double* acc) {
+    float shift[NQ];
+    double sums[NOUT];
+#ifndef _OPENMP
+    if (nthreads > 1) return 0;
 #endif
+    klm_sample_shift(logp, ref, dtype, mask, n, clamp, shift);
+    if (nthreads <= 1) {
+        klm_token_moments(logp, ref, dtype, mask, 0, n, shift, clamp, sums);
+    } else {
+#ifdef _OPENMP
+        double parts[64][NOUT];
+        int used = 1;
+        if (nthreads > 64) nthreads = 64;
+        #pragma omp parallel num_threads(nthreads)
+        {
+            int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+            klm_token_moments(logp, ref, dtype, mask, lo, hi, shift, clamp, parts[t]);
+            if (t == 0) used = nt;
+        }
+        for (int k = 0; k < NOUT; k++) sums[k] = parts[0][k];
+        for (int t = 1; t < used; t++) {
+            for (int k = 0; k < 15; k++) sums[k] += parts[t][k];
+            sums[15] = parts[t][15] > sums[15] ? parts[t][15] : sums[15];
+        }
+#endif
+    }
+    klm_fold_sums(acc, shift, sums);
+    return 1;
 }
