@@ -168,9 +168,9 @@ def main() -> None:
     # Adjacent steps share the machine's state: the median of the per-pair differences cancels
     # slow drift that the ratio of medians still carries.
     paired = statistics.median(a - b for a, b in zip(with_cb, without, strict=True)) / med_without
-    paired_control = statistics.median(a - b for a, b in zip(control_even, control_odd, strict=True)) / statistics.median(
-        control_odd
-    )
+    paired_control = statistics.median(
+        a - b for a, b in zip(control_even, control_odd, strict=True)
+    ) / statistics.median(control_odd)
     # The direct measure: time inside the hook.
     hook = TimedKLMonitor.hook_times
     hook_fraction = statistics.fmean(hook) / statistics.fmean(without)

@@ -113,9 +113,9 @@ def bench_size(
     agreement = {}
     for b, s in stats.items():
         ours = bs.summary_values(bs.ours_kl_stats(s, logp, ref, mask))
-        agreement[b] = bs.check_agreement(f"{b} vs float64 at {n} ({label})", ours, truth, bs.OURS_VS_FLOAT64)[
-            "max_in_tolerance_units"
-        ]
+        agreement[b] = bs.check_agreement(
+            f"{b} vs float64 at {n} ({label})", ours, truth, bs.OURS_VS_FLOAT64
+        )["max_in_tolerance_units"]
     fns = {
         "naive": lambda: bs.naive_kl_stats(logp, ref, mask),
         "floor": lambda: bs.floor_read(logp, ref, mask),
@@ -200,12 +200,20 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_cuda.py: no CUDA device here (use --device cpu to run the logic on CPU)")
     backends = args.backends.split(",")
-    cfg = {"budget_s": 0.5, "min_rounds": 3, "max_rounds": 20} if args.quick else {
-        "budget_s": 3.0,
-        "min_rounds": 7,
-        "max_rounds": 200,
-    }
-    sizes = args.sizes or ([10_000, 100_000] if args.quick else bs.FULL["sizes"] + ([100_000_000] if device.type == "cuda" else []))
+    cfg = (
+        {"budget_s": 0.5, "min_rounds": 3, "max_rounds": 20}
+        if args.quick
+        else {
+            "budget_s": 3.0,
+            "min_rounds": 7,
+            "max_rounds": 200,
+        }
+    )
+    sizes = args.sizes or (
+        [10_000, 100_000]
+        if args.quick
+        else bs.FULL["sizes"] + ([100_000_000] if device.type == "cuda" else [])
+    )
     name, nominal = nominal_peak(device)
     evict = Evict(device, 256 if device.type == "cuda" else bs.EVICT_MIB)
     result: dict[str, Any] = {
@@ -263,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu to run the logic on CPU")
     ap.add_argument("--backends", default="torch,compile", help="KLStats backends, comma-separated")
-    ap.add_argument(
-        "--sizes", type=lambda s: [int(float(x)) for x in s.split(",")], help="token counts, e.g. 1e6,1e8"
-    )
+    ap.add_argument("--sizes", type=bs.parse_sizes, help="token counts, e.g. 1e6,1e8")
     ap.add_argument("--quick", action="store_true", help="small sizes and few rounds (a smoke run)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     args = ap.parse_args(argv)
