@@ -320,9 +320,7 @@ static void range_avx2(const void* restrict logp, const void* restrict ref, int 
     const __m256 vs1 = _mm256_set1_ps(shift[1]), vs2 = _mm256_set1_ps(shift[2]);
     const __m256 vs3 = _mm256_set1_ps(shift[3]), vs4 = _mm256_set1_ps(shift[4]);
     const __m256 vs5 = _mm256_set1_ps(shift[5]);
-    const __m256 zero = _mm256_setzero_ps(), half = _mm256_set1_ps(0.5f);
-    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-    const __m256 ln2hi = _mm256_set1_ps(0.693359375f), ln2lo = _mm256_set1_ps(-2.12194440e-4f);
+    const __m256 zero = _mm256_setzero_ps();
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 thr = _mm256_set1_ps(0.34f);
     double acc[NOUT] = {0};
