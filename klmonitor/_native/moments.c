@@ -407,6 +407,13 @@ static void range_avx2(const void* restrict logp, const void* restrict ref, int 
  * FLT_MAX: |values| <= e^30 * 30 for |l| <= 30. Larger clamps take the double path. */
 #define FLOAT_BLOCKS_UP_TO 30.f
 
+/* Add the shifted sums of another range of tokens (same shift) into out: sums and counts
+ * add, max|l| takes the larger. */
+static inline void add_sums(double* out, const double* other) {
+    for (int k = 0; k < NOUT - 1; k++) out[k] += other[k];
+    out[NOUT - 1] = other[NOUT - 1] > out[NOUT - 1] ? other[NOUT - 1] : out[NOUT - 1];
+}
+
 /* Whether klm_token_moments reads inputs of this dtype at this clamp: float32 always;
  * bf16 (and fp16 where F16C exists) with the AVX2 body and float block sums. Elsewhere the
  * caller converts to float32 first. */
@@ -444,8 +451,7 @@ void klm_token_moments(const void* logp, const void* ref, int dtype, const uint8
                 tr[i - mid] = load1(ref, i, dtype);
             }
             range_float_blocks(tl, tr, mask ? mask + mid : mask, 0, hi - mid, shift, clamp, tail);
-            for (int k = 0; k < 15; k++) out[k] += tail[k];
-            out[15] = tail[15] > out[15] ? tail[15] : out[15];
+            add_sums(out, tail);
         }
 #else
         range_float_blocks(logp, ref, mask, lo, hi, shift, clamp, out);
@@ -523,8 +529,7 @@ int klm_fold(const void* logp, const void* ref, int dtype, const uint8_t* mask, 
         }
         for (int k = 0; k < NOUT; k++) sums[k] = parts[0][k];
         for (int t = 1; t < used; t++) {
-            for (int k = 0; k < 15; k++) sums[k] += parts[t][k];
-            sums[15] = parts[t][15] > sums[15] ? parts[t][15] : sums[15];
+            add_sums(sums, parts[t]);
         }
 #endif
     }
