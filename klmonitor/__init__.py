@@ -2,16 +2,17 @@
 
 The layers, lowest first: :mod:`klmonitor.estimators` (elementwise math),
 :class:`klmonitor.KLStats` (streaming on-device statistics), :mod:`klmonitor.alerts`
-(decisions), and :class:`klmonitor.KLMonitor` (the PyTorch Lightning callback). Lightning is
-imported only when the callback is first used.
+(decisions), :mod:`klmonitor.sinks` (where numbers go), :class:`klmonitor.Monitor` (the
+framework-free product), and one thin adapter per framework: :mod:`klmonitor.lightning`,
+:mod:`klmonitor.pytorch_lightning` (also ``klmonitor.KLMonitor``) and
+:mod:`klmonitor.transformers`. Everything is imported on first use, so ``import klmonitor``
+pulls in no framework.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
-
-from klmonitor import estimators
-from klmonitor.stats import EstimatorStats, KLStats, KLSummary
 
 __version__ = "0.1.0"
 
@@ -22,25 +23,45 @@ __all__ = [
     "KLMonitor",
     "KLStats",
     "KLSummary",
+    "Monitor",
+    "WindowResult",
     "__version__",
     "alerts",
     "estimators",
+    "sinks",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from klmonitor import alerts
+    from klmonitor import alerts, estimators, sinks
     from klmonitor.alerts import Alert, AlertLevel
-    from klmonitor.callback import KLMonitor
+    from klmonitor.monitor import Monitor, WindowResult
+    from klmonitor.pytorch_lightning import KLMonitor
+    from klmonitor.stats import KLStats
+    from klmonitor.summary import EstimatorStats, KLSummary
+
+# name -> (module, attribute or None for the module itself)
+_LAZY = {
+    "Alert": ("klmonitor.alerts", "Alert"),
+    "AlertLevel": ("klmonitor.alerts", "AlertLevel"),
+    "EstimatorStats": ("klmonitor.summary", "EstimatorStats"),
+    "KLMonitor": ("klmonitor.pytorch_lightning", "KLMonitor"),
+    "KLStats": ("klmonitor.stats", "KLStats"),
+    "KLSummary": ("klmonitor.summary", "KLSummary"),
+    "Monitor": ("klmonitor.monitor", "Monitor"),
+    "WindowResult": ("klmonitor.monitor", "WindowResult"),
+    "alerts": ("klmonitor.alerts", None),
+    "estimators": ("klmonitor.estimators", None),
+    "sinks": ("klmonitor.sinks", None),
+}
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `import klmonitor` stays free of Lightning until the callback is used.
-    if name == "KLMonitor":
-        from klmonitor.callback import KLMonitor
+    if name not in _LAZY:
+        raise AttributeError(f"module 'klmonitor' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attr is None else getattr(module, attr)
 
-        return KLMonitor
-    if name in ("Alert", "AlertLevel", "alerts"):
-        import klmonitor.alerts as alerts_module
 
-        return alerts_module if name == "alerts" else getattr(alerts_module, name)
-    raise AttributeError(f"module 'klmonitor' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(__all__)

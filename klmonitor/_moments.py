@@ -15,19 +15,18 @@ import torch
 from torch import Tensor
 
 from klmonitor import estimators as est
-
-#: The six per-sample quantities, in layout order.
-QUANTITIES: tuple[str, ...] = ("k1", "k2", "k3", "kl_pq", "r_minus_1", "k2_minus_k3")
-NQ = len(QUANTITIES)
-# Layout of a moments vector.
-COUNT = 0
-MEAN = slice(1, 1 + NQ)
-M2 = slice(1 + NQ, 1 + 2 * NQ)
-TOKENS = 1 + 2 * NQ
-NONFINITE = TOKENS + 1
-CLAMPED = TOKENS + 2
-MAX_ABS = TOKENS + 3
-SIZE = TOKENS + 4
+from klmonitor._layout import (  # noqa: F401  (re-exported: the layout is read through this module)
+    CLAMPED,
+    COUNT,
+    M2,
+    MAX_ABS,
+    MEAN,
+    NONFINITE,
+    NQ,
+    QUANTITIES,
+    SIZE,
+    TOKENS,
+)
 
 # Elements per eager chunk: bounds the temporaries of the torch path (~30 arrays this long).
 _CHUNK = 1 << 20

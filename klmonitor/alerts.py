@@ -27,7 +27,7 @@ name                   fires when                                       threshol
 from __future__ import annotations
 
 import math
-import numbers
+import re
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -35,7 +35,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from klmonitor.stats import KLSummary
+from klmonitor._validate import check_int as _check_int
+from klmonitor._validate import check_number as _check_number
+from klmonitor.summary import ESTIMATORS, KLSummary
 
 __all__ = [
     "Alert",
@@ -48,12 +50,20 @@ __all__ = [
     "Rule",
     "SamplingMismatchRule",
     "SpikeRule",
+    "DEFAULT_DRIFT_THRESHOLD",
     "default_rules",
+    "parse_alert_text",
 ]
 
 _STATE_VERSION = 1
 # Estimator names accepted by KLBudgetRule (those KLSummary.estimator knows).
-_BUDGET_ESTIMATORS = ("k1", "k2", "k3", "kl_pq")
+_BUDGET_ESTIMATORS = ESTIMATORS
+#: The ``drift`` rule's default threshold on ``(mean k2 - mean k3) / mean k3`` (also drawn by
+#: ``klmonitor report``).
+DEFAULT_DRIFT_THRESHOLD = 0.1
+# The one text form of an alert (TensorBoard text, log lines); parse_alert_text reads it back.
+_TEXT_FORMAT = "**{rule}** ({level}) at step {step}: {message}"
+_TEXT_RE = re.compile(r"\*\*(?P<rule>[^*]+)\*\*\s*\((?P<level>\w+)\)\s*at step\s*(?P<step>-?\d+)")
 # Windows a default rule stays quiet after firing: at most one alert per 11 windows per rule.
 _DEFAULT_COOLDOWN = 10
 
@@ -130,6 +140,16 @@ class Alert:
             "stop": bool(self.stop),
         }
 
+    def text(self) -> str:
+        """The alert as one line of text (TensorBoard text entries; :func:`parse_alert_text` reads it).
+
+        >>> Alert("drift", 7, "warn", 0.2, 0.1, "k2 and k3 disagree").text()
+        '**drift** (warn) at step 7: k2 and k3 disagree'
+        """
+        return _TEXT_FORMAT.format(
+            rule=self.rule, level=self.level.value, step=self.step, message=self.message
+        )
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Alert:
         """Rebuild an alert from :meth:`to_dict` output (missing optional keys get defaults).
@@ -151,38 +171,20 @@ class Alert:
         )
 
 
-# -- argument checks ---------------------------------------------------------------------
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _check_number(
-    x: Any, arg: str, *, low: float | None = None, low_inclusive: bool = False, hint: str = ""
-) -> float:
-    """``x`` as a finite float, ``> low`` (or ``>= low``); else TypeError/ValueError naming it."""
-    if not _is_real(x):
-        raise TypeError(f"{arg} must be a real number{hint}, got {type(x).__name__} {x!r}")
-    value = float(x)
-    if not math.isfinite(value):
-        raise ValueError(f"{arg} must be finite{hint}, got {x!r}")
-    if low is not None and (value < low if low_inclusive else value <= low):
-        op = ">=" if low_inclusive else ">"
-        raise ValueError(f"{arg} must be {op} {low}{hint}, got {x!r}")
-    return value
-
-
-def _check_int(x: Any, arg: str, *, low: int, hint: str = "") -> int:
-    if not isinstance(x, numbers.Integral) or isinstance(x, bool):
-        raise TypeError(f"{arg} must be an int >= {low}{hint}, got {type(x).__name__} {x!r}")
-    if int(x) < low:
-        raise ValueError(f"{arg} must be an int >= {low}{hint}, got {x!r}")
-    return int(x)
-
-
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
+
+
+def parse_alert_text(text: str) -> tuple[str, str, int, str] | None:
+    """``(rule, level, step, message)`` from :meth:`Alert.text`, or ``None`` for other text.
+
+    >>> parse_alert_text("**drift** (warn) at step 120: k2 and k3 disagree")
+    ('drift', 'warn', 120, 'k2 and k3 disagree')
+    """
+    m = _TEXT_RE.search(text)
+    if m is None:
+        return None
+    return m["rule"].strip(), m["level"].lower(), int(m["step"]), text[m.end() :].lstrip(": ").strip()
 
 
 # -- rules -------------------------------------------------------------------------------
@@ -343,7 +345,7 @@ class DriftRule(Rule):
 
     def __init__(
         self,
-        threshold: float = 0.1,
+        threshold: float = DEFAULT_DRIFT_THRESHOLD,
         *,
         min_z: float = 3.0,
         patience: int = 2,

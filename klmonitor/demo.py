@@ -408,7 +408,7 @@ def _run(
     max_kl: float | None,
     progress_bar: bool,
 ) -> DemoResult:
-    from klmonitor.callback import KLMonitor
+    from klmonitor.pytorch_lightning import KLMonitor
 
     with _quiet_lightning():
         pl.seed_everything(seed, verbose=False)

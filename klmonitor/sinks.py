@@ -1,9 +1,24 @@
-"""Where numbers and alerts go: any Lightning logger, plus TensorBoard and W&B extras.
+"""Where a window's numbers and alerts go: TensorBoard, W&B, any Lightning/Fabric logger, a callable.
 
-A sink wraps one Lightning logger. Every call is guarded: a failing tracker (W&B offline or
-disabled, an alert API error, a logger whose ``log_metrics`` raises) warns once per kind of
-failure and the other sinks keep working. Sinks run on global rank 0 only (the callback's
-job); they never touch tensors on a device.
+:func:`as_sink` turns what the user has into a :class:`Sink`:
+
+==========================================================  ==========================================
+target                                                      what it gets
+==========================================================  ==========================================
+``torch.utils.tensorboard.SummaryWriter`` (or tensorboardX)  scalars, std bands, custom-scalars layout,
+                                                            log-ratio histogram, alerts as text
+a ``TensorBoardLogger`` of ``lightning``,                   the same, through the logger
+``pytorch_lightning`` or ``lightning.fabric``
+a W&B run (``wandb.init()``) or a ``WandbLogger``           scalars against ``trainer/global_step``
+                                                            (``define_metric``), histogram, ``run.alert``
+any other logger with ``log_metrics(metrics, step)``        scalars (CSV, MLflow, Neptune, ...)
+(CSV, MLflow, ...)
+a callable ``fn(metrics: dict[str, float], step: int)``     scalars
+==========================================================  ==========================================
+
+Every call is guarded: a failing tracker (W&B offline or disabled, an alert API error, a
+logger that raises) warns once per kind of failure and the other sinks keep working. No
+framework is imported here: loggers are recognised by their class names and methods.
 """
 
 from __future__ import annotations
@@ -16,22 +31,58 @@ from typing import Any
 import numpy as np
 
 from klmonitor.alerts import Alert
+from klmonitor.summary import bands, metric_name
 
 log = logging.getLogger("klmonitor")
 
-__all__ = ["LoggerSink", "TensorBoardSink", "WandbSink", "WarnOnce", "make_sinks"]
+__all__ = [
+    "CallableSink",
+    "LoggerSink",
+    "Sink",
+    "TensorBoardSink",
+    "WandbSink",
+    "WarnOnce",
+    "as_sink",
+    "make_sinks",
+]
+
+WarnFn = Callable[[str, str], None]
+#: The step key W&B plots klmonitor's metrics against (as Lightning's WandbLogger logs it).
+WANDB_STEP_KEY = "trainer/global_step"
 
 
-class LoggerSink:
-    """Scalars to any Lightning logger through its public ``log_metrics``."""
+def _class_names(obj: Any) -> set[str]:
+    return {c.__name__ for c in type(obj).__mro__}
 
-    kind = "logger"
 
-    def __init__(self, logger: Any, prefix: str, warn_once: Callable[[str, str], None]) -> None:
-        self.logger = logger
+def _has_methods(obj: Any, *names: str) -> bool:
+    return all(callable(getattr(obj, n, None)) for n in names)
+
+
+def _is_logger(obj: Any) -> bool:
+    """A Lightning/Fabric-style logger: ``log_metrics`` and (usually) an ``experiment``."""
+    return _has_methods(obj, "log_metrics")
+
+
+class Sink:
+    """Base class: one destination of a window's scalars, histogram and alerts.
+
+    Subclasses override what their tracker can show; the base class ignores histograms and
+    alerts. Build sinks with :func:`as_sink` (or subclass this for your own destination).
+
+    Args:
+        target: the object written to (a writer, a run, a logger, a callable).
+        prefix: the metric prefix (``kl/``), for the names a sink adds itself.
+        warn_once: ``warn_once(kind, message)``; failures are reported through it.
+    """
+
+    kind = "sink"
+
+    def __init__(self, target: Any, prefix: str = "kl/", warn_once: WarnFn | None = None) -> None:
+        self.target = target
         self.prefix = prefix
-        self._warn_once = warn_once
-        self.name = type(logger).__name__
+        self._warn_once: WarnFn = warn_once if warn_once is not None else WarnOnce()
+        self.name = getattr(target, "__name__", None) or type(target).__name__
 
     def _guard(self, what: str, fn: Callable[[], Any]) -> None:
         try:
@@ -40,31 +91,52 @@ class LoggerSink:
             self._warn_once(
                 f"sink:{self.name}:{what}",
                 f"klmonitor: {self.name} failed to {what} ({type(exc).__name__}: {exc}); "
-                "the other loggers keep receiving everything. This warning is shown once.",
+                "the other sinks keep receiving everything. This warning is shown once.",
             )
+
+    def setup(self, rule_names: Sequence[str]) -> None:
+        """Once before the first write to this target: dashboards, metric definitions."""
 
     def log_scalars(self, metrics: Mapping[str, float], step: int) -> None:
         """Write the window's scalars at ``step``."""
-        self._guard("log metrics", lambda: self.logger.log_metrics(dict(metrics), step=step))
 
     def log_histogram(self, values: np.ndarray, step: int) -> None:
-        """Write a histogram of log-ratio samples (not every logger can)."""
+        """Write a histogram of log-ratio samples (when the tracker can)."""
 
     def log_alert(self, alert: Alert) -> None:
-        """Record an alert (not every logger can)."""
-
-    def setup(self, rules_meta: Sequence[str]) -> None:
-        """Once, before the first write: dashboards, metric definitions."""
+        """Record an alert (when the tracker can)."""
 
     def finalize(self) -> None:
-        """Flush at the end of training."""
+        """Flush at the end of training (the target stays open: it is the user's)."""
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+
+class CallableSink(Sink):
+    """Scalars to ``fn(metrics, step)``."""
+
+    kind = "callable"
+
+    def log_scalars(self, metrics: Mapping[str, float], step: int) -> None:  # noqa: D102
+        self._guard("take the metrics", lambda: self.target(dict(metrics), step))
+
+
+class LoggerSink(Sink):
+    """Scalars to any logger through its public ``log_metrics(metrics, step=step)``."""
+
+    kind = "logger"
+
+    def log_scalars(self, metrics: Mapping[str, float], step: int) -> None:  # noqa: D102
+        self._guard("log metrics", lambda: self.target.log_metrics(dict(metrics), step=step))
+
+    def finalize(self) -> None:  # noqa: D102
         def flush() -> None:
             # Inside the guard: a dead tracker's `experiment` property may raise anything.
             # Loggers without an experiment object (custom ones) have nothing to flush.
-            if not hasattr(type(self.logger), "experiment"):
+            if not hasattr(type(self.target), "experiment"):
                 return
-            fn = getattr(self.logger.experiment, "flush", None)
+            fn = getattr(self.target.experiment, "flush", None)
             if callable(fn):
                 fn()
 
@@ -72,82 +144,104 @@ class LoggerSink:
 
 
 class TensorBoardSink(LoggerSink):
-    """TensorBoard: scalars, a custom-scalars layout, a log-ratio histogram, alerts as text."""
+    """TensorBoard: scalars, std bands, a custom-scalars layout, a log-ratio histogram, alert text.
+
+    ``target`` is a ``SummaryWriter`` or a ``TensorBoardLogger`` (either Lightning package or
+    Fabric); a logger's scalars go through its ``log_metrics``, the extras through its writer.
+    """
 
     kind = "tensorboard"
 
-    def setup(self, rules_meta: Sequence[str]) -> None:  # noqa: D102
-        p = self.prefix
-        layout = {
+    def _writer(self) -> Any:
+        return self.target.experiment if _is_logger(self.target) else self.target
+
+    def layout(self) -> dict[str, Any]:
+        """The custom-scalars layout (tab *Custom Scalars*)."""
+
+        def m(name: str) -> str:
+            return metric_name(self.prefix, name)
+
+        return {
             "klmonitor": {
                 "KL estimators (mean)": [
                     "Multiline",
-                    [f"{p}k1/mean", f"{p}k2/mean", f"{p}k3/mean", f"{p}kl_pq/mean"],
+                    [m("k1/mean"), m("k2/mean"), m("k3/mean"), m("kl_pq/mean")],
                 ],
-                "k3 mean ± std": ["Margin", [f"{p}k3/mean", f"{p}band/k3_lower", f"{p}band/k3_upper"]],
-                "k1 mean ± std": ["Margin", [f"{p}k1/mean", f"{p}band/k1_lower", f"{p}band/k1_upper"]],
-                "k2 vs k3 drift": ["Multiline", [f"{p}drift_k2_k3"]],
-                "sampling check: r - 1 in standard errors": ["Multiline", [f"{p}r_minus_1/z"]],
-                "bad tokens": ["Multiline", [f"{p}nonfinite", f"{p}clamped"]],
+                "k3 mean ± std": ["Margin", [m("k3/mean"), m("band/k3_lower"), m("band/k3_upper")]],
+                "k1 mean ± std": ["Margin", [m("k1/mean"), m("band/k1_lower"), m("band/k1_upper")]],
+                "k2 vs k3 drift": ["Multiline", [m("drift_k2_k3")]],
+                "sampling check: r - 1 in standard errors": ["Multiline", [m("r_minus_1/z")]],
+                "bad tokens": ["Multiline", [m("nonfinite"), m("clamped")]],
             }
         }
+
+    def setup(self, rule_names: Sequence[str]) -> None:  # noqa: D102
         self._guard(
-            "write the custom-scalars layout", lambda: self.logger.experiment.add_custom_scalars(layout)
+            "write the custom-scalars layout", lambda: self._writer().add_custom_scalars(self.layout())
         )
 
     def log_scalars(self, metrics: Mapping[str, float], step: int) -> None:  # noqa: D102
-        super().log_scalars(metrics, step)
-        p = self.prefix
-        bands: dict[str, float] = {}
-        for est in ("k1", "k3"):
-            mean, std = metrics.get(f"{p}{est}/mean"), metrics.get(f"{p}{est}/std")
-            if mean is not None and std is not None:
-                bands[f"{p}band/{est}_lower"] = mean - std
-                bands[f"{p}band/{est}_upper"] = mean + std
-        if bands:
+        scalars = {**metrics, **bands(dict(metrics), self.prefix)}
+        if _is_logger(self.target):
+            super().log_scalars(scalars, step)
+            return
 
-            def write() -> None:
-                for tag, value in bands.items():
-                    self.logger.experiment.add_scalar(tag, value, step)
+        def write() -> None:
+            writer = self._writer()
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, step)
 
-            self._guard("log the std bands", write)
+        self._guard("log metrics", write)
 
     def log_histogram(self, values: np.ndarray, step: int) -> None:  # noqa: D102
         if values.size:
-            self._guard(
-                "log a histogram",
-                lambda: self.logger.experiment.add_histogram(f"{self.prefix}log_ratio", values, step),
-            )
+            tag = metric_name(self.prefix, "log_ratio")
+            self._guard("log a histogram", lambda: self._writer().add_histogram(tag, values, step))
 
     def log_alert(self, alert: Alert) -> None:  # noqa: D102
-        text = f"**{alert.rule}** ({alert.level.value}) at step {alert.step}: {alert.message}"
-        self._guard(
-            "log an alert", lambda: self.logger.experiment.add_text(f"{self.prefix}alerts", text, alert.step)
-        )
+        tag = metric_name(self.prefix, "alerts")
+        self._guard("log an alert", lambda: self._writer().add_text(tag, alert.text(), alert.step))
+
+    def finalize(self) -> None:  # noqa: D102
+        if _is_logger(self.target):
+            super().finalize()
+        else:
+            self._guard("flush", lambda: self.target.flush())
 
 
 class WandbSink(LoggerSink):
-    """Weights & Biases: scalars against the trainer step, a histogram, ``run.alert``."""
+    """Weights & Biases: scalars against ``trainer/global_step``, a histogram, ``run.alert``.
+
+    ``target`` is a run (what ``wandb.init`` returns) or a ``WandbLogger``.
+
+    Args:
+        alert_wait_s: W&B's minimum seconds between two alerts with the same title.
+    """
 
     kind = "wandb"
 
     def __init__(
-        self,
-        logger: Any,
-        prefix: str,
-        warn_once: Callable[[str, str], None],
-        alert_wait_s: float = 300.0,
+        self, target: Any, prefix: str = "kl/", warn_once: WarnFn | None = None, alert_wait_s: float = 300.0
     ) -> None:
-        super().__init__(logger, prefix, warn_once)
+        super().__init__(target, prefix, warn_once)
         self.alert_wait_s = alert_wait_s
 
-    def setup(self, rules_meta: Sequence[str]) -> None:  # noqa: D102
+    def _run(self) -> Any:
+        return self.target.experiment if _is_logger(self.target) else self.target
+
+    def setup(self, rule_names: Sequence[str]) -> None:  # noqa: D102
         def define() -> None:
-            run = self.logger.experiment
-            run.define_metric("trainer/global_step")
-            run.define_metric(f"{self.prefix}*", step_metric="trainer/global_step")
+            run = self._run()
+            run.define_metric(WANDB_STEP_KEY)
+            run.define_metric(metric_name(self.prefix, "*"), step_metric=WANDB_STEP_KEY)
 
         self._guard("define metrics", define)
+
+    def log_scalars(self, metrics: Mapping[str, float], step: int) -> None:  # noqa: D102
+        if _is_logger(self.target):  # WandbLogger adds trainer/global_step itself
+            super().log_scalars(metrics, step)
+        else:
+            self._guard("log metrics", lambda: self._run().log({**metrics, WANDB_STEP_KEY: step}))
 
     def log_histogram(self, values: np.ndarray, step: int) -> None:  # noqa: D102
         if not values.size:
@@ -156,18 +250,14 @@ class WandbSink(LoggerSink):
         def write() -> None:
             import wandb
 
-            self.logger.experiment.log(
-                {
-                    f"{self.prefix}log_ratio": wandb.Histogram(np_histogram=np.histogram(values, bins=64)),
-                    "trainer/global_step": step,
-                }
-            )
+            hist = wandb.Histogram(np_histogram=np.histogram(values, bins=64))
+            self._run().log({metric_name(self.prefix, "log_ratio"): hist, WANDB_STEP_KEY: step})
 
         self._guard("log a histogram", write)
 
     def log_alert(self, alert: Alert) -> None:  # noqa: D102
         def send() -> None:
-            self.logger.experiment.alert(
+            self._run().alert(
                 title=f"klmonitor: {alert.rule}"[:63],
                 text=f"Step {alert.step}: {alert.message}",
                 level=alert.level.value.upper(),
@@ -176,28 +266,66 @@ class WandbSink(LoggerSink):
 
         self._guard("send a W&B alert", send)
 
+    def finalize(self) -> None:  # noqa: D102
+        if _is_logger(self.target):
+            super().finalize()
+        # A run the user passed stays open and unflushed: wandb flushes it on finish().
+
+
+def _is_summary_writer(obj: Any) -> bool:
+    return _has_methods(obj, "add_scalar", "add_histogram", "add_text", "add_custom_scalars")
+
+
+def _is_wandb_run(obj: Any) -> bool:
+    return type(obj).__module__.startswith("wandb") and _has_methods(obj, "log", "define_metric", "alert")
+
+
+def as_sink(
+    target: Any, prefix: str = "kl/", warn_once: WarnFn | None = None, alert_wait_s: float = 300.0
+) -> Sink:
+    """The :class:`Sink` for ``target`` (see the module's table); a :class:`Sink` is returned as is.
+
+    Raises:
+        TypeError: ``target`` is none of the accepted kinds.
+
+    >>> seen = []
+    >>> sink = as_sink(lambda metrics, step: seen.append((step, metrics)))
+    >>> sink.log_scalars({"kl/k3/mean": 0.1}, step=5); seen
+    [(5, {'kl/k3/mean': 0.1})]
+    """
+    if isinstance(target, Sink):
+        return target
+    names = _class_names(target)
+    if "TensorBoardLogger" in names or (not _is_logger(target) and _is_summary_writer(target)):
+        return TensorBoardSink(target, prefix, warn_once)
+    if "WandbLogger" in names or _is_wandb_run(target):
+        return WandbSink(target, prefix, warn_once, alert_wait_s)
+    if _is_logger(target):
+        return LoggerSink(target, prefix, warn_once)
+    if callable(target):
+        return CallableSink(target, prefix, warn_once)
+    raise TypeError(
+        f"sinks must hold SummaryWriters, W&B runs, Lightning/Fabric loggers (anything with "
+        f"log_metrics), callables fn(metrics, step) or klmonitor.sinks.Sink objects; got "
+        f"{type(target).__name__} {target!r}"
+    )
+
 
 def make_sinks(
-    loggers: Sequence[Any], prefix: str, warn_once: Callable[[str, str], None], alert_wait_s: float = 300.0
-) -> list[LoggerSink]:
-    """One sink per attached Lightning logger, with the extras its tracker supports."""
-    from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
-
-    sinks: list[LoggerSink] = []
-    for lg in loggers:
-        if isinstance(lg, TensorBoardLogger):
-            sinks.append(TensorBoardSink(lg, prefix, warn_once))
-        elif isinstance(lg, WandbLogger):
-            sinks.append(WandbSink(lg, prefix, warn_once, alert_wait_s))
-        else:
-            sinks.append(LoggerSink(lg, prefix, warn_once))
-    return sinks
+    targets: Any, prefix: str = "kl/", warn_once: WarnFn | None = None, alert_wait_s: float = 300.0
+) -> list[Sink]:
+    """:func:`as_sink` of each target; ``None`` is no sink, a single target is a list of one."""
+    if targets is None:
+        return []
+    if isinstance(targets, str | bytes) or not isinstance(targets, Sequence):
+        targets = [targets]
+    return [as_sink(t, prefix, warn_once, alert_wait_s) for t in targets]
 
 
 class WarnOnce:
     """``warn_once(kind, message)``: a ``UserWarning`` the first time each ``kind`` is seen.
 
-    A class rather than a closure so the callback holding it can be pickled (spawn launchers).
+    A class rather than a closure so the monitor holding it can be pickled (spawn launchers).
     """
 
     def __init__(self) -> None:

@@ -8,12 +8,9 @@ returns a :class:`KLSummary` of plain Python numbers.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -22,174 +19,12 @@ from torchmetrics.utilities import rank_zero_warn
 
 from klmonitor import _moments as mom
 from klmonitor import _native
-from klmonitor.estimators import ESTIMATORS
+from klmonitor.summary import LEVELS, EstimatorStats, KLSummary, Level
 
 __all__ = ["EstimatorStats", "KLStats", "KLSummary", "Level"]
 
-Level = Literal["token", "sequence"]
-_LEVELS = ("token", "sequence")
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@dataclass
-class EstimatorStats:
-    """Mean and spread of one per-sample quantity over a window.
-
-    ``var`` is the sample variance with Bessel's correction (as ``torch.var``); ``stderr`` is
-    ``std / sqrt(n)``. With fewer than two samples ``var``, ``std`` and ``stderr`` are NaN.
-    """
-
-    mean: float
-    var: float
-    std: float
-    stderr: float
-
-    @property
-    def z(self) -> float:
-        """``mean / stderr``: how many standard errors the mean is from 0."""
-        if self.stderr > 0:
-            return self.mean / self.stderr
-        if self.mean == 0 or math.isnan(self.stderr):
-            return 0.0 if self.mean == 0 else math.nan
-        return math.copysign(math.inf, self.mean)
-
-
-@dataclass
-class KLSummary:
-    """What one window of log-probs says about KL(policy || reference).
-
-    Attributes:
-        level: ``"token"`` (statistics over tokens) or ``"sequence"`` (over sequences, each
-            the sum of its tokens' values).
-        count: the samples the statistics are over (tokens, or sequences).
-        tokens: valid, finite tokens counted.
-        sequences: sequences with at least one valid token (``None`` at token level).
-        k1, k2, k3, kl_pq: :class:`EstimatorStats` of the estimators (``kl_pq`` estimates
-            the reverse KL(reference || policy)).
-        r_minus_1: the control variate ``r - 1``; its mean is 0 when the samples come from
-            the policy, so ``r_minus_1.z`` far from 0 flags a sampling mismatch.
-        k2_minus_k3: the paired difference ``k2 - k3``, for the significance of ``drift``.
-        drift: ``(mean k2 - mean k3) / mean k3``, the relative gap; 0 when the KL is 0.
-        drift_z: ``k2_minus_k3.z``: the gap in standard errors.
-        ess: importance-sampling effective sample size ``(sum r)**2 / (n sum r**2)`` over
-            tokens, a fraction in (0, 1]; NaN without samples, at sequence level, or when
-            every ratio of the window underflows float32 (all log-ratios below about -16.6).
-        nonfinite: valid tokens whose log-ratio was NaN or +-inf (kept out of the stats).
-        clamped: tokens whose |log-ratio| exceeded the clamp (counted with the clamped value).
-        max_abs_log_ratio: the largest finite |log-ratio| seen.
-
-    >>> s = KLStats(); s.update(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.1, -1.9, -0.5]))
-    >>> summary = s.compute()
-    >>> summary.tokens, round(summary.k3.mean, 5)
-    (3, 0.00334)
-    """
-
-    level: str
-    count: int
-    tokens: int
-    sequences: int | None
-    k1: EstimatorStats
-    k2: EstimatorStats
-    k3: EstimatorStats
-    kl_pq: EstimatorStats
-    r_minus_1: EstimatorStats
-    k2_minus_k3: EstimatorStats
-    drift: float
-    drift_z: float
-    ess: float
-    nonfinite: int
-    clamped: int
-    max_abs_log_ratio: float
-
-    @property
-    def kl(self) -> float:
-        """The headline KL estimate: the mean of ``k3`` (unbiased, never negative)."""
-        return self.k3.mean
-
-    def estimator(self, name: str) -> EstimatorStats:
-        """The statistics of estimator ``name`` (``k1``, ``k2``, ``k3``, ``kl_pq``)."""
-        if name not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {name!r}; expected one of {ESTIMATORS}")
-        stats: EstimatorStats = getattr(self, name)
-        return stats
-
-    def to_dict(self, prefix: str = "kl/") -> dict[str, float]:
-        """Flat ``{metric name: value}`` as logged.
-
-        Values that are undefined for this window (NaN or infinite, e.g. a variance of fewer
-        than two samples) are left out rather than logged as NaN.
-
-        >>> s = KLStats(); s.update(torch.zeros(4), torch.full((4,), 0.1))
-        >>> sorted(s.compute().to_dict())[:3]
-        ['kl/clamped', 'kl/drift_k2_k3', 'kl/ess_fraction']
-        """
-        out: dict[str, float] = {}
-        kl = self.kl
-        for name in ESTIMATORS:
-            st = self.estimator(name)
-            out[f"{prefix}{name}/mean"] = st.mean
-            out[f"{prefix}{name}/std"] = st.std
-            out[f"{prefix}{name}/var"] = st.var
-            out[f"{prefix}{name}/stderr"] = st.stderr
-            if kl > 0:
-                out[f"{prefix}{name}/rel_std"] = st.std / kl
-        out[f"{prefix}r_minus_1/mean"] = self.r_minus_1.mean
-        out[f"{prefix}r_minus_1/stderr"] = self.r_minus_1.stderr
-        out[f"{prefix}r_minus_1/z"] = self.r_minus_1.z
-        out[f"{prefix}drift_k2_k3"] = self.drift
-        out[f"{prefix}drift_z"] = self.drift_z
-        out[f"{prefix}ess_fraction"] = self.ess
-        out[f"{prefix}tokens"] = float(self.tokens)
-        if self.sequences is not None:
-            out[f"{prefix}sequences"] = float(self.sequences)
-        out[f"{prefix}nonfinite"] = float(self.nonfinite)
-        out[f"{prefix}clamped"] = float(self.clamped)
-        out[f"{prefix}max_abs_log_ratio"] = self.max_abs_log_ratio
-        return {k: float(v) for k, v in out.items() if math.isfinite(v)}
-
-    @classmethod
-    def from_vector(cls, vec: list[float] | np.ndarray, level: str) -> KLSummary:
-        """Build a summary from a (host) moments vector; see ``klmonitor._moments``."""
-        v = [float(x) for x in vec]
-        n = v[mom.COUNT]
-        stats = []
-        for i in range(mom.NQ):
-            mean = v[mom.MEAN.start + i] if n > 0 else math.nan
-            var = v[mom.M2.start + i] / (n - 1) if n > 1 else math.nan
-            std = math.sqrt(var) if var >= 0 else math.nan
-            stderr = std / math.sqrt(n) if n > 1 else math.nan
-            stats.append(EstimatorStats(mean, var, std, stderr))
-        k1, k2, k3, kl_pq, rm1, diff = stats
-        if n == 0:
-            drift = math.nan
-        elif k3.mean > 0:
-            drift = diff.mean / k3.mean
-        else:
-            drift = 0.0
-        # ESS from the mean and M2 of r - 1 (sum r = n (1 + m), sum r^2 = n (1 + m)^2 + M2).
-        # Token level only: a sequence's sum of r_t - 1 is not its importance weight. NaN when
-        # every ratio of the window underflows float32 (r - 1 rounds to -1: all l < ~-16.6).
-        m, m2 = rm1.mean, v[mom.M2.start + 4]
-        denom = (1 + m) ** 2 + m2 / n if n > 0 else 0.0
-        ess = (1 + m) ** 2 / denom if level == "token" and denom > 0 else math.nan
-        return cls(
-            level=level,
-            count=int(n),
-            tokens=int(v[mom.TOKENS]),
-            sequences=int(n) if level == "sequence" else None,
-            k1=k1,
-            k2=k2,
-            k3=k3,
-            kl_pq=kl_pq,
-            r_minus_1=rm1,
-            k2_minus_k3=diff,
-            drift=drift,
-            drift_z=diff.z,
-            ess=ess,
-            nonfinite=int(v[mom.NONFINITE]),
-            clamped=int(v[mom.CLAMPED]),
-            max_abs_log_ratio=v[mom.MAX_ABS],
-        )
+_FLOAT_DTYPES = (*_NATIVE_DTYPES, torch.float64)
 
 
 def _gather_fixed(result: Tensor, group: Any = None) -> list[Tensor]:
@@ -248,8 +83,8 @@ class KLStats(Metric):
     ) -> None:
         kwargs.setdefault("dist_sync_fn", _gather_fixed)
         super().__init__(**kwargs)
-        if level not in _LEVELS:
-            raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
         if isinstance(clamp, bool) or not isinstance(clamp, int | float) or not 0 < clamp <= 80:
             raise ValueError(
                 f"clamp must be a number in (0, 80] (exp overflows float32 above ~88), got {clamp!r}"
@@ -271,6 +106,16 @@ class KLStats(Metric):
         for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor of log-probs, got {type(t).__name__}")
+            if t.device.type == "meta":
+                raise ValueError(
+                    f"{name} is a 'meta' tensor (shape only, no values); pass the real log-probs, "
+                    "e.g. after the model is materialised on a device"
+                )
+            if torch.is_floating_point(t) and t.dtype not in _FLOAT_DTYPES:
+                raise TypeError(
+                    f"{name} has dtype {t.dtype}, which klmonitor cannot compute with; pass float32, "
+                    "bfloat16, float16 or float64 log-probs (e.g. logprobs.float())"
+                )
             if not torch.is_floating_point(t):
                 raise TypeError(
                     f"{name} has dtype {t.dtype}; expected floating-point log-probs (float32, "
@@ -397,11 +242,25 @@ class KLStats(Metric):
 
     def compute(self) -> KLSummary:
         """The window's :class:`KLSummary`, merged over all ranks (one host transfer)."""
-        return KLSummary.from_vector(self._acc.detach().cpu().numpy(), self.level)
+        return KLSummary.from_vector(self._acc.detach().cpu().numpy().tolist(), self.level)
 
     def summary_vector(self) -> Tensor:
         """The raw moments vector of this rank's window (on device; for advanced use)."""
         return self._acc
+
+    def load_summary_vector(self, vector: Tensor) -> None:
+        """Replace this rank's window by a moments vector from :meth:`summary_vector` (a resume).
+
+        Raises:
+            ValueError: not a float tensor of the moments vector's size.
+        """
+        if not isinstance(vector, Tensor) or vector.shape != (mom.SIZE,) or not vector.is_floating_point():
+            raise ValueError(
+                f"vector must be a float tensor of shape ({mom.SIZE},) from summary_vector(), got "
+                f"{type(vector).__name__} {getattr(vector, 'shape', '')}"
+            )
+        self.reset()
+        self._acc = vector.detach().to(device=self._acc.device, dtype=torch.float64).clone()
 
     def __repr__(self) -> str:
         return f"KLStats(level={self.level!r}, clamp={self.clamp}, backend={self.backend!r})"

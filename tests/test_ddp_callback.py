@@ -223,9 +223,9 @@ class CountingMonitor(KLMonitor):
             "alerts": [a.to_dict() for a in self.alert_history],
             "per_step": self.per_step,
             "flush_calls": self.flush_calls,
-            "sinks": len(self._sinks),
-            "windows": self._windows,
-            "warned": sorted(self._warn_once.seen),
+            "sinks": len(self.monitor.sinks),
+            "windows": self.monitor.windows,
+            "warned": sorted(self.monitor.warned),
         }
         with open(Path(self.out_dir) / f"monitor_rank{trainer.global_rank}.json", "w") as f:
             json.dump(report, f)
@@ -430,4 +430,4 @@ def test_monitor_is_picklable_for_spawn_launchers() -> None:
     clone = pickle.loads(pickle.dumps(mon))
     assert clone.log_every_n_steps == 3 and [r.name for r in clone.rules] == [r.name for r in mon.rules]
     with pytest.warns(UserWarning, match="once"):
-        clone._warn_once("kind", "klmonitor: once")
+        clone.monitor.problem("kind", "klmonitor: once")

@@ -644,7 +644,7 @@ def test_wandb_disabled_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wa
     ours = _ours(caught)
     # disabled is the user's choice, not a failure: the W&B sink's calls are no-ops, no warning
     assert ours == [], ours
-    assert [sink.kind for sink in mon._sinks] == ["wandb", "tensorboard"]
+    assert [sink.kind for sink in mon.monitor.sinks] == ["wandb", "tensorboard"]
     assert sorted(_all_scalars(Path(tb.log_dir))["kl/k3/mean"]) == [2, 4, 6, 8]
     assert len(mon.alert_history) == 4
 
@@ -749,6 +749,7 @@ def test_long_run_callback_hooks_memory_is_flat() -> None:
     logger = _FakeLogger()
     trainer = SimpleNamespace(
         global_step=0,
+        global_rank=0,
         is_global_zero=True,
         loggers=[logger],
         world_size=1,
@@ -786,5 +787,4 @@ def test_long_run_callback_hooks_memory_is_flat() -> None:
     assert growth < 20, f"RSS grew {growth:.1f} MiB over {steps - 2000} steps"
     assert logger.windows == steps // every
     assert len(mon.alert_history) == history
-    assert len(_ours(caught)) == 1 and len(mon._warn_once.seen) == 1
-    assert mon._hist is not None and mon._hist.numel() == 1024
+    assert len(_ours(caught)) == 1 and len(mon.monitor.warned) == 1

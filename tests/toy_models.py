@@ -26,8 +26,11 @@ class Steps(Dataset[int]):
         return i
 
 
-class ToyPolicy(pl.LightningModule):
+class _ToyPolicyBody:
     """Policy logits per position; the reference is the initial (uniform-ish) logits.
+
+    The body of :class:`ToyPolicy` (a ``pytorch_lightning`` module) and of
+    :func:`lightning_toy_policy`'s class (a ``lightning.pytorch`` module).
 
     Args:
         lr: learning rate; 0 keeps the policy equal to the reference (KL exactly 0).
@@ -53,7 +56,7 @@ class ToyPolicy(pl.LightningModule):
         manual: bool = False,
         record: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__()  # the LightningModule's
         g = torch.Generator().manual_seed(seed)
         init = 0.3 * torch.randn(seq, vocab, generator=g)
         self.logits = nn.Parameter(init.clone())
@@ -122,11 +125,26 @@ class ToyPolicy(pl.LightningModule):
         return DataLoader(Steps(100_000), batch_size=1)
 
 
+class ToyPolicy(_ToyPolicyBody, pl.LightningModule):  # type: ignore[misc]
+    __doc__ = _ToyPolicyBody.__doc__
+
+
+def lightning_toy_policy() -> type:
+    """:class:`ToyPolicy` for the unified ``lightning`` package."""
+    import lightning.pytorch as L
+
+    class LToyPolicy(_ToyPolicyBody, L.LightningModule):  # type: ignore[misc]
+        pass
+
+    return LToyPolicy
+
+
 def make_trainer(
-    tmp_path: Any, steps: int, loggers: Any = None, callbacks: Any = None, **kw: Any
-) -> pl.Trainer:
-    """A quiet CPU Trainer for tests."""
-    return pl.Trainer(
+    tmp_path: Any, steps: int, loggers: Any = None, callbacks: Any = None, package: str = "pytorch_lightning", **kw: Any
+) -> Any:
+    """A quiet CPU Trainer for tests (of ``package``: ``pytorch_lightning`` or ``lightning``)."""
+    trainer_cls = pl.Trainer if package == "pytorch_lightning" else __import__("lightning.pytorch").pytorch.Trainer
+    return trainer_cls(
         max_steps=steps,
         accelerator="cpu",
         devices=1,

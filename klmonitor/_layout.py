@@ -1,0 +1,21 @@
+"""The layout of a window's moments vector (plain Python: no torch).
+
+A moments vector is ``SIZE`` float64 numbers: the sample count, the mean and M2 (sum of
+squared deviations) of each of the six per-sample quantities, then the token diagnostics.
+:mod:`klmonitor._moments` fills and merges it (on device), the native kernel writes it, and
+:class:`klmonitor.summary.KLSummary` reads it on the host.
+"""
+
+from __future__ import annotations
+
+#: The six per-sample quantities, in layout order.
+QUANTITIES: tuple[str, ...] = ("k1", "k2", "k3", "kl_pq", "r_minus_1", "k2_minus_k3")
+NQ = len(QUANTITIES)
+COUNT = 0
+MEAN = slice(1, 1 + NQ)
+M2 = slice(1 + NQ, 1 + 2 * NQ)
+TOKENS = 1 + 2 * NQ
+NONFINITE = TOKENS + 1
+CLAMPED = TOKENS + 2
+MAX_ABS = TOKENS + 3
+SIZE = TOKENS + 4

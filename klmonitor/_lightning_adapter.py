@@ -1,0 +1,232 @@
+"""The Lightning adapter's logic, shared by both packages (no framework imported here).
+
+:class:`klmonitor.lightning.KLMonitor` and :class:`klmonitor.pytorch_lightning.KLMonitor` are
+this class mixed into each package's ``Callback``: Lightning's events become
+:class:`~klmonitor.Monitor` calls (batch end -> ``update`` and ``step``, end of training ->
+``flush``; checkpoints -> ``state_dict``). ``trainer`` and ``pl_module`` are used through
+their public attributes only, which both packages share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from klmonitor._validate import check_bool, check_int, check_str
+from klmonitor.alerts import Alert, Rule
+from klmonitor.monitor import Monitor, WindowResult
+from klmonitor.summary import KLSummary, Level
+
+__all__ = ["Extract", "LightningAdapter"]
+
+#: ``extract(outputs, batch, pl_module) -> (logprobs, ref_logprobs, mask or None)``.
+Extract = Callable[[Any, Any, Any], tuple[Tensor, Tensor, "Tensor | None"]]
+
+
+class LightningAdapter:
+    r"""Monitor KL(policy || reference) every training step; log and alert per window.
+
+    The LightningModule's ``training_step`` returns a dict with the loss and the sampled
+    tokens' log-probs under the policy and the reference (and optionally a mask):
+    ``{"loss": loss, "logprobs": logp, "ref_logprobs": ref_logp, "mask": mask}``. Each
+    training batch is folded into the window of a :class:`~klmonitor.Monitor` (``.monitor``)
+    on the tensors' device with no host sync. Every ``log_every_n_steps`` optimizer steps
+    (by ``trainer.global_step``) the window is reduced over all ranks, logged to every logger
+    of the Trainer on rank 0, checked by the alert rules (identically on every rank), and
+    reset. The window still open when training ends is flushed.
+
+    Logged metrics (``prefix`` defaults to ``kl/``; see :meth:`KLSummary.to_dict`):
+    ``{k1,k2,k3,kl_pq}/{mean,std,var,stderr,rel_std}``, ``drift_k2_k3``, ``drift_z``,
+    ``r_minus_1/{mean,stderr,z}``, ``ess_fraction``, ``tokens`` (and ``sequences`` at
+    sequence level), ``nonfinite``, ``clamped``, ``max_abs_log_ratio``. TensorBoard also gets
+    ``band/{k1,k3}_{lower,upper}``, a custom-scalars layout, a histogram ``log_ratio`` and
+    alerts as text under ``alerts``; W&B gets the histogram and ``run.alert``.
+
+    Args:
+        log_every_n_steps: optimizer steps per window; ``None`` takes the Trainer's.
+        prefix: prefix of every logged name; several monitors in one Trainer need distinct ones.
+        level: ``"token"`` or ``"sequence"`` statistics (see :class:`~klmonitor.KLStats`).
+        logprobs_key: key of the policy log-probs in ``training_step``'s output dict.
+        ref_logprobs_key: key of the reference log-probs.
+        mask_key: key of the optional mask (a missing mask key means every token counts).
+        extract: ``callable(outputs, batch, pl_module) -> (logprobs, ref_logprobs, mask)``
+            for other output structures; replaces the keys.
+        rules: alert rules; ``None`` uses :func:`klmonitor.alerts.default_rules` with
+            ``max_kl``; ``[]`` disables alerts.
+        max_kl: a KL budget per token (or per sequence at sequence level) for the default
+            rules' ``kl_budget`` rule.
+        on_alert: a callable, or a list of them, called with each :class:`Alert` on rank 0.
+        stop_on: names of rules whose firing stops training (``trainer.should_stop``), in
+            addition to rules built with ``stop_training=True``; decided on every rank alike.
+        histogram: log a histogram of (a sample of) the window's log-ratios.
+        histogram_samples: log-ratios kept per window for the histogram.
+        progress_bar: show the KL estimate (``k3`` mean) in Lightning's progress bar.
+        strict: raise on bad input instead of warning once and skipping the step.
+        clamp: log-ratio clamp of :class:`~klmonitor.KLStats` (clamped tokens are counted).
+        alert_history_size: alerts kept in ``alert_history`` (oldest dropped first).
+        wandb_alert_wait_s: W&B's minimum seconds between two alerts with the same title.
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        prefix: str = "kl/",
+        level: Level = "token",
+        logprobs_key: str = "logprobs",
+        ref_logprobs_key: str = "ref_logprobs",
+        mask_key: str | None = "mask",
+        extract: Extract | None = None,
+        rules: Sequence[Rule] | None = None,
+        max_kl: float | None = None,
+        on_alert: Callable[[Alert], Any] | Sequence[Callable[[Alert], Any]] | None = None,
+        stop_on: Sequence[str] = (),
+        histogram: bool = True,
+        histogram_samples: int = 4096,
+        progress_bar: bool = True,
+        strict: bool = False,
+        clamp: float = 20.0,
+        alert_history_size: int = 1000,
+        wandb_alert_wait_s: float = 300.0,
+    ) -> None:
+        super().__init__()
+        if log_every_n_steps is not None:
+            check_int(log_every_n_steps, "log_every_n_steps", low=1, hint=" or None (the Trainer's)")
+        self.log_every_n_steps = log_every_n_steps
+        self.logprobs_key = check_str(logprobs_key, "logprobs_key")
+        self.ref_logprobs_key = check_str(ref_logprobs_key, "ref_logprobs_key")
+        self.mask_key = None if mask_key is None else check_str(mask_key, "mask_key")
+        if extract is not None and not callable(extract):
+            raise TypeError(
+                f"extract must be callable(outputs, batch, pl_module), got {type(extract).__name__}"
+            )
+        self.extract = extract
+        self.progress_bar = check_bool(progress_bar, "progress_bar")
+        self.monitor = Monitor(
+            log_every_n_steps=log_every_n_steps or 50,
+            rules=rules,
+            max_kl=max_kl,
+            on_alert=on_alert,
+            stop_on=stop_on,
+            prefix=prefix,
+            level=level,
+            histogram=histogram,
+            histogram_samples=histogram_samples,
+            strict=strict,
+            clamp=clamp,
+            alert_history_size=alert_history_size,
+            wandb_alert_wait_s=wandb_alert_wait_s,
+        )
+
+    # -- views of the monitor --------------------------------------------------------------
+    @property
+    def prefix(self) -> str:
+        """Prefix of every logged name."""
+        return self.monitor.prefix
+
+    @property
+    def rules(self) -> list[Rule]:
+        """The alert rules, in evaluation order."""
+        return self.monitor.rules
+
+    @property
+    def alert_history(self) -> list[Alert]:
+        """Alerts fired so far (bounded by ``alert_history_size``), oldest first."""
+        return self.monitor.alert_history
+
+    @property
+    def last_summary(self) -> KLSummary | None:
+        """The summary of the last window ended."""
+        return self.monitor.last_summary
+
+    @property
+    def state_key(self) -> str:
+        """Checkpoint key: the class and the prefix, so several monitors in one Trainer coexist."""
+        return f"{type(self).__qualname__}{{'prefix': {self.prefix!r}}}"
+
+    # -- Lightning hooks -------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """For ``fit``: fresh windows, the window length, the device, and the Trainer's loggers as sinks."""
+        if stage != "fit":
+            return
+        mon = self.monitor
+        mon.log_every_n_steps = self.log_every_n_steps or max(
+            1, int(getattr(trainer, "log_every_n_steps", 50))
+        )
+        mon.rank = int(trainer.global_rank)
+        mon.reset_window()
+        mon.to(pl_module.device)
+        mon.set_sinks(list(trainer.loggers) if trainer.is_global_zero else [])
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Fold the batch into the window; at a window boundary, reduce, log and alert."""
+        inputs = self._inputs(outputs, batch, pl_module)
+        if inputs is None:
+            self.monitor.skipped_batch()
+        else:
+            self.monitor.update(*inputs)
+        res = self.monitor.step(int(trainer.global_step))
+        if res is not None:
+            self._after_window(trainer, pl_module, res, in_batch=True)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Flush the window still open, so the last steps are not lost."""
+        res = self.monitor.flush(int(trainer.global_step))
+        if res is not None:
+            self._after_window(trainer, pl_module, res, in_batch=False)
+        self.monitor.close()
+
+    def _after_window(self, trainer: Any, pl_module: Any, res: WindowResult, in_batch: bool) -> None:
+        kl = res.summary.kl
+        # Lightning allows self.log in batch hooks only, not in on_train_end.
+        if in_batch and self.progress_bar and res.summary.count > 0 and math.isfinite(kl):
+            pl_module.log(f"{self.prefix}k3", kl, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if res.stop:
+            trainer.should_stop = True
+
+    # -- inputs ----------------------------------------------------------------------------
+    def _inputs(self, outputs: Any, batch: Any, pl_module: Any) -> tuple[Any, Any, Any] | None:
+        if self.extract is not None:
+            try:
+                logp, ref, mask = self.extract(outputs, batch, pl_module)
+            except Exception as exc:
+                self.monitor.problem(
+                    "extract",
+                    f"klmonitor: extract(outputs, batch, pl_module) failed with {type(exc).__name__}: {exc}; "
+                    "it must return (logprobs, ref_logprobs, mask or None). This step is not monitored.",
+                    exc,
+                )
+                return None
+            return logp, ref, mask
+        if not isinstance(outputs, dict):
+            self.monitor.problem(
+                "outputs-not-dict",
+                f"klmonitor: training_step returned {type(outputs).__name__}, not a dict; return "
+                f'{{"loss": loss, "{self.logprobs_key}": logp, "{self.ref_logprobs_key}": ref_logp}} '
+                "or pass KLMonitor(extract=...). Steps like this are not monitored.",
+            )
+            return None
+        missing = [k for k in (self.logprobs_key, self.ref_logprobs_key) if k not in outputs]
+        if missing:
+            self.monitor.problem(
+                "missing-keys",
+                f"klmonitor: training_step's output has no {missing} (keys present: {sorted(outputs)}); "
+                "add them, or set KLMonitor(logprobs_key=..., ref_logprobs_key=...) or extract=. "
+                "Steps like this are not monitored.",
+            )
+            return None
+        mask = outputs.get(self.mask_key) if self.mask_key is not None else None
+        return outputs[self.logprobs_key], outputs[self.ref_logprobs_key], mask
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's :meth:`~klmonitor.Monitor.state_dict` (alert state, window position, open window)."""
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (checked: a bad state warns and starts fresh)."""
+        self.monitor.load_state_dict(state_dict)

@@ -1,0 +1,548 @@
+"""Monitor: the framework-free product. Windows, histogram, alerts, sinks and checkpoint state.
+
+Every way of training drives the same object: call :meth:`Monitor.update` with each
+micro-batch's log-probs (on device, no host sync), :meth:`Monitor.step` once per optimizer step
+(it ends the window at each ``log_every_n_steps`` boundary) and :meth:`Monitor.flush` at the end
+of training. The adapters (:mod:`klmonitor.lightning`, :mod:`klmonitor.pytorch_lightning`,
+:mod:`klmonitor.transformers`) only translate their framework's events into these calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from klmonitor import _layout as lay
+from klmonitor._validate import check_bool, check_callables, check_int, check_number, check_str
+from klmonitor.alerts import Alert, AlertEngine, Rule, default_rules
+from klmonitor.sinks import Sink, WarnOnce, make_sinks
+from klmonitor.stats import KLStats
+from klmonitor.summary import KLSummary, Level
+
+log = logging.getLogger("klmonitor")
+
+__all__ = ["STATE_VERSION", "KLMonitorInputError", "Monitor", "WindowResult"]
+
+#: Version of :meth:`Monitor.state_dict`'s layout; a newer one is not loaded.
+STATE_VERSION = 2
+# Versions this code reads: 1 (the callback's state before Monitor existed) has the same keys.
+_READABLE_VERSIONS = (1, 2)
+
+
+class KLMonitorInputError(ValueError):
+    """A problem with the monitor's input or state, raised under ``strict=True`` (a ``ValueError``)."""
+
+
+@dataclass
+class WindowResult:
+    """What ending one window produced (the same on every rank of a distributed job).
+
+    Attributes:
+        step: the step the window was logged at.
+        summary: the window's :class:`KLSummary`, reduced over all ranks.
+        alerts: the alerts that fired on it.
+        stop: ``True`` when an alert asks to stop training (``stop_on`` or ``stop_training``).
+        metrics: the scalars logged, ``{name: value}`` (names under the monitor's prefix).
+        histogram: the sampled log-ratios logged as a histogram (``None`` when off).
+    """
+
+    step: int
+    summary: KLSummary
+    alerts: list[Alert] = field(default_factory=list)
+    stop: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    histogram: np.ndarray | None = None
+
+
+def _host_array(t: Tensor) -> np.ndarray:
+    """A CPU tensor as a float32 (or bool/integer) numpy array; bf16/fp16 go through float32."""
+    if t.dtype in (torch.bfloat16, torch.float16, torch.float64):
+        t = t.float()
+    return t.numpy()
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialised ``torch.distributed`` job, else ``(0, 1)``."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Monitor:
+    r"""KL(policy || reference) monitoring for any training loop.
+
+    Args:
+        log_every_n_steps: optimizer steps per window; windows are ``(0, N]``, ``(N, 2N]``, ...
+        sinks: where numbers and alerts go (a list, or one): ``SummaryWriter``, W&B run,
+            Lightning/Fabric loggers, callables ``fn(metrics, step)``; see
+            :func:`klmonitor.sinks.as_sink`. ``None``: the Python log only.
+        rules: alert rules; ``None`` uses :func:`klmonitor.alerts.default_rules` with
+            ``max_kl``; ``[]`` disables alerts.
+        max_kl: a KL budget (per token, or per sequence at sequence level) added to the
+            default rules as ``kl_budget``.
+        on_alert: a callable, or a list of them, called with each :class:`Alert` on rank 0.
+        stop_on: names of rules whose firing sets ``WindowResult.stop`` (as do rules built
+            with ``stop_training=True``); decided identically on every rank.
+        prefix: prefix of every logged name.
+        level: ``"token"`` or ``"sequence"`` statistics (see :class:`~klmonitor.KLStats`).
+        histogram: log a histogram of a sample of the window's log-ratios.
+        histogram_samples: log-ratios kept per window for the histogram (a ring buffer on
+            device, filled with a contiguous run at a random offset of each batch).
+        strict: raise :class:`KLMonitorInputError` on bad input or state instead of warning
+            once per kind of problem and skipping it.
+        clamp: log-ratio clamp of :class:`~klmonitor.KLStats` (clamped tokens are counted).
+        backend: :class:`~klmonitor.KLStats`' backend.
+        alert_history_size: alerts kept in :attr:`alert_history` (oldest dropped first).
+        wandb_alert_wait_s: W&B's minimum seconds between two alerts with the same title.
+        rank: this process's global rank; ``None`` reads it from ``torch.distributed`` (0
+            when it is not initialised). Only rank 0 writes to sinks.
+
+    Under an initialised ``torch.distributed``, :meth:`step` and :meth:`flush` reduce the
+    window over all ranks with one collective, so every rank must call them at the same
+    steps; every rank gets the same :class:`WindowResult`.
+
+    >>> import torch
+    >>> seen = []
+    >>> mon = Monitor(log_every_n_steps=2, sinks=lambda metrics, step: seen.append(step))
+    >>> for step in (1, 2, 3):
+    ...     mon.update(torch.tensor([-1.0, -2.0]), torch.tensor([-1.1, -1.8]))
+    ...     res = mon.step(step)
+    >>> res is None, seen, round(mon.last_summary.kl, 5)
+    (True, [2], 0.01312)
+    >>> mon.flush(3).step, seen
+    (3, [2, 3])
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int = 50,
+        sinks: Any = None,
+        rules: Sequence[Rule] | None = None,
+        max_kl: float | None = None,
+        on_alert: Callable[[Alert], Any] | Sequence[Callable[[Alert], Any]] | None = None,
+        stop_on: Sequence[str] = (),
+        prefix: str = "kl/",
+        level: Level = "token",
+        histogram: bool = True,
+        histogram_samples: int = 4096,
+        strict: bool = False,
+        clamp: float = 20.0,
+        backend: Literal["auto", "torch", "native", "compile"] = "auto",
+        alert_history_size: int = 1000,
+        wandb_alert_wait_s: float = 300.0,
+        rank: int | None = None,
+    ) -> None:
+        self.log_every_n_steps = log_every_n_steps
+        self.prefix = check_str(prefix, "prefix", allow_empty=True)
+        if max_kl is not None:
+            check_number(max_kl, "max_kl", low=0.0, hint=" (a KL budget in nats) or None")
+        if rules is not None and max_kl is not None:
+            raise ValueError("pass either rules (your own list) or max_kl (for the default rules), not both")
+        self.on_alert = check_callables(on_alert, "on_alert", "fn(alert)")
+        self.histogram = check_bool(histogram, "histogram")
+        self.histogram_samples = check_int(histogram_samples, "histogram_samples", low=1)
+        self.strict = check_bool(strict, "strict")
+        self.wandb_alert_wait_s = check_number(
+            wandb_alert_wait_s, "wandb_alert_wait_s", low=0.0, low_inclusive=True
+        )
+        self.rank = None if rank is None else check_int(rank, "rank", low=0)
+        self.engine = AlertEngine(
+            list(default_rules(max_kl=max_kl) if rules is None else rules),
+            history_size=check_int(alert_history_size, "alert_history_size", low=1),
+        )
+        if isinstance(stop_on, str):
+            stop_on = (stop_on,)
+        names = {r.name for r in self.engine.rules}
+        unknown = [s for s in stop_on if s not in names]
+        if unknown:
+            raise ValueError(f"stop_on names unknown rules {unknown}; the rules are {sorted(names)}")
+        self.stop_on = tuple(stop_on)
+        # Validates level, clamp and backend with KLStats' own messages.
+        self.stats = KLStats(level=level, clamp=clamp, backend=backend)
+        self.level: Level = level
+
+        self._warn_once = WarnOnce()
+        self._sinks: list[Sink] = []
+        self._sinks_ready: set[int] = set()
+        self.set_sinks(sinks)
+        self.last_summary: KLSummary | None = None
+        self._last_logged_step = 0
+        self._batches = 0
+        self._windows = 0
+        self._hist: Tensor | None = None
+        self._hist_pos = 0
+        self._rng = random.Random(0)
+        self._told_no_sinks = False
+
+    # -- configuration ---------------------------------------------------------------------
+    @property
+    def log_every_n_steps(self) -> int:
+        """Optimizer steps per window."""
+        return self._every
+
+    @log_every_n_steps.setter
+    def log_every_n_steps(self, value: int) -> None:
+        self._every = check_int(value, "log_every_n_steps", low=1, hint=" (optimizer steps per window)")
+
+    @property
+    def sinks(self) -> list[Sink]:
+        """The sinks written to (on rank 0)."""
+        return list(self._sinks)
+
+    def set_sinks(self, sinks: Any) -> None:
+        """Replace the sinks; each new one gets its layout/metric definitions before its first write."""
+        self._sinks = make_sinks(sinks, self.prefix, self._warn_once, self.wandb_alert_wait_s)
+        self._sinks_ready = set()
+
+    @property
+    def rules(self) -> list[Rule]:
+        """The alert rules, in evaluation order."""
+        return self.engine.rules
+
+    @property
+    def alert_history(self) -> list[Alert]:
+        """Alerts fired so far (bounded by ``alert_history_size``), oldest first."""
+        return self.engine.history
+
+    @property
+    def windows(self) -> int:
+        """Windows ended so far."""
+        return self._windows
+
+    @property
+    def warned(self) -> set[str]:
+        """The kinds of problem warned about so far (each is warned once)."""
+        return set(self._warn_once.seen)
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes to the sinks (global rank 0)."""
+        return (self.rank if self.rank is not None else _distributed()[0]) == 0
+
+    def to(self, device: torch.device | str) -> Monitor:
+        """Keep the window on ``device`` (it also follows the first batch's device)."""
+        self.stats = self.stats.to(device)
+        return self
+
+    def reset_window(self) -> None:
+        """Start afresh: drop the open window and restart the schedule at step 0 (a new run).
+
+        Alert rules and their history are kept; :meth:`load_state_dict` restores those.
+        """
+        self.stats.reset()
+        self._last_logged_step = 0
+        self._batches = 0
+        if self._hist is not None:
+            self._hist.fill_(math.nan)
+        self._hist_pos = 0
+
+    # -- problems --------------------------------------------------------------------------
+    def problem(self, kind: str, message: str, exc: BaseException | None = None) -> None:
+        """Report a problem: raise under ``strict=True``, else warn once per ``kind``."""
+        if self.strict:
+            raise KLMonitorInputError(message) from exc
+        self._warn_once(f"input:{kind}", message + " (klmonitor warns once per kind of problem.)")
+
+    # -- the hot path ----------------------------------------------------------------------
+    def update(self, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor | None = None) -> None:
+        """Fold one (micro-)batch into the window, on its device, with no host sync.
+
+        Args:
+            logprobs: log-probs of the sampled tokens under the policy, ``[N]`` or ``[B, T]``,
+                any float dtype, on any device; may require grad (detached here).
+            ref_logprobs: the same tokens' log-probs under the reference, same shape.
+            mask: optional, same shape; True/1 marks tokens to count.
+
+        Bad input (wrong types, shapes or devices) is warned about once per kind and the
+        batch is skipped (under ``strict=True``: :class:`KLMonitorInputError`); the open
+        window is left intact.
+        """
+        self._batches += 1
+        try:
+            self.stats.update(logprobs, ref_logprobs, mask)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            self.problem(
+                f"update:{type(exc).__name__}",
+                f"klmonitor: this batch's log-probs were rejected: {exc}. The batch is not monitored.",
+                exc,
+            )
+            return
+        if self.histogram:
+            try:
+                self._sample_histogram(logprobs.detach(), ref_logprobs.detach(), mask)
+            except Exception as exc:  # the statistics are in; a histogram sample is not worth a crash
+                self.problem(
+                    "histogram",
+                    f"klmonitor: could not sample this batch's log-ratios for the histogram "
+                    f"({type(exc).__name__}: {exc}); the statistics are unaffected.",
+                    exc,
+                )
+
+    def _sample_histogram(self, logp: Tensor, ref: Tensor, mask: Tensor | None) -> None:
+        # A contiguous run of tokens at a random offset (host RNG: no device sync) goes into a
+        # device ring buffer sized so the window's steps share it; masked and non-finite
+        # entries are stored as NaN and dropped on the host at the logging step.
+        n = logp.numel()
+        if n == 0:
+            return
+        dev = logp.device
+        size = self.histogram_samples
+        if self._hist is None or self._hist.device != dev or self._hist.numel() != size:
+            self._hist = torch.full((size,), math.nan, dtype=torch.float32, device=dev)
+            self._hist_pos = 0
+        k = min(n, size, -(-size // self._every))
+        start = self._rng.randrange(n - k + 1)
+        lp = logp.reshape(-1)[start : start + k]
+        rf = ref.reshape(-1)[start : start + k]
+        keep = mask.detach().reshape(-1)[start : start + k] if mask is not None else None
+        first = min(k, size - self._hist_pos)
+        if dev.type == "cpu" and (keep is None or keep.device.type == "cpu"):
+            # On the host numpy does this in microseconds; torch's per-op dispatch made this
+            # sample a third of the hook's time on small CPU models.
+            lr = _host_array(rf) - _host_array(lp)
+            if keep is not None:
+                lr[_host_array(keep) == 0] = math.nan
+            hist = self._hist.numpy()
+            hist[self._hist_pos : self._hist_pos + first] = lr[:first]
+            hist[: k - first] = lr[first:]
+        else:
+            lr = rf.float() - lp.float()
+            if keep is not None:
+                lr = lr.masked_fill(keep.to(dev, non_blocking=True) == 0, math.nan)
+            self._hist[self._hist_pos : self._hist_pos + first] = lr[:first]
+            if first < k:
+                self._hist[: k - first] = lr[first:]
+        self._hist_pos = (self._hist_pos + k) % size
+
+    def skipped_batch(self) -> None:
+        """Count a batch whose input could not be read (an adapter's problem, already reported).
+
+        It belongs to the window like any batch, so :meth:`flush` ends the window on every rank.
+        """
+        self._batches += 1
+
+    # -- window boundaries -----------------------------------------------------------------
+    def step(self, step: int) -> WindowResult | None:
+        """Call once per optimizer step (after it) with the step count; ends the window at a boundary.
+
+        Windows are ``(0, N]``, ``(N, 2N]``, ... in steps; with gradient accumulation the
+        micro-batches before a boundary's optimizer step belong to the window it closes.
+        Calling it again with the same step (e.g. after each micro-batch) is harmless.
+
+        Returns:
+            the :class:`WindowResult` when a window ended, else ``None``.
+        """
+        step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
+        if step >= (self._last_logged_step // self._every + 1) * self._every:
+            return self._end_window(step)
+        return None
+
+    def flush(self, step: int) -> WindowResult | None:
+        """End the open window now (end of training); ``None`` when no batch came since the last one."""
+        step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
+        if self._batches == 0:
+            return None
+        return self._end_window(step)
+
+    def close(self) -> None:
+        """Flush every sink (the sinks' targets stay open: they are the caller's)."""
+        if self.is_writer:
+            for sink in self._sinks:
+                sink.finalize()
+
+    def _end_window(self, step: int) -> WindowResult:
+        with warnings.catch_warnings():
+            # An empty window is legitimate here (skipped steps); it is reported below.
+            warnings.filterwarnings("ignore", message=r".*called before the ``update``")
+            summary: KLSummary = self.stats.compute()  # reduces over ranks: every rank gets here
+        hist = None
+        if self._hist is not None:
+            values = self._hist.cpu().numpy()
+            hist = values[np.isfinite(values)]
+            self._hist.fill_(math.nan)
+        self.stats.reset()
+        self._batches = 0
+        self._last_logged_step = step
+        self._windows += 1
+        self.last_summary = summary
+
+        if summary.count == 0:
+            self.problem(
+                "empty-window",
+                f"klmonitor: no valid tokens in the window ending at step {step} (every token masked, "
+                "non-finite, or every batch skipped); check the mask. Nothing but counts is logged.",
+            )
+        if summary.nonfinite and self.strict:
+            raise KLMonitorInputError(
+                f"klmonitor: {summary.nonfinite} tokens had a NaN or infinite log-ratio in the window "
+                f"ending at step {step} (strict=True)"
+            )
+        alerts = self.engine.evaluate(summary, step)
+        stop = any(a.stop or a.rule in self.stop_on for a in alerts)
+        metrics = summary.to_dict(self.prefix)
+        if self.is_writer:
+            self._write(step, summary, metrics, hist, alerts, stop)
+        return WindowResult(step, summary, alerts, stop, metrics, hist if self.histogram else None)
+
+    def _write(
+        self,
+        step: int,
+        summary: KLSummary,
+        metrics: dict[str, float],
+        hist: np.ndarray | None,
+        alerts: list[Alert],
+        stop: bool,
+    ) -> None:
+        if not self._sinks:
+            if not self._told_no_sinks:
+                log.info("klmonitor: no sink attached; summaries and alerts go to the Python log only")
+                self._told_no_sinks = True
+            log.info(
+                "klmonitor step %d: KL %.4g ± %.2g (k3 mean ± stderr), drift %.3g, %d tokens",
+                step,
+                summary.kl,
+                summary.k3.stderr,
+                summary.drift,
+                summary.tokens,
+            )
+        for sink in self._sinks:
+            if id(sink) not in self._sinks_ready:
+                sink.setup([r.name for r in self.rules])
+                self._sinks_ready.add(id(sink))
+            sink.log_scalars(metrics, step)
+            if hist is not None and hist.size:
+                sink.log_histogram(hist, step)
+        for alert in alerts:
+            self._dispatch(alert)
+        if stop:
+            log.warning(
+                "klmonitor: stopping training at step %d on alert(s) %s", step, [a.rule for a in alerts]
+            )
+
+    def _dispatch(self, alert: Alert) -> None:
+        py_level = {"info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}[alert.level.value]
+        log.log(py_level, "klmonitor alert [%s] step %d: %s", alert.rule, alert.step, alert.message)
+        for sink in self._sinks:
+            sink.log_alert(alert)
+        for fn in self.on_alert:
+            try:
+                fn(alert)
+            except Exception as exc:
+                self._warn_once(
+                    f"on_alert:{getattr(fn, '__name__', repr(fn))}",
+                    f"klmonitor: on_alert callable {fn!r} raised {type(exc).__name__}: {exc}; "
+                    "the alert was still logged. This warning is shown once.",
+                )
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Alert state (rules, history), the window schedule and the open window's moments.
+
+        Plain Python values (JSON-safe but for non-finite alert values, kept as strings).
+        """
+        return {
+            "version": STATE_VERSION,
+            "engine": self.engine.state_dict(),
+            "last_logged_step": self._last_logged_step,
+            "batches_in_window": self._batches,
+            "windows": self._windows,
+            "window": [float(x) for x in self.stats.summary_vector().detach().cpu().tolist()],
+        }
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        """Restore :meth:`state_dict` output, checking it first.
+
+        A state that is not a dict, of a newer version, or with a field of the wrong type or
+        an impossible value (a NaN or negative count, a negative step) is not loaded: one
+        warning (an error under ``strict=True``) and the monitor keeps a fresh state for what
+        was wrong. Under several processes the open window is not restored (it held rank 0's
+        tokens only): the first window after resuming is shorter.
+        """
+        sd = state_dict
+        if not isinstance(sd, Mapping):
+            self._bad_state(f"it is a {type(sd).__name__}, not a dict from Monitor.state_dict()")
+            return
+        version = sd.get("version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            self._bad_state(f"its version is {version!r}, not an int")
+            return
+        if version not in _READABLE_VERSIONS:
+            self._bad_state(
+                f"it has version {version}, and this klmonitor reads versions {_READABLE_VERSIONS} "
+                "(saved by a newer klmonitor? upgrade klmonitor to resume its alert state)"
+            )
+            return
+        counters: dict[str, int] = {}
+        for key in ("last_logged_step", "batches_in_window", "windows"):
+            value = sd.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                self._bad_state(f"{key} is {value!r}, not an int >= 0")
+                return
+            counters[key] = value
+        engine_state = sd.get("engine", {})
+        fresh_engine = self.engine.state_dict()
+        try:
+            self.engine.load_state_dict(engine_state)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            self.engine.load_state_dict(fresh_engine)
+            self._bad_state(f"its alert-engine state is unreadable ({type(exc).__name__}: {exc})")
+            return
+        self._last_logged_step = counters["last_logged_step"]
+        self._windows = counters["windows"]
+        window = sd.get("window")
+        problem = _window_problem(window)
+        if problem is not None:
+            self.stats.reset()
+            self._batches = 0
+            self._bad_state(f"its open window {problem}; the window starts empty")
+            return
+        if _distributed()[1] > 1:
+            self.stats.reset()
+            self._batches = 0
+            log.info(
+                "klmonitor: the checkpoint's partly filled window is not restored under several "
+                "processes (it held rank 0's tokens only); the first window after resuming is "
+                "shorter. Checkpoint on logging steps for exact resumption under DDP."
+            )
+            return
+        self.stats.load_summary_vector(torch.tensor(window, dtype=torch.float64))
+        self._batches = counters["batches_in_window"]
+
+    def _bad_state(self, what: str) -> None:
+        self.problem(
+            "checkpoint-state",
+            f"klmonitor: the checkpoint's monitor state was not loaded: {what}. Monitoring goes on "
+            "from a fresh state.",
+        )
+
+
+def _window_problem(window: Any) -> str | None:
+    """Why ``window`` is not a valid saved moments vector, or ``None`` when it is."""
+    if window is None:
+        return "is missing"
+    if not isinstance(window, Sequence) or isinstance(window, str | bytes):
+        return f"is a {type(window).__name__}, not a list of {lay.SIZE} numbers"
+    if len(window) != lay.SIZE:
+        return f"has {len(window)} numbers, not {lay.SIZE}"
+    if any(isinstance(x, bool) or not isinstance(x, int | float) for x in window):
+        return "holds values that are not numbers"
+    if not all(math.isfinite(float(x)) for x in window):
+        return "holds NaN or infinite values"
+    counts = [window[lay.COUNT], *window[lay.TOKENS : lay.MAX_ABS]]
+    if any(float(c) < 0 or float(c) != int(c) for c in counts):
+        return "has negative or fractional counts"
+    if any(float(m) < 0 for m in window[lay.M2]) or float(window[lay.MAX_ABS]) < 0:
+        return "has negative sums of squares"
+    if window[lay.COUNT] > window[lay.TOKENS]:
+        return "counts more samples than tokens"
+    return None

@@ -1,0 +1,226 @@
+"""KLSummary and the metric names it is logged under (plain Python: no torch).
+
+A :class:`KLSummary` is what one window of log-probs says about KL(policy || reference): the
+statistics of the four estimators, the control variate ``r - 1``, the k2-k3 drift and the
+token diagnostics, as plain Python numbers. :meth:`KLSummary.to_dict` gives the names they are
+logged under; every sink, the alert rules and ``klmonitor report`` use these, so the names are
+defined here once. Importing this module pulls in neither torch nor the native kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from klmonitor import _layout as lay
+
+__all__ = ["ESTIMATORS", "EstimatorStats", "KLSummary", "Level", "LEVELS", "band_names", "metric_name"]
+
+#: The estimator names, in the order they are reported.
+ESTIMATORS: tuple[str, ...] = lay.QUANTITIES[:4]
+
+Level = Literal["token", "sequence"]
+#: The statistics levels: over tokens, or over sequences (sums of their tokens' values).
+LEVELS: tuple[Level, ...] = ("token", "sequence")
+
+#: Estimators drawn as mean ± std bands (TensorBoard margin charts).
+BAND_ESTIMATORS: tuple[str, ...] = ("k1", "k3")
+
+
+def metric_name(prefix: str, name: str) -> str:
+    """The logged name of metric ``name`` under ``prefix``.
+
+    >>> metric_name("kl/", "k3/mean")
+    'kl/k3/mean'
+    """
+    return f"{prefix}{name}"
+
+
+def band_names(prefix: str, estimator: str) -> tuple[str, str]:
+    """The lower and upper band names of ``estimator`` (mean - std, mean + std)."""
+    return metric_name(prefix, f"band/{estimator}_lower"), metric_name(prefix, f"band/{estimator}_upper")
+
+
+def bands(
+    metrics: dict[str, float], prefix: str, estimators: Sequence[str] = BAND_ESTIMATORS
+) -> dict[str, float]:
+    """Mean ± std of ``estimators`` from logged ``metrics`` (missing std: no band).
+
+    >>> bands({"kl/k3/mean": 1.0, "kl/k3/std": 0.5}, "kl/")
+    {'kl/band/k3_lower': 0.5, 'kl/band/k3_upper': 1.5}
+    """
+    out: dict[str, float] = {}
+    for est in estimators:
+        mean, std = (
+            metrics.get(metric_name(prefix, f"{est}/mean")),
+            metrics.get(metric_name(prefix, f"{est}/std")),
+        )
+        if mean is not None and std is not None:
+            lower, upper = band_names(prefix, est)
+            out[lower], out[upper] = mean - std, mean + std
+    return out
+
+
+@dataclass
+class EstimatorStats:
+    """Mean and spread of one per-sample quantity over a window.
+
+    ``var`` is the sample variance with Bessel's correction (as ``torch.var``); ``stderr`` is
+    ``std / sqrt(n)``. With fewer than two samples ``var``, ``std`` and ``stderr`` are NaN.
+    """
+
+    mean: float
+    var: float
+    std: float
+    stderr: float
+
+    @property
+    def z(self) -> float:
+        """``mean / stderr``: how many standard errors the mean is from 0."""
+        if self.stderr > 0:
+            return self.mean / self.stderr
+        if self.mean == 0 or math.isnan(self.stderr):
+            return 0.0 if self.mean == 0 else math.nan
+        return math.copysign(math.inf, self.mean)
+
+
+@dataclass
+class KLSummary:
+    """What one window of log-probs says about KL(policy || reference).
+
+    Attributes:
+        level: ``"token"`` (statistics over tokens) or ``"sequence"`` (over sequences, each
+            the sum of its tokens' values).
+        count: the samples the statistics are over (tokens, or sequences).
+        tokens: valid, finite tokens counted.
+        sequences: sequences with at least one valid token (``None`` at token level).
+        k1, k2, k3, kl_pq: :class:`EstimatorStats` of the estimators (``kl_pq`` estimates
+            the reverse KL(reference || policy)).
+        r_minus_1: the control variate ``r - 1``; its mean is 0 when the samples come from
+            the policy, so ``r_minus_1.z`` far from 0 flags a sampling mismatch.
+        k2_minus_k3: the paired difference ``k2 - k3``, for the significance of ``drift``.
+        drift: ``(mean k2 - mean k3) / mean k3``, the relative gap; 0 when the KL is 0.
+        drift_z: ``k2_minus_k3.z``: the gap in standard errors.
+        ess: importance-sampling effective sample size ``(sum r)**2 / (n sum r**2)`` over
+            tokens, a fraction in (0, 1]; NaN without samples, at sequence level, or when
+            every ratio of the window underflows float32 (all log-ratios below about -16.6).
+        nonfinite: valid tokens whose log-ratio was NaN or +-inf (kept out of the stats).
+        clamped: tokens whose |log-ratio| exceeded the clamp (counted with the clamped value).
+        max_abs_log_ratio: the largest finite |log-ratio| seen.
+
+    >>> import torch; from klmonitor import KLStats
+    >>> s = KLStats(); s.update(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.1, -1.9, -0.5]))
+    >>> summary = s.compute()
+    >>> summary.tokens, round(summary.k3.mean, 5)
+    (3, 0.00334)
+    """
+
+    level: str
+    count: int
+    tokens: int
+    sequences: int | None
+    k1: EstimatorStats
+    k2: EstimatorStats
+    k3: EstimatorStats
+    kl_pq: EstimatorStats
+    r_minus_1: EstimatorStats
+    k2_minus_k3: EstimatorStats
+    drift: float
+    drift_z: float
+    ess: float
+    nonfinite: int
+    clamped: int
+    max_abs_log_ratio: float
+
+    @property
+    def kl(self) -> float:
+        """The headline KL estimate: the mean of ``k3`` (unbiased, never negative)."""
+        return self.k3.mean
+
+    def estimator(self, name: str) -> EstimatorStats:
+        """The statistics of estimator ``name`` (``k1``, ``k2``, ``k3``, ``kl_pq``)."""
+        if name not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {name!r}; expected one of {ESTIMATORS}")
+        stats: EstimatorStats = getattr(self, name)
+        return stats
+
+    def to_dict(self, prefix: str = "kl/") -> dict[str, float]:
+        """Flat ``{metric name: value}`` as logged.
+
+        Values that are undefined for this window (NaN or infinite, e.g. a variance of fewer
+        than two samples) are left out rather than logged as NaN.
+
+        >>> import torch; from klmonitor import KLStats
+        >>> s = KLStats(); s.update(torch.zeros(4), torch.full((4,), 0.1))
+        >>> sorted(s.compute().to_dict())[:3]
+        ['kl/clamped', 'kl/drift_k2_k3', 'kl/ess_fraction']
+        """
+        out: dict[str, float] = {}
+        kl = self.kl
+        for name in ESTIMATORS:
+            st = self.estimator(name)
+            out[f"{prefix}{name}/mean"] = st.mean
+            out[f"{prefix}{name}/std"] = st.std
+            out[f"{prefix}{name}/var"] = st.var
+            out[f"{prefix}{name}/stderr"] = st.stderr
+            if kl > 0:
+                out[f"{prefix}{name}/rel_std"] = st.std / kl
+        out[f"{prefix}r_minus_1/mean"] = self.r_minus_1.mean
+        out[f"{prefix}r_minus_1/stderr"] = self.r_minus_1.stderr
+        out[f"{prefix}r_minus_1/z"] = self.r_minus_1.z
+        out[f"{prefix}drift_k2_k3"] = self.drift
+        out[f"{prefix}drift_z"] = self.drift_z
+        out[f"{prefix}ess_fraction"] = self.ess
+        out[f"{prefix}tokens"] = float(self.tokens)
+        if self.sequences is not None:
+            out[f"{prefix}sequences"] = float(self.sequences)
+        out[f"{prefix}nonfinite"] = float(self.nonfinite)
+        out[f"{prefix}clamped"] = float(self.clamped)
+        out[f"{prefix}max_abs_log_ratio"] = self.max_abs_log_ratio
+        return {k: float(v) for k, v in out.items() if math.isfinite(v)}
+
+    @classmethod
+    def from_vector(cls, vec: Sequence[float], level: str) -> KLSummary:
+        """Build a summary from a (host) moments vector; see ``klmonitor._moments``."""
+        v = [float(x) for x in vec]
+        n = v[lay.COUNT]
+        stats = []
+        for i in range(lay.NQ):
+            mean = v[lay.MEAN.start + i] if n > 0 else math.nan
+            var = v[lay.M2.start + i] / (n - 1) if n > 1 else math.nan
+            std = math.sqrt(var) if var >= 0 else math.nan
+            stderr = std / math.sqrt(n) if n > 1 else math.nan
+            stats.append(EstimatorStats(mean, var, std, stderr))
+        k1, k2, k3, kl_pq, rm1, diff = stats
+        if n == 0:
+            drift = math.nan
+        elif k3.mean > 0:
+            drift = diff.mean / k3.mean
+        else:
+            drift = 0.0
+        # ESS from the mean and M2 of r - 1 (sum r = n (1 + m), sum r^2 = n (1 + m)^2 + M2).
+        # Token level only: a sequence's sum of r_t - 1 is not its importance weight. NaN when
+        # every ratio of the window underflows float32 (r - 1 rounds to -1: all l < ~-16.6).
+        m, m2 = rm1.mean, v[lay.M2.start + 4]
+        denom = (1 + m) ** 2 + m2 / n if n > 0 else 0.0
+        ess = (1 + m) ** 2 / denom if level == "token" and denom > 0 else math.nan
+        return cls(
+            level=level,
+            count=int(n),
+            tokens=int(v[lay.TOKENS]),
+            sequences=int(n) if level == "sequence" else None,
+            k1=k1,
+            k2=k2,
+            k3=k3,
+            kl_pq=kl_pq,
+            r_minus_1=rm1,
+            k2_minus_k3=diff,
+            drift=drift,
+            drift_z=diff.z,
+            ess=ess,
+            nonfinite=int(v[lay.NONFINITE]),
+            clamped=int(v[lay.CLAMPED]),
+            max_abs_log_ratio=v[lay.MAX_ABS],
+        )

@@ -1,0 +1,217 @@
+"""The Lightning adapters: ``klmonitor.lightning`` and ``klmonitor.pytorch_lightning``, in real runs.
+
+Every test runs under both packages: a real Trainer with each package's TensorBoardLogger
+(event files read back with TensorBoard's EventAccumulator), each package's LightningCLI
+(command line and YAML), a monitor reused for a second ``fit``, and two monitors in one Trainer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from toy_models import ToyPolicy, lightning_toy_policy, make_trainer, window_reference
+
+from klmonitor.alerts import Alert, parse_alert_text
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning.*"),
+    pytest.mark.filterwarnings("ignore::UserWarning:lightning.*"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+PACKAGES = ["lightning", "pytorch_lightning"]
+
+
+def _pl(package: str) -> Any:
+    return importlib.import_module("lightning.pytorch" if package == "lightning" else "pytorch_lightning")
+
+
+def _monitor_cls(package: str) -> Any:
+    return importlib.import_module(f"klmonitor.{package}").KLMonitor
+
+
+def _model(package: str, **kw: Any) -> Any:
+    return (lightning_toy_policy() if package == "lightning" else ToyPolicy)(**kw)
+
+
+def _events(logdir: Path) -> EventAccumulator:
+    files = sorted(Path(logdir).rglob("events.out.tfevents.*"))
+    assert files, f"no event files under {logdir}"
+    acc = EventAccumulator(str(files[-1].parent), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def _text_entries(acc: EventAccumulator, tag_prefix: str) -> list[tuple[int, str]]:
+    out = []
+    for tag in acc.Tags()["tensors"]:
+        if tag.startswith(tag_prefix):
+            for ev in acc.Tensors(tag):
+                out.append((ev.step, b"".join(ev.tensor_proto.string_val).decode()))
+    return out
+
+
+def _has_layout(acc: EventAccumulator) -> bool:
+    return any(
+        "custom_scalars" in plugin
+        for plugin in (acc.PluginTagToContent("custom_scalars") or {None: None})
+        if plugin
+    ) or bool(acc.PluginTagToContent("custom_scalars"))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_is_a_callback_of_its_own_package_and_imports_only_it(package: str) -> None:
+    pl = _pl(package)
+    mon = _monitor_cls(package)(max_kl=0.1)
+    assert isinstance(mon, pl.Callback)
+    other = _pl("pytorch_lightning" if package == "lightning" else "lightning")
+    assert not isinstance(mon, other.Callback)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_trainer_run_logs_everything_to_tensorboard(tmp_path: Path, package: str) -> None:
+    pl = _pl(package)
+    model = _model(package, lr=0.5)
+    mon = _monitor_cls(package)(log_every_n_steps=5, max_kl=1e-6)
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run")
+    make_trainer(tmp_path, 12, loggers=[logger], callbacks=[mon], package=package).fit(model)
+
+    acc = _events(tmp_path)
+    k3 = {e.step: e.value for e in acc.Scalars("kl/k3/mean")}
+    assert sorted(k3) == [5, 10, 12]  # two windows and the flushed rest
+    for lo, hi in ((0, 5), (5, 10), (10, 12)):
+        want = window_reference(model.seen, lo, hi)
+        assert k3[hi] == pytest.approx(want["k3/mean"], rel=1e-5)
+        assert acc.Scalars("kl/k1/std")[[5, 10, 12].index(hi)].value == pytest.approx(
+            want["k1/std"], rel=1e-5
+        )
+    assert "kl/band/k3_upper" in acc.Tags()["scalars"]
+    assert acc.Tags()["histograms"] == ["kl/log_ratio"]
+    assert acc.PluginTagToContent("custom_scalars"), "no custom-scalars layout"
+    alerts = [parse_alert_text(text) for _, text in _text_entries(acc, "kl/alerts")]
+    assert alerts and all(a is not None and a[0] == "kl_budget" for a in alerts)
+    assert [a.rule for a in mon.alert_history] == ["kl_budget"] * len(mon.alert_history)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_lightning_cli_accepts_the_callback_from_the_command_line_and_yaml(
+    tmp_path: Path, package: str
+) -> None:
+    cli_mod = importlib.import_module(
+        f"{'lightning.pytorch' if package == 'lightning' else 'pytorch_lightning'}.cli"
+    )
+    model_cls = lightning_toy_policy() if package == "lightning" else ToyPolicy
+    common = [
+        "--trainer.max_steps=6",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    path = f"klmonitor.{package}.KLMonitor"
+    cli = cli_mod.LightningCLI(
+        model_cls,
+        args=[
+            "fit",
+            *common,
+            f"--trainer.callbacks+={path}",
+            "--trainer.callbacks.max_kl=0.1",
+            "--trainer.callbacks.log_every_n_steps=2",
+        ],
+        save_config_kwargs={"overwrite": True},
+    )
+    mons = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "KLMonitor"]
+    assert len(mons) == 1 and type(mons[0]).__module__ == f"klmonitor.{package}"
+    assert mons[0].rules[-1].name == "kl_budget" and mons[0].rules[-1].threshold == 0.1
+    assert mons[0].monitor.windows == 3 and mons[0].last_summary.tokens > 0
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n"
+        f"    - class_path: {path}\n      init_args:\n        max_kl: 0.2\n        prefix: policy_kl/\n"
+        "        stop_on: [kl_budget]\n        log_every_n_steps: 3\n"
+    )
+    cli = cli_mod.LightningCLI(
+        model_cls, args=["fit", f"--config={config}", *common], save_config_kwargs={"overwrite": True}
+    )
+    (mon,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "KLMonitor"]
+    assert mon.prefix == "policy_kl/" and mon.monitor.stop_on == ("kl_budget",)
+    assert mon.monitor.log_every_n_steps == 3 and mon.monitor.windows == 2
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_reused_for_a_second_fit_starts_fresh_and_writes_the_layout_again(
+    tmp_path: Path, package: str
+) -> None:
+    pl = _pl(package)
+    mon = _monitor_cls(package)(log_every_n_steps=4)
+    first = _model(package, seed=1)
+    make_trainer(
+        tmp_path,
+        10,
+        loggers=[pl.loggers.TensorBoardLogger(str(tmp_path / "a"))],
+        callbacks=[mon],
+        package=package,
+    ).fit(first)
+    second = _model(package, seed=2)
+    make_trainer(
+        tmp_path,
+        6,
+        loggers=[pl.loggers.TensorBoardLogger(str(tmp_path / "b"))],
+        callbacks=[mon],
+        package=package,
+    ).fit(second)
+    acc = _events(tmp_path / "b")
+    k3 = {e.step: e.value for e in acc.Scalars("kl/k3/mean")}
+    assert sorted(k3) == [4, 6]
+    # The second run's first window holds its own steps 0..3 only (none of the first run's).
+    assert k3[4] == pytest.approx(window_reference(second.seen, 0, 4)["k3/mean"], rel=1e-5)
+    assert k3[6] == pytest.approx(window_reference(second.seen, 4, 6)["k3/mean"], rel=1e-5)
+    assert acc.PluginTagToContent("custom_scalars")
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_two_monitors_in_one_trainer_with_checkpoints(tmp_path: Path, package: str) -> None:
+    pl = _pl(package)
+    cls = _monitor_cls(package)
+    tok, seq = cls(log_every_n_steps=3), cls(log_every_n_steps=3, prefix="kl_seq/", level="sequence")
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=3, save_top_k=-1)
+    model = _model(package)
+    trainer = make_trainer(
+        tmp_path,
+        6,
+        loggers=[pl.loggers.TensorBoardLogger(str(tmp_path))],
+        callbacks=[tok, seq, ckpt],
+        enable_checkpointing=True,
+        package=package,
+    )
+    trainer.fit(model)
+    scalars = _events(tmp_path).Tags()["scalars"]
+    assert "kl/k3/mean" in scalars and "kl_seq/k3/mean" in scalars and "kl_seq/sequences" in scalars
+    assert tok.last_summary is not None and seq.last_summary is not None
+    assert seq.last_summary.level == "sequence" and tok.last_summary.level == "token"
+    saved = torch.load(sorted((tmp_path / "ckpt").glob("*.ckpt"))[-1], weights_only=False)["callbacks"]
+    assert {tok.state_key, seq.state_key} <= set(saved) and tok.state_key != seq.state_key
+
+    # The same prefix twice would write the same names: Lightning refuses the duplicate state key.
+    same = [cls(log_every_n_steps=3), cls(log_every_n_steps=3)]
+    with pytest.raises(RuntimeError, match="state_key"):
+        make_trainer(tmp_path, 2, callbacks=same, package=package).fit(_model(package))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_alert_reaches_on_alert_and_stops_training(tmp_path: Path, package: str) -> None:
+    got: list[Alert] = []
+    mon = _monitor_cls(package)(log_every_n_steps=2, max_kl=1e-6, stop_on=("kl_budget",), on_alert=got.append)
+    trainer = make_trainer(tmp_path, 50, callbacks=[mon], package=package)
+    trainer.fit(_model(package, lr=0.5))
+    assert trainer.global_step == 2 and [a.rule for a in got] == ["kl_budget"]
+    assert math.isfinite(got[0].value) and got[0].value > 1e-6
