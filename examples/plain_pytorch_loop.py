@@ -1,9 +1,10 @@
-"""klmonitor without Lightning: KLStats and the alert rules in a plain PyTorch loop.
+"""klmonitor without a framework: ``Monitor`` in a plain PyTorch loop.
 
 A per-position categorical policy is pulled towards one token while a KL penalty holds it
-near its frozen reference. Each step's log-probs go into ``KLStats`` (on device, no host
-sync); every ``--log-every`` steps the window's summary is written to TensorBoard with a
-``SummaryWriter``, checked by ``AlertEngine(default_rules())``, and reset.
+near its frozen reference. Each step's log-probs go into ``Monitor.update`` (on device, no
+host sync); ``Monitor.step`` ends a window every ``--log-every`` steps: the summary, the
+std bands, the custom-scalars layout, the log-ratio histogram and the alerts go to the
+``SummaryWriter``, exactly as the Lightning callback sends them.
 
     python examples/plain_pytorch_loop.py --logdir ./klmonitor_logs
     klmonitor report ./klmonitor_logs --run plain_loop
@@ -17,8 +18,11 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from klmonitor import KLStats
-from klmonitor.alerts import AlertEngine, default_rules
+import klmonitor
+
+
+def report(alert: klmonitor.Alert) -> None:
+    print(f"step {alert.step}: [{alert.rule}] ({alert.level.value}) {alert.message}")
 
 
 def main() -> None:
@@ -35,9 +39,8 @@ def main() -> None:
     logits = ref_logits.clone().requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=0.01)
 
-    stats = KLStats()
-    engine = AlertEngine(default_rules(max_kl=0.5))
     writer = SummaryWriter(str(Path(args.logdir) / "plain_loop"))
+    monitor = klmonitor.Monitor(log_every_n_steps=args.log_every, sinks=[writer], max_kl=0.5, on_alert=report)
     pos = torch.arange(seq)
     for step in range(1, args.steps + 1):
         with torch.no_grad():
@@ -52,22 +55,17 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-        stats.update(logp, ref_logp, mask)  # detaches; no host sync
-        if step % args.log_every == 0:
-            summary = stats.compute()  # the only host transfer of the window
-            stats.reset()
-            for name, value in summary.to_dict().items():
-                writer.add_scalar(name, value, step)
-            for alert in engine.evaluate(summary, step):
-                print(f"step {step}: [{alert.rule}] ({alert.level.value}) {alert.message}")
-                text = f"**{alert.rule}** ({alert.level.value}) at step {alert.step}: {alert.message}"
-                writer.add_text("kl/alerts", text, alert.step)  # `klmonitor report` shows these
-            if step % (10 * args.log_every) == 0:
-                print(
-                    f"step {step}: KL per token {summary.kl:.4f} ± {summary.k3.stderr:.4f}, drift {summary.drift:.3f}"
-                )
+        monitor.update(logp, ref_logp, mask)  # detaches; no host sync
+        result = monitor.step(step)  # a WindowResult at each window's end, else None
+        if result is not None and step % (10 * args.log_every) == 0:
+            s = result.summary
+            print(f"step {step}: KL per token {s.kl:.4f} ± {s.k3.stderr:.4f}, drift {s.drift:.3f}")
+        if result is not None and result.stop:
+            break
+    monitor.flush(step)  # the window still open, if any
+    monitor.close()
     writer.close()
-    print(f"{len(engine.history)} alert(s); TensorBoard logs in {Path(args.logdir) / 'plain_loop'}")
+    print(f"{len(monitor.alert_history)} alert(s); TensorBoard logs in {Path(args.logdir) / 'plain_loop'}")
 
 
 if __name__ == "__main__":

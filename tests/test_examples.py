@@ -55,3 +55,12 @@ def test_gaussian_experiment(tmp_path: Path) -> None:
     assert "true KL = 0.5" in out
     for est in ("k1", "k2", "k3"):
         assert f"\n  {est} " in out
+
+
+def test_fabric_loop(tmp_path: Path) -> None:
+    out = _run("fabric_loop.py", "--steps", "40", "--log-every", "10", "--logdir", "logs", cwd=tmp_path)
+    assert "final KL per token: k3" in out
+    data = load_run(tmp_path / "logs" / "fabric_loop" / "version_0")
+    assert data.scalars["kl/k3/mean"][0].tolist() == [10, 20, 30, 40]
+    assert data.histograms, "no log-ratio histogram"
+    assert list((tmp_path / "logs" / "fabric_loop_csv").rglob("metrics.csv"))
