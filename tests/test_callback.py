@@ -12,7 +12,7 @@ import pytest
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tb_files import events
 from torch.utils._python_dispatch import TorchDispatchMode
 from toy_models import ToyPolicy, make_trainer, window_reference
 
@@ -22,15 +22,9 @@ from klmonitor.alerts import KLBudgetRule
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning.*")
 
 
-def _events(logdir: Path) -> EventAccumulator:
-    files = sorted(Path(logdir).rglob("events.out.tfevents.*"))
-    assert files, f"no event files under {logdir}"
-    acc = EventAccumulator(str(files[-1].parent), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
-    return acc
 
 
-def _scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
+def _scalars(acc: Any, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
@@ -39,7 +33,7 @@ def test_tensorboard_values_match_independent_computation(tmp_path: Path) -> Non
     mon = KLMonitor(log_every_n_steps=5)
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     make_trainer(tmp_path, 20, loggers=[tb], callbacks=[mon]).fit(model)
-    acc = _events(Path(tb.log_dir))
+    acc = events(Path(tb.log_dir))
     tags = set(acc.Tags()["scalars"])
     for name in (
         "kl/k1/mean",
@@ -75,7 +69,7 @@ def test_csv_logger_and_every_logger_gets_metrics(tmp_path: Path) -> None:
     rows = list(csv.DictReader(open(Path(csv_logger.log_dir) / "metrics.csv")))
     steps = sorted({int(r["step"]) for r in rows if r.get("kl/k3/mean")})
     assert steps == [4, 8, 12]
-    assert sorted(_scalars(_events(Path(tb.log_dir)), "kl/k3/mean")) == [4, 8, 12]
+    assert sorted(_scalars(events(Path(tb.log_dir)), "kl/k3/mean")) == [4, 8, 12]
 
 
 def test_window_flushed_at_train_end(tmp_path: Path) -> None:
@@ -83,7 +77,7 @@ def test_window_flushed_at_train_end(tmp_path: Path) -> None:
     mon = KLMonitor(log_every_n_steps=5)
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     make_trainer(tmp_path, 13, loggers=[tb], callbacks=[mon]).fit(model)
-    tokens = _scalars(_events(Path(tb.log_dir)), "kl/tokens")
+    tokens = _scalars(events(Path(tb.log_dir)), "kl/tokens")
     assert sorted(tokens) == [5, 10, 13]
     assert tokens[13] == window_reference(model.seen, 10, 13)["tokens"]
     assert sum(tokens.values()) == window_reference(model.seen, 0, 13)["tokens"]
@@ -171,9 +165,9 @@ def test_alerts_quiet_when_policy_equals_reference(tmp_path: Path) -> None:
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     make_trainer(tmp_path, 20, loggers=[tb], callbacks=[mon]).fit(model)
     assert mon.alert_history == []
-    k3 = _scalars(_events(Path(tb.log_dir)), "kl/k3/mean")
+    k3 = _scalars(events(Path(tb.log_dir)), "kl/k3/mean")
     assert all(v == 0.0 for v in k3.values())
-    drift = _scalars(_events(Path(tb.log_dir)), "kl/drift_k2_k3")
+    drift = _scalars(events(Path(tb.log_dir)), "kl/drift_k2_k3")
     assert all(v == 0.0 for v in drift.values())
 
 
@@ -188,7 +182,7 @@ def test_drift_alert_fires_under_real_drift_and_reaches_tensorboard(tmp_path: Pa
     assert seen == mon.alert_history
     drift_alert = next(a for a in mon.alert_history if a.rule == "drift")
     assert drift_alert.step % 5 == 0 and drift_alert.message
-    acc = _events(Path(tb.log_dir))
+    acc = events(Path(tb.log_dir))
     tag = next(t for t in acc.Tags()["tensors"] if t.startswith("kl/alerts"))
     texts = [t.tensor_proto.string_val[0] for t in acc.Tensors(tag)]
     assert any(b"**drift**" in t for t in texts), texts
@@ -231,7 +225,7 @@ def test_nonfinite_tokens_counted_and_alerted(tmp_path: Path) -> None:
     mon = KLMonitor(log_every_n_steps=3)
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     make_trainer(tmp_path, 6, loggers=[tb], callbacks=[mon]).fit(model)
-    acc = _events(Path(tb.log_dir))
+    acc = events(Path(tb.log_dir))
     assert _scalars(acc, "kl/nonfinite") == {3: 6.0, 6: 6.0}  # 2 bad tokens per step
     assert all(math.isfinite(v) for v in _scalars(acc, "kl/k3/mean").values())
     assert "nonfinite" in {a.rule for a in mon.alert_history}
@@ -274,7 +268,7 @@ def test_failing_logger_warns_once_others_keep_working(tmp_path: Path) -> None:
         make_trainer(tmp_path, 8, loggers=[_BrokenLogger(), tb], callbacks=[mon]).fit(ToyPolicy())
     ours = [w for w in caught if "tracker down" in str(w.message)]
     assert len(ours) == 1
-    assert sorted(_scalars(_events(Path(tb.log_dir)), "kl/k3/mean")) == [2, 4, 6, 8]
+    assert sorted(_scalars(events(Path(tb.log_dir)), "kl/k3/mean")) == [2, 4, 6, 8]
 
 
 def test_failing_on_alert_callable_does_not_stop_training(tmp_path: Path) -> None:
@@ -293,7 +287,7 @@ def test_gradient_accumulation_windows_follow_optimizer_steps(tmp_path: Path) ->
     mon = KLMonitor(log_every_n_steps=2)
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     make_trainer(tmp_path, 6, loggers=[tb], callbacks=[mon], accumulate_grad_batches=3).fit(model)
-    tokens = _scalars(_events(Path(tb.log_dir)), "kl/tokens")
+    tokens = _scalars(events(Path(tb.log_dir)), "kl/tokens")
     assert sorted(tokens) == [2, 4, 6]
     assert len(model.seen) == 18  # 3 micro-batches per optimizer step, all monitored
     for hi in (2, 4, 6):
@@ -305,7 +299,7 @@ def test_manual_optimization(tmp_path: Path) -> None:
     mon = KLMonitor(log_every_n_steps=3)
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     make_trainer(tmp_path, 9, loggers=[tb], callbacks=[mon]).fit(model)
-    k3 = _scalars(_events(Path(tb.log_dir)), "kl/k3/mean")
+    k3 = _scalars(events(Path(tb.log_dir)), "kl/k3/mean")
     assert sorted(k3) == [3, 6, 9]
     assert k3[9] == pytest.approx(window_reference(model.seen, 6, 9)["k3/mean"], rel=2e-4)
 
@@ -349,7 +343,7 @@ def test_resume_from_checkpoint_alerts_and_logs_like_uninterrupted(tmp_path: Pat
     resumed, resumed_dir = _run_resumable(tmp_path / "part", 40, str(ckpts[-1]), None)
     assert [a.to_dict() for a in resumed.alert_history] == [a.to_dict() for a in full.alert_history]
     assert full.alert_history, "the run should drift enough to alert"
-    a, b = _scalars(_events(full_dir), "kl/k3/mean"), _scalars(_events(resumed_dir), "kl/k3/mean")
+    a, b = _scalars(events(full_dir), "kl/k3/mean"), _scalars(events(resumed_dir), "kl/k3/mean")
     for step in range(20, 41, 4):
         assert b[step] == pytest.approx(a[step], rel=1e-9), step
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tb_files import events, texts
 
 from klmonitor import Monitor
 from klmonitor.alerts import parse_alert_text
@@ -49,17 +49,14 @@ def test_fabric_run_logs_to_every_fabric_logger(tmp_path: Path) -> None:
     for logger in fabric.loggers:
         logger.finalize("success")
 
-    files = sorted((tmp_path / "tb").rglob("events.out.tfevents.*"))
-    acc = EventAccumulator(str(files[-1].parent), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
+    acc = events(tmp_path / "tb")
     k3 = {e.step: e.value for e in acc.Scalars("kl/k3/mean")}
     assert sorted(k3) == [4, 8, 10]
     for window, step in enumerate((4, 8, 10)):
         lr = np.concatenate(seen[window])
         assert k3[step] == pytest.approx(float(np.mean(np.expm1(lr) - lr)), rel=1e-5)
     assert acc.Tags()["histograms"] == ["kl/log_ratio"] and acc.PluginTagToContent("custom_scalars")
-    texts = [b"".join(e.tensor_proto.string_val).decode() for e in acc.Tensors("kl/alerts/text_summary")]
-    assert [parse_alert_text(t)[0] for t in texts] == [a.rule for a in monitor.alert_history]  # type: ignore[index]
+    assert [parse_alert_text(t)[0] for t in texts(acc, "kl/alerts")] == [a.rule for a in monitor.alert_history]  # type: ignore[index]
     assert monitor.alert_history and monitor.alert_history[0].rule == "kl_budget"
     csv_text = next((tmp_path / "csv").rglob("metrics.csv")).read_text()
     assert "kl/k3/mean" in csv_text.splitlines()[0]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tb_files import events, texts
 from toy_models import ToyPolicy, lightning_toy_policy, make_trainer, window_reference
 
 from klmonitor.alerts import Alert, parse_alert_text
@@ -40,29 +40,6 @@ def _model(package: str, **kw: Any) -> Any:
     return (lightning_toy_policy() if package == "lightning" else ToyPolicy)(**kw)
 
 
-def _events(logdir: Path) -> EventAccumulator:
-    files = sorted(Path(logdir).rglob("events.out.tfevents.*"))
-    assert files, f"no event files under {logdir}"
-    acc = EventAccumulator(str(files[-1].parent), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
-    return acc
-
-
-def _text_entries(acc: EventAccumulator, tag_prefix: str) -> list[tuple[int, str]]:
-    out = []
-    for tag in acc.Tags()["tensors"]:
-        if tag.startswith(tag_prefix):
-            for ev in acc.Tensors(tag):
-                out.append((ev.step, b"".join(ev.tensor_proto.string_val).decode()))
-    return out
-
-
-def _has_layout(acc: EventAccumulator) -> bool:
-    return any(
-        "custom_scalars" in plugin
-        for plugin in (acc.PluginTagToContent("custom_scalars") or {None: None})
-        if plugin
-    ) or bool(acc.PluginTagToContent("custom_scalars"))
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -82,7 +59,7 @@ def test_trainer_run_logs_everything_to_tensorboard(tmp_path: Path, package: str
     logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run")
     make_trainer(tmp_path, 12, loggers=[logger], callbacks=[mon], package=package).fit(model)
 
-    acc = _events(tmp_path)
+    acc = events(tmp_path)
     k3 = {e.step: e.value for e in acc.Scalars("kl/k3/mean")}
     assert sorted(k3) == [5, 10, 12]  # two windows and the flushed rest
     for lo, hi in ((0, 5), (5, 10), (10, 12)):
@@ -94,7 +71,7 @@ def test_trainer_run_logs_everything_to_tensorboard(tmp_path: Path, package: str
     assert "kl/band/k3_upper" in acc.Tags()["scalars"]
     assert acc.Tags()["histograms"] == ["kl/log_ratio"]
     assert acc.PluginTagToContent("custom_scalars"), "no custom-scalars layout"
-    alerts = [parse_alert_text(text) for _, text in _text_entries(acc, "kl/alerts")]
+    alerts = [parse_alert_text(text) for text in texts(acc, "kl/alerts")]
     assert alerts and all(a is not None and a[0] == "kl_budget" for a in alerts)
     assert [a.rule for a in mon.alert_history] == ["kl_budget"] * len(mon.alert_history)
 
@@ -169,7 +146,7 @@ def test_reused_for_a_second_fit_starts_fresh_and_writes_the_layout_again(
         callbacks=[mon],
         package=package,
     ).fit(second)
-    acc = _events(tmp_path / "b")
+    acc = events(tmp_path / "b")
     k3 = {e.step: e.value for e in acc.Scalars("kl/k3/mean")}
     assert sorted(k3) == [4, 6]
     # The second run's first window holds its own steps 0..3 only (none of the first run's).
@@ -194,7 +171,7 @@ def test_two_monitors_in_one_trainer_with_checkpoints(tmp_path: Path, package: s
         package=package,
     )
     trainer.fit(model)
-    scalars = _events(tmp_path).Tags()["scalars"]
+    scalars = events(tmp_path).Tags()["scalars"]
     assert "kl/k3/mean" in scalars and "kl_seq/k3/mean" in scalars and "kl_seq/sequences" in scalars
     assert tok.last_summary is not None and seq.last_summary is not None
     assert seq.last_summary.level == "sequence" and tok.last_summary.level == "token"

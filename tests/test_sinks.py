@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tb_files import events, texts
 from torch.utils.tensorboard import SummaryWriter
 
 from klmonitor import Monitor
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _events(logdir: Path) -> EventAccumulator:
-    files = sorted(Path(logdir).rglob("events.out.tfevents.*"))
-    assert files, f"no event files under {logdir}"
-    acc = EventAccumulator(str(files[-1].parent), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
-    return acc
 
 
 def _feed(mon: Monitor, steps: int, seed: int = 0, shift: float = 0.3) -> list[Any]:
@@ -55,15 +49,14 @@ def test_summary_writer_gets_scalars_bands_layout_histogram_and_alert_text(tmp_p
     mon = Monitor(log_every_n_steps=2, sinks=writer, max_kl=1e-6)
     results = _feed(mon, 4)
     writer.close()
-    acc = _events(tmp_path)
+    acc = events(tmp_path)
     k3 = {e.step: e.value for e in acc.Scalars("kl/k3/mean")}
     assert k3 == pytest.approx({r.step: r.metrics["kl/k3/mean"] for r in results}, rel=1e-6)
     upper = {e.step: e.value for e in acc.Scalars("kl/band/k3_upper")}
     assert upper[2] == pytest.approx(results[0].summary.k3.mean + results[0].summary.k3.std, rel=1e-6)
     assert acc.Tags()["histograms"] == ["kl/log_ratio"]
     assert acc.PluginTagToContent("custom_scalars")
-    texts = [b"".join(e.tensor_proto.string_val).decode() for e in acc.Tensors("kl/alerts/text_summary")]
-    parsed = [parse_alert_text(t) for t in texts]
+    parsed = [parse_alert_text(t) for t in texts(acc, "kl/alerts")]
     assert [(p[0], p[2]) for p in parsed if p] == [(a.rule, a.step) for a in mon.alert_history]
 
 
@@ -110,7 +103,7 @@ def test_tensorboard_logger_of_each_package_is_recognised(tmp_path: Path, packag
     assert isinstance(mon.sinks[0], TensorBoardSink)
     _feed(mon, 2)
     logger.finalize("success")
-    acc = _events(tmp_path)
+    acc = events(tmp_path)
     assert "kl/k3/mean" in acc.Tags()["scalars"] and acc.Tags()["histograms"] == ["kl/log_ratio"]
     assert acc.PluginTagToContent("custom_scalars")
 
@@ -164,7 +157,7 @@ def test_readme_table_lists_exactly_what_is_logged(tmp_path: Path) -> None:
         rule = KLBudgetRule(1e-6)
         _feed(Monitor(log_every_n_steps=2, sinks=writer, level=level, rules=[rule]), 2)
         writer.close()
-        tags = _events(tmp_path / level).Tags()
+        tags = events(tmp_path / level).Tags()
         logged |= set(tags["scalars"]) | set(tags["histograms"])
         logged |= {t.removesuffix("/text_summary") for t in tags["tensors"] if t != "custom_scalars__config__"}
     assert _readme_metric_names() == logged
