@@ -13,8 +13,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from torch import Tensor
-
 from klmonitor._validate import check_bool, check_int, check_str
 from klmonitor.alerts import Alert, Rule
 from klmonitor.monitor import Monitor, WindowResult
@@ -22,8 +20,10 @@ from klmonitor.summary import KLSummary, Level
 
 __all__ = ["Extract", "LightningAdapter"]
 
-#: ``extract(outputs, batch, pl_module) -> (logprobs, ref_logprobs, mask or None)``.
-Extract = Callable[[Any, Any, Any], tuple[Tensor, Tensor, "Tensor | None"]]
+#: ``extract(outputs, batch, pl_module) -> (logprobs, ref_logprobs, mask or None)``; the tuple may
+#: go on with ``rollout_logprobs`` and ``token_ids``, or be a dict with the keys of Monitor.update.
+Extract = Callable[[Any, Any, Any], Any]
+_UPDATE_ARGS = ("logprobs", "ref_logprobs", "mask", "rollout_logprobs", "token_ids")
 
 
 class LightningAdapter:
@@ -52,8 +52,13 @@ class LightningAdapter:
         logprobs_key: key of the policy log-probs in ``training_step``'s output dict.
         ref_logprobs_key: key of the reference log-probs.
         mask_key: key of the optional mask (a missing mask key means every token counts).
+        rollout_logprobs_key: key of the optional log-probs of the rollout engine that sampled
+            the tokens (adds KL(rollout || trainer) under ``kl/rollout/``).
+        token_ids_key: key of the optional sampled token ids (for ``top_sequences`` text and
+            ``top_tokens``).
         extract: ``callable(outputs, batch, pl_module) -> (logprobs, ref_logprobs, mask)``
-            for other output structures; replaces the keys.
+            (optionally followed by ``rollout_logprobs``, ``token_ids``; or a dict with those
+            keys) for other output structures; replaces the keys.
         rules: alert rules; ``None`` uses :func:`klmonitor.alerts.default_rules` with
             ``max_kl``; ``[]`` disables alerts.
         max_kl: a KL budget per token (or per sequence at sequence level) for the default
@@ -68,6 +73,8 @@ class LightningAdapter:
         clamp: log-ratio clamp of :class:`~klmonitor.KLStats` (clamped tokens are counted).
         alert_history_size: alerts kept in ``alert_history`` (oldest dropped first).
         wandb_alert_wait_s: W&B's minimum seconds between two alerts with the same title.
+        by_position, position_buckets, top_sequences, top_sequences_max_len, top_tokens,
+            vocab_size, decode: where the KL comes from; see :class:`~klmonitor.Monitor`.
     """
 
     def __init__(
@@ -78,6 +85,8 @@ class LightningAdapter:
         logprobs_key: str = "logprobs",
         ref_logprobs_key: str = "ref_logprobs",
         mask_key: str | None = "mask",
+        rollout_logprobs_key: str | None = "rollout_logprobs",
+        token_ids_key: str | None = "token_ids",
         extract: Extract | None = None,
         rules: Sequence[Rule] | None = None,
         max_kl: float | None = None,
@@ -90,6 +99,13 @@ class LightningAdapter:
         clamp: float = 20.0,
         alert_history_size: int = 1000,
         wandb_alert_wait_s: float = 300.0,
+        by_position: bool = True,
+        position_buckets: int = 12,
+        top_sequences: int = 0,
+        top_sequences_max_len: int = 256,
+        top_tokens: int = 0,
+        vocab_size: int | None = None,
+        decode: Callable[[list[int]], str] | None = None,
     ) -> None:
         super().__init__()
         if log_every_n_steps is not None:
@@ -98,6 +114,10 @@ class LightningAdapter:
         self.logprobs_key = check_str(logprobs_key, "logprobs_key")
         self.ref_logprobs_key = check_str(ref_logprobs_key, "ref_logprobs_key")
         self.mask_key = None if mask_key is None else check_str(mask_key, "mask_key")
+        self.rollout_logprobs_key = (
+            None if rollout_logprobs_key is None else check_str(rollout_logprobs_key, "rollout_logprobs_key")
+        )
+        self.token_ids_key = None if token_ids_key is None else check_str(token_ids_key, "token_ids_key")
         if extract is not None and not callable(extract):
             raise TypeError(
                 f"extract must be callable(outputs, batch, pl_module), got {type(extract).__name__}"
@@ -118,6 +138,13 @@ class LightningAdapter:
             clamp=clamp,
             alert_history_size=alert_history_size,
             wandb_alert_wait_s=wandb_alert_wait_s,
+            by_position=by_position,
+            position_buckets=position_buckets,
+            top_sequences=top_sequences,
+            top_sequences_max_len=top_sequences_max_len,
+            top_tokens=top_tokens,
+            vocab_size=vocab_size,
+            decode=decode,
         )
 
     # -- views of the monitor --------------------------------------------------------------
@@ -168,7 +195,7 @@ class LightningAdapter:
         if inputs is None:
             self.monitor.skipped_batch()
         else:
-            self.monitor.update(*inputs)
+            self.monitor.update(**inputs)
         res = self.monitor.step(int(trainer.global_step))
         if res is not None:
             self._after_window(trainer, pl_module, res, in_batch=True)
@@ -189,19 +216,29 @@ class LightningAdapter:
             trainer.should_stop = True
 
     # -- inputs ----------------------------------------------------------------------------
-    def _inputs(self, outputs: Any, batch: Any, pl_module: Any) -> tuple[Any, Any, Any] | None:
+    def _inputs(self, outputs: Any, batch: Any, pl_module: Any) -> dict[str, Any] | None:
         if self.extract is not None:
             try:
-                logp, ref, mask = self.extract(outputs, batch, pl_module)
+                got = self.extract(outputs, batch, pl_module)
+                if isinstance(got, dict):
+                    unknown = set(got) - set(_UPDATE_ARGS)
+                    if unknown or "logprobs" not in got or "ref_logprobs" not in got:
+                        raise ValueError(
+                            f"a dict needs logprobs and ref_logprobs among {_UPDATE_ARGS}, got {sorted(got)}"
+                        )
+                    return dict(got)
+                if not isinstance(got, tuple | list) or not 3 <= len(got) <= len(_UPDATE_ARGS):
+                    raise ValueError(f"expected a tuple of 3 to 5 items or a dict, got {type(got).__name__}")
+                return dict(zip(_UPDATE_ARGS, got, strict=False))
             except Exception as exc:
                 self.monitor.problem(
                     "extract",
                     f"klmonitor: extract(outputs, batch, pl_module) failed with {type(exc).__name__}: {exc}; "
-                    "it must return (logprobs, ref_logprobs, mask or None). This step is not monitored.",
+                    "it must return (logprobs, ref_logprobs, mask or None[, rollout_logprobs[, token_ids]]) "
+                    "or a dict with those keys. This step is not monitored.",
                     exc,
                 )
                 return None
-            return logp, ref, mask
         if not isinstance(outputs, dict):
             self.monitor.problem(
                 "outputs-not-dict",
@@ -219,8 +256,15 @@ class LightningAdapter:
                 "Steps like this are not monitored.",
             )
             return None
-        mask = outputs.get(self.mask_key) if self.mask_key is not None else None
-        return outputs[self.logprobs_key], outputs[self.ref_logprobs_key], mask
+        inputs = {"logprobs": outputs[self.logprobs_key], "ref_logprobs": outputs[self.ref_logprobs_key]}
+        for arg, key in (
+            ("mask", self.mask_key),
+            ("rollout_logprobs", self.rollout_logprobs_key),
+            ("token_ids", self.token_ids_key),
+        ):
+            if key is not None:
+                inputs[arg] = outputs.get(key)
+        return inputs
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

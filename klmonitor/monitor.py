@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,11 +21,14 @@ import torch
 from torch import Tensor
 
 from klmonitor import _layout as lay
+from klmonitor import _moments as mom
+from klmonitor import estimators as est
 from klmonitor._validate import check_bool, check_callables, check_int, check_number, check_str
 from klmonitor.alerts import Alert, AlertEngine, Rule, default_rules
+from klmonitor.diagnostics import Decode, PositionProfile, RatioRange, TopSequences, TopTokens
 from klmonitor.sinks import Sink, WarnOnce, make_sinks
 from klmonitor.stats import KLStats
-from klmonitor.summary import KLSummary, Level
+from klmonitor.summary import KLSummary, Level, RolloutSummary
 
 log = logging.getLogger("klmonitor")
 
@@ -141,6 +143,13 @@ class Monitor:
         alert_history_size: int = 1000,
         wandb_alert_wait_s: float = 300.0,
         rank: int | None = None,
+        by_position: bool = True,
+        position_buckets: int = 12,
+        top_sequences: int = 0,
+        top_sequences_max_len: int = 256,
+        top_tokens: int = 0,
+        vocab_size: int | None = None,
+        decode: Decode | None = None,
     ) -> None:
         self.log_every_n_steps = log_every_n_steps
         self.prefix = check_str(prefix, "prefix", allow_empty=True)
@@ -168,8 +177,33 @@ class Monitor:
             raise ValueError(f"stop_on names unknown rules {unknown}; the rules are {sorted(names)}")
         self.stop_on = tuple(stop_on)
         # Validates level, clamp and backend with KLStats' own messages.
-        self.stats = KLStats(level=level, clamp=clamp, backend=backend)
+        self.stats = KLStats(level=level, clamp=clamp, backend=backend, sync_on_compute=False)
         self.level: Level = level
+        # The rollout engine as the sampler, the trainer as the reference: KL(rollout || trainer).
+        self.rollout_stats = KLStats(level="token", clamp=clamp, backend=backend, sync_on_compute=False)
+        self._ratio = RatioRange()
+        self.positions = (
+            PositionProfile(check_int(position_buckets, "position_buckets", low=2))
+            if check_bool(by_position, "by_position")
+            else None
+        )
+        k_seq = check_int(top_sequences, "top_sequences", low=0, hint=" (0: off)")
+        max_len = check_int(top_sequences_max_len, "top_sequences_max_len", low=1)
+        self.sequences = TopSequences(k_seq, max_len) if k_seq else None
+        k_tok = check_int(top_tokens, "top_tokens", low=0, hint=" (0: off)")
+        if k_tok and vocab_size is None:
+            raise ValueError(
+                "top_tokens needs vocab_size (e.g. len(tokenizer) or model.config.vocab_size): the "
+                "per-token sums live in a fixed-size table on the device"
+            )
+        if vocab_size is not None:
+            check_int(vocab_size, "vocab_size", low=1)
+        self.tokens = TopTokens(int(vocab_size), k_tok) if k_tok and vocab_size is not None else None
+        if decode is not None and not callable(decode):
+            raise TypeError(
+                f"decode must be callable(token_ids: list[int]) -> str, got {type(decode).__name__}"
+            )
+        self.decode = decode
 
         self._warn_once = WarnOnce()
         self._sinks: list[Sink] = []
@@ -183,6 +217,7 @@ class Monitor:
         self._hist_pos = 0
         self._rng = random.Random(0)
         self._told_no_sinks = False
+        self._step_seen = 0
 
     # -- configuration ---------------------------------------------------------------------
     @property
@@ -227,21 +262,25 @@ class Monitor:
     @property
     def is_writer(self) -> bool:
         """Whether this process writes to the sinks (global rank 0)."""
-        return (self.rank if self.rank is not None else _distributed()[0]) == 0
+        return self._rank() == 0
 
     def to(self, device: torch.device | str) -> Monitor:
         """Keep the window on ``device`` (it also follows the first batch's device)."""
         self.stats = self.stats.to(device)
+        self.rollout_stats = self.rollout_stats.to(device)
         return self
+
+    def _parts(self) -> list[Any]:
+        return [p for p in (self._ratio, self.positions, self.sequences, self.tokens) if p is not None]
 
     def reset_window(self) -> None:
         """Start afresh: drop the open window and restart the schedule at step 0 (a new run).
 
         Alert rules and their history are kept; :meth:`load_state_dict` restores those.
         """
-        self.stats.reset()
+        self._reset_window()
         self._last_logged_step = 0
-        self._batches = 0
+        self._step_seen = 0
         if self._hist is not None:
             self._hist.fill_(math.nan)
         self._hist_pos = 0
@@ -254,7 +293,14 @@ class Monitor:
         self._warn_once(f"input:{kind}", message + " (klmonitor warns once per kind of problem.)")
 
     # -- the hot path ----------------------------------------------------------------------
-    def update(self, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor | None = None) -> None:
+    def update(
+        self,
+        logprobs: Tensor,
+        ref_logprobs: Tensor,
+        mask: Tensor | None = None,
+        rollout_logprobs: Tensor | None = None,
+        token_ids: Tensor | None = None,
+    ) -> None:
         """Fold one (micro-)batch into the window, on its device, with no host sync.
 
         Args:
@@ -262,10 +308,14 @@ class Monitor:
                 any float dtype, on any device; may require grad (detached here).
             ref_logprobs: the same tokens' log-probs under the reference, same shape.
             mask: optional, same shape; True/1 marks tokens to count.
+            rollout_logprobs: optional, same shape: the tokens' log-probs under the engine
+                that sampled them (vLLM, SGLang, HF generate); adds KL(rollout || trainer).
+            token_ids: optional integer ids of the sampled tokens, same shape: for
+                ``top_sequences`` (text) and ``top_tokens``.
 
         Bad input (wrong types, shapes or devices) is warned about once per kind and the
-        batch is skipped (under ``strict=True``: :class:`KLMonitorInputError`); the open
-        window is left intact.
+        batch (or the bad optional part) is skipped (under ``strict=True``:
+        :class:`KLMonitorInputError`); the open window is left intact.
         """
         self._batches += 1
         try:
@@ -277,9 +327,17 @@ class Monitor:
                 exc,
             )
             return
+        logp, ref = logprobs.detach(), ref_logprobs.detach()
+        valid = None if mask is None else (mask if mask.dtype == torch.bool else mask == 1).to(logp.device)
+        if rollout_logprobs is not None:
+            self._update_rollout(logp, rollout_logprobs, mask, valid)
+        ids = self._checked_ids(token_ids, logp) if token_ids is not None else None
+        wants_rows = (self.positions is not None or self.sequences is not None) and logp.dim() == 2
+        if wants_rows or (self.tokens is not None and ids is not None):
+            self._diagnose(logp, ref, valid, ids, wants_rows)
         if self.histogram:
             try:
-                self._sample_histogram(logprobs.detach(), ref_logprobs.detach(), mask)
+                self._sample_histogram(logp, ref, mask)
             except Exception as exc:  # the statistics are in; a histogram sample is not worth a crash
                 self.problem(
                     "histogram",
@@ -287,6 +345,57 @@ class Monitor:
                     f"({type(exc).__name__}: {exc}); the statistics are unaffected.",
                     exc,
                 )
+
+    def _update_rollout(self, logp: Tensor, rollout: Any, mask: Tensor | None, valid: Tensor | None) -> None:
+        try:
+            self.rollout_stats.update(rollout, logp, mask)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            self.problem(
+                f"rollout:{type(exc).__name__}",
+                f"klmonitor: this batch's rollout_logprobs were rejected: {exc}. The rollout check "
+                "skips the batch; the main statistics have it.",
+                exc,
+            )
+            return
+        lr = est.log_ratio(rollout.detach(), logp)  # log pi_trainer - log pi_rollout
+        ok = torch.isfinite(lr) if valid is None else torch.isfinite(lr) & valid
+        self._ratio.update(lr, ok)
+
+    def _checked_ids(self, token_ids: Any, logp: Tensor) -> Tensor | None:
+        if (
+            not isinstance(token_ids, Tensor)
+            or token_ids.is_floating_point()
+            or token_ids.is_complex()
+            or token_ids.dtype == torch.bool
+            or token_ids.shape != logp.shape
+        ):
+            self.problem(
+                "token_ids",
+                f"klmonitor: token_ids must be an integer tensor of the log-probs' shape "
+                f"{tuple(logp.shape)}, got {type(token_ids).__name__} "
+                f"{getattr(token_ids, 'dtype', '')} {tuple(getattr(token_ids, 'shape', ()))}; "
+                "top sequences and tokens are computed without ids for such batches.",
+            )
+            return None
+        return token_ids.to(logp.device, non_blocking=True)
+
+    def _diagnose(
+        self, logp: Tensor, ref: Tensor, valid: Tensor | None, ids: Tensor | None, rows: bool
+    ) -> None:
+        # One per-token k3 shared by the position profile, the top sequences and the top tokens.
+        lr = est.log_ratio(logp, ref)
+        ok = torch.isfinite(lr) if valid is None else torch.isfinite(lr) & valid
+        lz = torch.where(ok, lr, 0.0).clamp(-self.stats.clamp, self.stats.clamp)
+        k3 = torch.where(ok, est.k3(lz), 0.0)
+        if rows and self.positions is not None:
+            self.positions.update(k3, ok)
+        if rows and self.sequences is not None:
+            self.sequences.update(k3, ok, ids, self._step_seen, self._rank())
+        if self.tokens is not None and ids is not None:
+            self.tokens.update(k3, ok, ids)
+
+    def _rank(self) -> int:
+        return self.rank if self.rank is not None else _distributed()[0]
 
     def _sample_histogram(self, logp: Tensor, ref: Tensor, mask: Tensor | None) -> None:
         # A contiguous run of tokens at a random offset (host RNG: no device sync) goes into a
@@ -343,6 +452,7 @@ class Monitor:
             the :class:`WindowResult` when a window ended, else ``None``.
         """
         step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
+        self._step_seen = step
         if step >= (self._last_logged_step // self._every + 1) * self._every:
             return self._end_window(step)
         return None
@@ -360,18 +470,65 @@ class Monitor:
             for sink in self._sinks:
                 sink.finalize()
 
+    def _reduce(self) -> KLSummary:
+        """The window over all ranks: one ``all_gather`` of every accumulator, one host transfer."""
+        dev = self.stats.summary_vector().device
+        parts = self._parts()
+        local = [self.stats.summary_vector(), self.rollout_stats.summary_vector().to(dev)]
+        local += [p.vector(dev) for p in parts]
+        sizes = [v.numel() for v in local]
+        flat = torch.cat([v.reshape(-1) for v in local])
+        world = _distributed()[1]
+        if world > 1:
+            gathered = [torch.empty_like(flat) for _ in range(world)]
+            torch.distributed.all_gather(gathered, flat)
+            rows = torch.stack(gathered)
+        else:
+            rows = flat.reshape(1, -1)
+        pieces = torch.split(rows, sizes, dim=1)
+        host = [mom.merge_rows(pieces[0]), mom.merge_rows(pieces[1])]
+        host += [p.host(p.merge_rows(piece)) for p, piece in zip(parts, pieces[2:], strict=True)]
+        values = torch.cat(host).cpu().tolist()  # the window's one host transfer
+        it = iter(values)
+
+        def take(n: int) -> list[float]:
+            return [next(it) for _ in range(n)]
+
+        summary = KLSummary.from_vector(take(lay.SIZE), self.level)
+        rollout = KLSummary.from_vector(take(lay.SIZE), "token")
+        ratio = take(self._ratio.size)
+        if rollout.tokens + rollout.nonfinite > 0:
+            lo, hi, outside = RatioRange.read(ratio, rollout.tokens)
+            summary.rollout = RolloutSummary(rollout, 1.0 + rollout.r_minus_1.mean, lo, hi, outside)
+        if self.positions is not None:
+            summary.by_position = self.positions.read(take(self.positions.size))
+        if self.sequences is not None:
+            summary.top_sequences = self.sequences.read(take(self.sequences.size), self.decode)
+        if self.tokens is not None:
+            summary.top_tokens, outside_vocab = self.tokens.read(take(self.tokens.host_size()), self.decode)
+            if outside_vocab:
+                self.problem(
+                    "vocab_size",
+                    f"klmonitor: {outside_vocab} token ids were outside [0, vocab_size={self.tokens.vocab_size}) "
+                    "and are left out of top_tokens; pass the tokenizer's full size as vocab_size.",
+                )
+        return summary
+
+    def _reset_window(self) -> None:
+        self.stats.reset()
+        self.rollout_stats.reset()
+        for part in self._parts():
+            part.reset()
+        self._batches = 0
+
     def _end_window(self, step: int) -> WindowResult:
-        with warnings.catch_warnings():
-            # An empty window is legitimate here (skipped steps); it is reported below.
-            warnings.filterwarnings("ignore", message=r".*called before the ``update``")
-            summary: KLSummary = self.stats.compute()  # reduces over ranks: every rank gets here
+        summary = self._reduce()  # every rank gets here: the one collective of the window
         hist = None
         if self._hist is not None:
             values = self._hist.cpu().numpy()
             hist = values[np.isfinite(values)]
             self._hist.fill_(math.nan)
-        self.stats.reset()
-        self._batches = 0
+        self._reset_window()
         self._last_logged_step = step
         self._windows += 1
         self.last_summary = summary
@@ -415,6 +572,7 @@ class Monitor:
                 summary.drift,
                 summary.tokens,
             )
+        tables = _tables(summary)
         for sink in self._sinks:
             if id(sink) not in self._sinks_ready:
                 sink.setup([r.name for r in self.rules])
@@ -422,6 +580,8 @@ class Monitor:
             sink.log_scalars(metrics, step)
             if hist is not None and hist.size:
                 sink.log_histogram(hist, step)
+            for name, (columns, rows) in tables.items():
+                sink.log_table(name, columns, rows, step)
         for alert in alerts:
             self._dispatch(alert)
         if stop:
@@ -457,6 +617,13 @@ class Monitor:
             "batches_in_window": self._batches,
             "windows": self._windows,
             "window": [float(x) for x in self.stats.summary_vector().detach().cpu().tolist()],
+            "rollout_window": [float(x) for x in self.rollout_stats.summary_vector().detach().cpu().tolist()],
+            "diagnostics": {
+                type(p).__name__: [
+                    float(x) for x in p.vector(self.stats.summary_vector().device).cpu().tolist()
+                ]
+                for p in self._parts()
+            },
         }
 
     def load_state_dict(self, state_dict: Any) -> None:
@@ -502,20 +669,43 @@ class Monitor:
         window = sd.get("window")
         problem = _window_problem(window)
         if problem is not None:
-            self.stats.reset()
-            self._batches = 0
+            self._reset_window()
             self._bad_state(f"its open window {problem}; the window starts empty")
             return
         if _distributed()[1] > 1:
-            self.stats.reset()
-            self._batches = 0
+            self._reset_window()
             log.info(
                 "klmonitor: the checkpoint's partly filled window is not restored under several "
                 "processes (it held rank 0's tokens only); the first window after resuming is "
                 "shorter. Checkpoint on logging steps for exact resumption under DDP."
             )
             return
+        rollout = sd.get("rollout_window", [0.0] * lay.SIZE)  # absent in version 1
+        problem = _window_problem(rollout)
+        diagnostics = sd.get("diagnostics", {})
+        if problem is None and not isinstance(diagnostics, Mapping):
+            problem = f"is a {type(diagnostics).__name__}, not a dict"
+        saved: dict[Any, list[float]] = {}
+        for part in self._parts() if problem is None else []:
+            vec = diagnostics.get(type(part).__name__)
+            if vec is None:
+                continue  # not saved (an older state or the part was off): starts empty
+            if (
+                not isinstance(vec, list)
+                or len(vec) != part.size
+                or not all(isinstance(x, int | float) and not math.isnan(x) for x in vec)
+            ):
+                problem = f"diagnostics {type(part).__name__} are not {part.size} numbers"
+                break
+            saved[part] = vec
+        if problem is not None:
+            self._reset_window()
+            self._bad_state(f"its rollout or diagnostics window {problem}; the window starts empty")
+            return
         self.stats.load_summary_vector(torch.tensor(window, dtype=torch.float64))
+        self.rollout_stats.load_summary_vector(torch.tensor(rollout, dtype=torch.float64))
+        for part, vec in saved.items():
+            part.load(torch.tensor(vec, dtype=torch.float64, device=self.stats.summary_vector().device))
         self._batches = counters["batches_in_window"]
 
     def _bad_state(self, what: str) -> None:
@@ -524,6 +714,33 @@ class Monitor:
             f"klmonitor: the checkpoint's monitor state was not loaded: {what}. Monitoring goes on "
             "from a fresh state.",
         )
+
+
+def _tables(summary: KLSummary) -> dict[str, tuple[list[str], list[list[Any]]]]:
+    """The window's diagnostics as tables: by_position, top_sequences, top_tokens (when present)."""
+    out: dict[str, tuple[list[str], list[list[Any]]]] = {}
+    if summary.by_position:
+        out["by_position"] = (
+            ["positions", "k3 mean", "tokens"],
+            [[b.label, b.k3_mean, b.tokens] for b in summary.by_position],
+        )
+    if summary.top_sequences:
+        out["top_sequences"] = (
+            ["step", "rank", "row", "KL (sum of k3)", "KL per token", "tokens", "text"],
+            [
+                [s.step, s.rank, s.row, s.kl_sum, s.kl_mean, s.tokens, s.text if s.text is not None else ""]
+                for s in summary.top_sequences
+            ],
+        )
+    if summary.top_tokens:
+        out["top_tokens"] = (
+            ["token id", "text", "count", "KL (sum of k3)", "KL per occurrence"],
+            [
+                [t.token_id, t.text if t.text is not None else "", t.count, t.kl_sum, t.kl_mean]
+                for t in summary.top_tokens
+            ],
+        )
+    return out
 
 
 def _window_problem(window: Any) -> str | None:

@@ -24,6 +24,7 @@ framework is imported here: loggers are recognised by their class names and meth
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -106,6 +107,9 @@ class Sink:
     def log_alert(self, alert: Alert) -> None:
         """Record an alert (when the tracker can)."""
 
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        """Record a small table (``name`` without the prefix), when the tracker can show one."""
+
     def finalize(self) -> None:
         """Flush at the end of training (the target stays open: it is the user's)."""
 
@@ -172,6 +176,18 @@ class TensorBoardSink(LoggerSink):
                 "k2 vs k3 drift": ["Multiline", [m("drift_k2_k3")]],
                 "sampling check: r - 1 in standard errors": ["Multiline", [m("r_minus_1/z")]],
                 "bad tokens": ["Multiline", [m("nonfinite"), m("clamped")]],
+                "k3 by position in the sequence (bucket of token indices)": [
+                    "Multiline",
+                    [re.escape(m("by_position/")) + r"[^/]+/k3$"],
+                ],
+                "rollout engine vs trainer: KL(rollout || trainer)": [
+                    "Multiline",
+                    [m("rollout/k3/mean"), m("rollout/k1/mean")],
+                ],
+                "rollout engine vs trainer: ratio pi_trainer / pi_rollout": [
+                    "Multiline",
+                    [m("rollout/ratio/min"), m("rollout/ratio/mean"), m("rollout/ratio/max")],
+                ],
             }
         }
 
@@ -201,6 +217,11 @@ class TensorBoardSink(LoggerSink):
     def log_alert(self, alert: Alert) -> None:  # noqa: D102
         tag = metric_name(self.prefix, "alerts")
         self._guard("log an alert", lambda: self._writer().add_text(tag, alert.text(), alert.step))
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:  # noqa: D102
+        text = markdown_table(columns, rows)
+        tag = metric_name(self.prefix, name)
+        self._guard(f"log the {name} table", lambda: self._writer().add_text(tag, text, step))
 
     def finalize(self) -> None:  # noqa: D102
         if _is_logger(self.target):
@@ -266,10 +287,37 @@ class WandbSink(LoggerSink):
 
         self._guard("send a W&B alert", send)
 
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:  # noqa: D102
+        def write() -> None:
+            import wandb
+
+            table = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+            self._run().log({metric_name(self.prefix, name): table, WANDB_STEP_KEY: step})
+
+        self._guard(f"log the {name} table", write)
+
     def finalize(self) -> None:  # noqa: D102
         if _is_logger(self.target):
             super().finalize()
         # A run the user passed stays open and unflushed: wandb flushes it on finish().
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (TensorBoard's text tab renders it); ``|`` in cells is escaped.
+
+    >>> print(markdown_table(["id", "kl"], [[3, 0.5]]))
+    | id | kl |
+    |---|---|
+    | 3 | 0.5 |
+    """
+
+    def cell(x: Any) -> str:
+        text = f"{x:.4g}" if isinstance(x, float) else str(x)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, columns)) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _is_summary_writer(obj: Any) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from klmonitor import _layout as lay
@@ -133,6 +133,10 @@ class KLSummary:
     nonfinite: int
     clamped: int
     max_abs_log_ratio: float
+    rollout: RolloutSummary | None = None
+    by_position: list[PositionBucket] | None = None
+    top_sequences: list[TopSequence] = field(default_factory=list)
+    top_tokens: list[TopToken] = field(default_factory=list)
 
     @property
     def kl(self) -> float:
@@ -179,6 +183,11 @@ class KLSummary:
         out[f"{prefix}nonfinite"] = float(self.nonfinite)
         out[f"{prefix}clamped"] = float(self.clamped)
         out[f"{prefix}max_abs_log_ratio"] = self.max_abs_log_ratio
+        if self.rollout is not None:
+            out.update(self.rollout.to_dict(f"{prefix}rollout/"))
+        for bucket in self.by_position or []:
+            out[f"{prefix}by_position/{bucket.label}/k3"] = bucket.k3_mean
+            out[f"{prefix}by_position/{bucket.label}/tokens"] = float(bucket.tokens)
         return {k: float(v) for k, v in out.items() if math.isfinite(v)}
 
     @classmethod
@@ -224,3 +233,91 @@ class KLSummary:
             clamped=int(v[lay.CLAMPED]),
             max_abs_log_ratio=v[lay.MAX_ABS],
         )
+
+
+@dataclass
+class RolloutSummary:
+    """The rollout engine against the trainer: KL(rollout || trainer policy) and the ratios.
+
+    The tokens were sampled by the rollout engine (vLLM, SGLang, HF generate), so the same
+    estimators with the rollout as the sampling policy and the trainer as the reference
+    estimate KL(rollout || trainer); ``r = pi_trainer / pi_rollout`` is the importance ratio
+    an off-policy correction would use.
+
+    Attributes:
+        kl: the estimators' statistics (``kl.k3.mean`` is the headline), as a :class:`KLSummary`.
+        ratio_mean, ratio_min, ratio_max: the mean, smallest and largest ratio over the tokens.
+        ratio_outside: the fraction of tokens whose ratio is outside ``[0.5, 2]``.
+    """
+
+    kl: KLSummary
+    ratio_mean: float
+    ratio_min: float
+    ratio_max: float
+    ratio_outside: float
+
+    def to_dict(self, prefix: str) -> dict[str, float]:
+        """Flat ``{name: value}`` under ``prefix`` (``kl/rollout/``), NaN entries included."""
+        out: dict[str, float] = {}
+        for name in ESTIMATORS:
+            st = self.kl.estimator(name)
+            out[f"{prefix}{name}/mean"] = st.mean
+            out[f"{prefix}{name}/std"] = st.std
+            out[f"{prefix}{name}/stderr"] = st.stderr
+        out[f"{prefix}tokens"] = float(self.kl.tokens)
+        out[f"{prefix}nonfinite"] = float(self.kl.nonfinite)
+        out[f"{prefix}ratio/mean"] = self.ratio_mean
+        out[f"{prefix}ratio/min"] = self.ratio_min
+        out[f"{prefix}ratio/max"] = self.ratio_max
+        out[f"{prefix}ratio/outside"] = self.ratio_outside
+        return out
+
+
+@dataclass
+class PositionBucket:
+    """Mean k3 of the tokens at positions ``start..end`` (``end`` ``None``: and beyond)."""
+
+    label: str
+    start: int
+    end: int | None
+    tokens: int
+    k3_mean: float
+
+
+@dataclass
+class TopSequence:
+    """One of the window's sequences with the largest summed k3.
+
+    Attributes:
+        step: the optimizer-step count when its batch was fed (``trainer.global_step`` in
+            ``training_step``; the number of :meth:`Monitor.step` calls' steps so far).
+        rank: the process that saw it.
+        row: its row in that batch.
+        kl_sum: its summed k3 (the sequence's KL estimate).
+        kl_mean: ``kl_sum / tokens``.
+        tokens: its valid tokens.
+        token_ids: its token ids (the first ``max_len``), when ids were given.
+        token_kl: each kept token's k3 (0 for masked tokens).
+        text: the decoded text with the highest-KL tokens in ``**bold**``, when ``decode`` was given.
+    """
+
+    step: int
+    rank: int
+    row: int
+    kl_sum: float
+    kl_mean: float
+    tokens: int
+    token_ids: list[int] | None = None
+    token_kl: list[float] = field(default_factory=list)
+    text: str | None = None
+
+
+@dataclass
+class TopToken:
+    """A vocabulary entry and the k3 it contributed in the window."""
+
+    token_id: int
+    count: int
+    kl_sum: float
+    kl_mean: float
+    text: str | None = None

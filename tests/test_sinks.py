@@ -31,12 +31,17 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 
-def _feed(mon: Monitor, steps: int, seed: int = 0, shift: float = 0.3) -> list[Any]:
+def _feed(mon: Monitor, steps: int, seed: int = 0, shift: float = 0.3, extras: bool = False) -> list[Any]:
     g = torch.Generator().manual_seed(seed)
     results = []
     for step in range(1, steps + 1):
         logp = -torch.rand(4, 16, generator=g) * 4
-        mon.update(logp, logp + shift * torch.randn(4, 16, generator=g), torch.rand(4, 16, generator=g) < 0.9)
+        ref = logp + shift * torch.randn(4, 16, generator=g)
+        more: dict[str, Any] = {}
+        if extras:
+            more["rollout_logprobs"] = logp + 0.05 * torch.randn(4, 16, generator=g)
+            more["token_ids"] = torch.randint(0, 50, (4, 16), generator=g)
+        mon.update(logp, ref, torch.rand(4, 16, generator=g) < 0.9, **more)
         res = mon.step(step)
         if res is not None:
             results.append(res)
@@ -127,40 +132,54 @@ def test_unknown_target_is_a_clear_type_error() -> None:
         as_sink(object())
 
 
-def _readme_metric_names() -> set[str]:
+def _readme_metric_patterns() -> set[str]:
+    """The README table's names as regular expressions (``<est>``, ``<bucket>``, ``{a,b}`` expanded)."""
     text = README.read_text()
     table = text.split("### What is logged", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
-    names: set[str] = set()
+    patterns: set[str] = set()
     for line in table.splitlines()[2:]:
         cell = line.split("|")[1]
         base = ""
         for item in re.findall(r"`([^`]+)`", cell):
             name = base.rsplit("/", 1)[0] + item if item.startswith("/") else item
             base = name
-            parts = re.split(r"(\{[^}]*\}|<est>)", name)
+            parts = re.split(r"(\{[^}]*\}|<est>|<bucket>)", name)
             options = [
-                p[1:-1].split(",")
+                [re.escape(o) for o in p[1:-1].split(",")]
                 if p.startswith("{")
-                else ["k1", "k2", "k3", "kl_pq"]
+                else ["(k1|k2|k3|kl_pq)"]
                 if p == "<est>"
-                else [p]
+                else [r"[0-9]+(-[0-9]+|\+)"]
+                if p == "<bucket>"
+                else [re.escape(p)]
                 for p in parts
             ]
-            names |= {"".join(c) for c in itertools.product(*options)}
-    return names
+            patterns |= {"".join(c) for c in itertools.product(*options)}
+    return patterns
 
 
 def test_readme_table_lists_exactly_what_is_logged(tmp_path: Path) -> None:
     logged: set[str] = set()
     for level in ("token", "sequence"):
         writer = SummaryWriter(str(tmp_path / level))
-        rule = KLBudgetRule(1e-6)
-        _feed(Monitor(log_every_n_steps=2, sinks=writer, level=level, rules=[rule]), 2)
+        mon = Monitor(
+            log_every_n_steps=2,
+            sinks=writer,
+            level=level,
+            rules=[KLBudgetRule(1e-6)],
+            top_sequences=2,
+            top_tokens=2,
+            vocab_size=50,
+        )
+        _feed(mon, 2, extras=True)
         writer.close()
         tags = events(tmp_path / level).Tags()
         logged |= set(tags["scalars"]) | set(tags["histograms"])
         logged |= {t.removesuffix("/text_summary") for t in tags["tensors"] if t != "custom_scalars__config__"}
-    assert _readme_metric_names() == logged
+    patterns = _readme_metric_patterns()
+    unlisted = sorted(n for n in logged if not any(re.fullmatch(p, n) for p in patterns))
+    never = sorted(p for p in patterns if not any(re.fullmatch(p, n) for n in logged))
+    assert unlisted == [] and never == []
 
 
 def test_sink_alert_text_round_trips() -> None:

@@ -1,0 +1,306 @@
+"""Where the KL comes from, and the rollout's ratio range: fixed-size window accumulators on device.
+
+Each accumulator keeps one float64 vector of a fixed size on the tensors' device, updated with
+no host sync (no ``.item()``, no boolean indexing, no branch on values), and merged exactly
+over ranks from the rows an ``all_gather`` stacks (:meth:`merge_rows`). At a logging step
+:meth:`host` picks the few numbers worth moving to the host and :meth:`read` turns them into
+the plain dataclasses of :mod:`klmonitor.summary`.
+
+- :class:`RatioRange`: smallest and largest log importance ratio, and tokens outside
+  ``[0.5, 2]``, of the rollout engine against the trainer.
+- :class:`PositionProfile`: summed k3 and tokens per log-spaced position bucket.
+- :class:`TopSequences`: the ``k`` sequences with the largest summed k3 (ids and per-token k3
+  of their first ``max_len`` tokens).
+- :class:`TopTokens`: summed k3 and count per vocabulary entry; the ``k`` largest are read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from klmonitor.summary import PositionBucket, TopSequence, TopToken
+
+__all__ = ["PositionProfile", "RatioRange", "TopSequences", "TopTokens", "bucket_labels"]
+
+Decode = Callable[[list[int]], str]
+_LN2 = math.log(2.0)
+
+
+class _Accumulator:
+    size: int
+
+    def __init__(self) -> None:
+        self._v: Tensor | None = None
+
+    def _zeros(self) -> Tensor:
+        return torch.zeros(self.size, dtype=torch.float64)
+
+    def _state(self, device: torch.device) -> Tensor:
+        if self._v is None:
+            self._v = self._zeros().to(device)
+        elif self._v.device != device:
+            self._v = self._v.to(device)
+        return self._v
+
+    def vector(self, device: torch.device) -> Tensor:
+        """This rank's window as a flat float64 vector on ``device``."""
+        return self._state(device)
+
+    def load(self, vector: Tensor) -> None:
+        """Replace the window (a resume); ``vector`` as from :meth:`vector`."""
+        self._v = vector.detach().to(torch.float64).clone()
+
+    def reset(self) -> None:
+        """Start an empty window (keeps the device)."""
+        if self._v is not None:
+            self._v = self._zeros().to(self._v.device)
+
+    @staticmethod
+    def merge_rows(rows: Tensor) -> Tensor:
+        """Merge the windows of several ranks (``[R, size]``): here, their sum."""
+        return rows.sum(0)
+
+    def host(self, merged: Tensor) -> Tensor:
+        """What :meth:`read` needs of the merged window (moved to the host with the rest)."""
+        return merged
+
+
+class RatioRange(_Accumulator):
+    """``min l``, ``max l`` and the count of ``|l| > ln 2`` over valid, finite log-ratios ``l``."""
+
+    size = 3
+
+    def _zeros(self) -> Tensor:
+        return torch.tensor([math.inf, -math.inf, 0.0], dtype=torch.float64)
+
+    def update(self, lr: Tensor, valid: Tensor) -> None:
+        """Fold the log-ratios ``lr`` where ``valid`` (both any shape)."""
+        v = self._state(lr.device)
+        lo = torch.where(valid, lr, math.inf).amin().double() if lr.numel() else v[0]
+        hi = torch.where(valid, lr, -math.inf).amax().double() if lr.numel() else v[1]
+        out = ((lr.abs() > _LN2) & valid).sum(dtype=torch.float64)
+        self._v = torch.stack([torch.minimum(v[0], lo), torch.maximum(v[1], hi), v[2] + out])
+
+    @staticmethod
+    def merge_rows(rows: Tensor) -> Tensor:  # noqa: D102
+        return torch.stack([rows[:, 0].amin(), rows[:, 1].amax(), rows[:, 2].sum()])
+
+    @staticmethod
+    def read(values: Sequence[float], tokens: int) -> tuple[float, float, float]:
+        """``(ratio min, ratio max, fraction outside [0.5, 2])``; NaN without tokens."""
+        if tokens <= 0:
+            return math.nan, math.nan, math.nan
+        return math.exp(values[0]), math.exp(values[1]), values[2] / tokens
+
+
+def bucket_labels(buckets: int) -> list[tuple[str, int, int | None]]:
+    """``(label, first, last)`` of each position bucket: 0-1, 2-3, 4-7, ..., and an open last one.
+
+    >>> [label for label, _, _ in bucket_labels(5)]
+    ['0-1', '2-3', '4-7', '8-15', '16+']
+    """
+    out: list[tuple[str, int, int | None]] = []
+    for b in range(buckets):
+        lo = 0 if b == 0 else 1 << b
+        hi = (1 << (b + 1)) - 1
+        if b == buckets - 1:
+            out.append((f"{lo}+", lo, None))
+        else:
+            out.append((f"{lo}-{hi}", lo, hi))
+    return out
+
+
+class PositionProfile(_Accumulator):
+    """Summed k3 and valid tokens per position bucket (the token's index in its row).
+
+    Args:
+        buckets: how many buckets: positions 0-1, 2-3, 4-7, ... and the last one open-ended.
+    """
+
+    def __init__(self, buckets: int = 12) -> None:
+        super().__init__()
+        self.buckets = buckets
+        self.size = 2 * buckets
+        self._index: dict[tuple[int, torch.device], Tensor] = {}
+
+    def _bucket_index(self, length: int, device: torch.device) -> Tensor:
+        key = (length, device)
+        if key not in self._index:
+            pos = torch.arange(length, dtype=torch.float64).clamp_min(1.0)
+            idx = torch.floor(torch.log2(pos)).long().clamp_max(self.buckets - 1)
+            self._index[key] = idx.to(device)
+        return self._index[key]
+
+    def update(self, k3: Tensor, valid: Tensor) -> None:
+        """Fold per-token ``k3`` (0 where not valid) and ``valid`` of ``[B, T]`` inputs."""
+        v = self._state(k3.device)
+        idx = self._bucket_index(k3.shape[1], k3.device)
+        sums = torch.zeros(self.buckets, dtype=torch.float64, device=k3.device)
+        sums.index_add_(0, idx, k3.sum(0, dtype=torch.float64))
+        counts = torch.zeros(self.buckets, dtype=torch.float64, device=k3.device)
+        counts.index_add_(0, idx, valid.sum(0, dtype=torch.float64))
+        self._v = v + torch.cat([sums, counts])
+
+    def read(self, values: Sequence[float]) -> list[PositionBucket]:
+        """The buckets with at least one token, first position first."""
+        out = []
+        for b, (label, lo, hi) in enumerate(bucket_labels(self.buckets)):
+            n = values[self.buckets + b]
+            if n > 0:
+                out.append(PositionBucket(label, lo, hi, int(n), values[b] / n))
+        return out
+
+
+# Fields of a TopSequences row before its ids and per-token k3.
+_SCORE, _TOKENS, _STEP, _ROW, _RANK, _LEN = range(6)
+_F = 6
+
+
+class TopSequences(_Accumulator):
+    """The ``k`` sequences of the window with the largest summed k3.
+
+    Args:
+        k: how many sequences are kept.
+        max_len: token ids and per-token k3 kept per sequence (the first ``max_len``).
+    """
+
+    def __init__(self, k: int = 5, max_len: int = 256) -> None:
+        super().__init__()
+        self.k, self.max_len = k, max_len
+        self.width = _F + 2 * max_len
+        self.size = k * self.width
+
+    def _zeros(self) -> Tensor:
+        rows = torch.zeros(self.k, self.width, dtype=torch.float64)
+        rows[:, _SCORE] = -math.inf
+        return rows.reshape(-1)
+
+    def update(self, k3: Tensor, valid: Tensor, token_ids: Tensor | None, step: int, rank: int) -> None:
+        """Fold the rows of ``[B, T]`` per-token ``k3`` (0 where not valid)."""
+        dev = k3.device
+        current = self._state(dev).reshape(self.k, self.width)
+        b, t = k3.shape
+        if b == 0:
+            return
+        tokens = valid.sum(1, dtype=torch.float64)
+        score = torch.where(tokens > 0, k3.sum(1, dtype=torch.float64), -math.inf)
+        kb = min(self.k, b)
+        best, rows = score.topk(kb)
+        keep = min(t, self.max_len)
+        kl_rows = torch.zeros(kb, self.max_len, dtype=torch.float64, device=dev)
+        kl_rows[:, :keep] = k3.index_select(0, rows)[:, :keep].double()
+        id_rows = torch.full((kb, self.max_len), -1.0, dtype=torch.float64, device=dev)
+        if token_ids is not None:
+            id_rows[:, :keep] = token_ids.index_select(0, rows)[:, :keep].double()
+        meta = torch.stack(
+            [
+                best,
+                tokens.index_select(0, rows),
+                torch.full((kb,), float(step), dtype=torch.float64, device=dev),
+                rows.double(),
+                torch.full((kb,), float(rank), dtype=torch.float64, device=dev),
+                torch.full((kb,), float(keep), dtype=torch.float64, device=dev),
+            ],
+            1,
+        )
+        candidates = torch.cat([current, torch.cat([meta, id_rows, kl_rows], 1)])
+        self._v = self._top(candidates).reshape(-1)
+
+    def _top(self, candidates: Tensor) -> Tensor:
+        return candidates.index_select(0, candidates[:, _SCORE].topk(self.k).indices)
+
+    def merge_rows(self, rows: Tensor) -> Tensor:  # type: ignore[override]  # noqa: D102
+        return self._top(rows.reshape(-1, self.width)).reshape(-1)
+
+    def read(self, values: Sequence[float], decode: Decode | None, mark: int = 3) -> list[TopSequence]:
+        """The kept sequences, largest summed k3 first; ``decode`` renders their text."""
+        out = []
+        for i in range(self.k):
+            row = values[i * self.width : (i + 1) * self.width]
+            if not math.isfinite(row[_SCORE]):
+                continue
+            n, keep = int(row[_TOKENS]), int(row[_LEN])
+            ids = [int(x) for x in row[_F : _F + keep]]
+            kl = [float(x) for x in row[_F + self.max_len : _F + self.max_len + keep]]
+            has_ids = any(x >= 0 for x in ids)
+            seq = TopSequence(
+                step=int(row[_STEP]),
+                rank=int(row[_RANK]),
+                row=int(row[_ROW]),
+                kl_sum=float(row[_SCORE]),
+                kl_mean=float(row[_SCORE]) / n if n else math.nan,
+                tokens=n,
+                token_ids=ids if has_ids else None,
+                token_kl=kl,
+            )
+            if has_ids and decode is not None:
+                seq.text = marked_text(ids, kl, decode, mark)
+            out.append(seq)
+        return out
+
+
+def marked_text(ids: Sequence[int], kl: Sequence[float], decode: Decode, mark: int = 3) -> str:
+    """``decode``'s text of ``ids`` token by token, the ``mark`` highest-k3 tokens in ``**bold**``.
+
+    >>> marked_text([1, 2, 3], [0.0, 0.9, 0.1], lambda ids: "abc"[ids[0] - 1], mark=1)
+    'a**b**c'
+    """
+    top = {i for i in sorted(range(len(ids)), key=lambda i: -kl[i])[:mark] if kl[i] > 0}
+    parts = []
+    for i, tok in enumerate(ids):
+        if tok < 0:
+            continue
+        piece = decode([tok])
+        parts.append(f"**{piece}**" if i in top and piece.strip() else piece)
+    return "".join(parts)
+
+
+class TopTokens(_Accumulator):
+    """Summed k3 and count per vocabulary id (ids outside ``[0, vocab_size)`` are counted apart).
+
+    Args:
+        vocab_size: the ids tracked.
+        k: how many entries :meth:`read` returns.
+    """
+
+    def __init__(self, vocab_size: int, k: int = 5) -> None:
+        super().__init__()
+        self.vocab_size, self.k = vocab_size, k
+        self.size = 2 * vocab_size + 1
+
+    def update(self, k3: Tensor, valid: Tensor, token_ids: Tensor) -> None:
+        """Fold per-token ``k3`` (0 where not valid) by ``token_ids`` (same shape)."""
+        v = self._state(k3.device)
+        ids = token_ids.reshape(-1).to(k3.device)
+        inside = (ids >= 0) & (ids < self.vocab_size)
+        use = valid.reshape(-1) & inside
+        idx = torch.where(use, ids, 0).long()
+        sums = v[: self.vocab_size].index_add(0, idx, torch.where(use, k3.reshape(-1).double(), 0.0))
+        counts = v[self.vocab_size : -1].index_add(0, idx, use.double())
+        outside = v[-1:] + (valid.reshape(-1) & ~inside).sum(dtype=torch.float64)
+        self._v = torch.cat([sums, counts, outside])
+
+    def host(self, merged: Tensor) -> Tensor:
+        """The ``k`` largest sums with their ids and counts, and the out-of-range count."""
+        sums, counts = merged[: self.vocab_size], merged[self.vocab_size : -1]
+        k = min(self.k, self.vocab_size)
+        best, ids = sums.topk(k)
+        return torch.cat([best, ids.double(), counts.index_select(0, ids), merged[-1:]])
+
+    def host_size(self) -> int:
+        """Length of :meth:`host`'s vector."""
+        return 3 * min(self.k, self.vocab_size) + 1
+
+    def read(self, values: Sequence[float], decode: Decode | None) -> tuple[list[TopToken], int]:
+        """The entries with a positive count, largest sum first, and the out-of-range count."""
+        k = min(self.k, self.vocab_size)
+        out = []
+        for i in range(k):
+            kl, tok, n = values[i], int(values[k + i]), int(values[2 * k + i])
+            if n > 0:
+                out.append(TopToken(tok, n, kl, kl / n, decode([tok]) if decode is not None else None))
+        return out, int(values[3 * k])
