@@ -384,7 +384,12 @@ def _plot_rollout_ratio(ax: Any, data: RunData) -> None:
         ax.plot(mean[0], mean[1], color="tab:blue", lw=1.8, marker="o", ms=2.5, label="mean")
     values = np.concatenate([g[1] for g in (mean, lo, hi) if g is not None])
     if values.size and np.all(values[np.isfinite(values)] > 0):
-        ax.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_yscale("log", base=2)  # ticks at ... 0.25, 0.5, 1, 2, 4 ...
+        ax.yaxis.set_major_locator(LogLocator(base=2))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # not 2⁻¹
+        ax.yaxis.set_minor_formatter(NullFormatter())
     for bound in RATIO_RANGE:
         ax.axhline(bound, color="black", ls="--", lw=0.9)
     ax.axhline(1.0, color="grey", lw=0.6)
