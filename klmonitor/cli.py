@@ -49,6 +49,7 @@ def _report(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         drift_threshold=args.drift_threshold,
         scale=args.scale,
+        format=args.format,
     )
     print(f"wrote {path}")
     return 0
@@ -93,15 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     rpt = sub.add_parser(
         "report",
-        help="render a PNG dashboard from a run's TensorBoard event files",
+        help="render a PNG dashboard from a run's TensorBoard, CSV or W&B logs",
         description="Read the kl/ scalars, alerts and log-ratio histograms of the newest run under "
-        "LOGDIR (or --run) and draw them to a PNG.",
+        "LOGDIR (or --run): TensorBoard event files, a CSVLogger metrics.csv or a W&B run directory "
+        "(wandb/offline-run-*), detected from the files. Draw them to a PNG.",
     )
-    rpt.add_argument("logdir", metavar="LOGDIR", help="TensorBoard log directory (searched recursively)")
+    rpt.add_argument(
+        "logdir", metavar="LOGDIR", help="log directory: TensorBoard, CSVLogger or W&B (searched recursively)"
+    )
     rpt.add_argument(
         "-o", "--output", default=None, help="image to write (default LOGDIR/klmonitor_report.png)"
     )
-    rpt.add_argument("--run", default=None, help="run directory relative to LOGDIR (default: the newest)")
+    rpt.add_argument(
+        "--run", default=None, help="run directory or file, relative to LOGDIR (default: the newest)"
+    )
+    rpt.add_argument(
+        "--format",
+        choices=("auto", "tensorboard", "csv", "wandb"),
+        default="auto",
+        help="log format to read (default auto: detected from the files)",
+    )
     rpt.add_argument("--prefix", default="kl/", help="metric prefix (default kl/)")
     rpt.add_argument("--drift-threshold", type=float, default=0.1, help="drift threshold drawn (default 0.1)")
     rpt.add_argument(

@@ -1,10 +1,13 @@
-"""``klmonitor report``: a PNG dashboard of a run from its TensorBoard event files.
+"""``klmonitor report``: a PNG dashboard of a run, from TensorBoard, CSV or W&B logs.
 
-The event files are read with TensorBoard's own ``EventAccumulator``; the figure is drawn
-with matplotlib's Agg backend (no display needed). It shows the k1/k2/k3 means with
-mean ± std bands against the trainer step, the k2-k3 drift signal with its alert threshold
-and the alerts the monitor fired, and, when the run logged it, the distribution of the
-log-ratio over time.
+The run is read back with each tracker's own reader (see :mod:`klmonitor._readers`:
+TensorBoard's ``EventAccumulator``, the ``metrics.csv`` of Lightning's ``CSVLogger``, and
+``wandb leet inspect --json`` for W&B run files); the figure is drawn with matplotlib's Agg
+backend (no display needed). It shows the k1/k2/k3 window means with ±2 standard-error
+bands against the trainer step, the k2-k3 drift signal with its alert threshold and the
+alerts the monitor fired, and, when the run logged them, the distribution of the log-ratio
+over time, the KL by token position (a step × position heat map) and the rollout-vs-trainer
+mismatch (KL(rollout ‖ trainer) and the importance ratio's range).
 """
 
 from __future__ import annotations
@@ -12,168 +15,109 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["AlertMark", "RunData", "find_runs", "load_run", "parse_alert", "render", "report", "select_run"]
+from klmonitor._readers import (
+    FORMATS,
+    AlertMark,
+    Format,
+    Histogram,
+    RunData,
+    RunRef,
+    find_runs,
+    load_run,
+    parse_alert,
+    parse_wandb_alert,
+)
+
+__all__ = [
+    "FORMATS",
+    "AlertMark",
+    "Histogram",
+    "RunData",
+    "RunRef",
+    "find_runs",
+    "load_run",
+    "panels",
+    "parse_alert",
+    "parse_wandb_alert",
+    "position_profile",
+    "render",
+    "report",
+    "select_run",
+]
 
 Scale = Literal["auto", "linear", "log"]
 DEFAULT_DRIFT_THRESHOLD = 0.1
 """The ``drift`` rule's default threshold on ``(mean k2 - mean k3) / mean k3``."""
 REPORT_NAME = "klmonitor_report.png"
-_EVENTS = "events.out.tfevents.*"
-_ALERT_RE = re.compile(r"\*\*(?P<rule>[^*]+)\*\*\s*\((?P<level>\w+)\)\s*at step\s*(?P<step>-?\d+)")
+BAND_SE = 2.0
+"""Half-width of the bands around the window means, in standard errors (about a 95% interval)."""
+RATIO_RANGE = (0.5, 2.0)
+"""The importance-ratio range drawn as dashed lines in the rollout panel."""
 _LEVEL_COLORS = {"info": "tab:blue", "warn": "tab:orange", "error": "tab:red"}
 _EST_COLORS = {"k1": "tab:blue", "k2": "tab:orange", "k3": "tab:green"}
+_FORMAT_LABEL = {"tensorboard": "TensorBoard", "csv": "CSV", "wandb": "W&B"}
+_LEADING_INT = re.compile(r"^\s*(\d+)")
 
 
-@dataclass
-class AlertMark:
-    """An alert read back from a run's ``alerts`` text entries."""
+def panels(data: RunData) -> list[str]:
+    """The panels :func:`render` draws for ``data``, top to bottom.
 
-    step: int
-    rule: str
-    level: str
-    text: str
+    ``estimators`` and ``drift`` always; ``log_ratio`` when histograms were logged;
+    ``by_position`` when ``by_position/<bucket>/k3`` scalars were; ``rollout_kl`` and
+    ``rollout_ratio`` when ``rollout/k3/mean`` and ``rollout/ratio/*`` were.
 
-
-@dataclass
-class Histogram:
-    """One logged log-ratio histogram: bucket edges (``len(counts) + 1``) and counts."""
-
-    step: int
-    edges: np.ndarray
-    counts: np.ndarray
-    lo: float
-    hi: float
-
-
-@dataclass
-class RunData:
-    """What :func:`load_run` read from one run directory.
-
-    Attributes:
-        run_dir: the directory holding the event files.
-        prefix: the metric prefix (``kl/`` by default).
-        scalars: ``{tag: (steps, values)}`` of the tags under ``prefix``, sorted by step
-            (for a step logged twice, e.g. after a resume, the last value is kept).
-        alerts: the alerts, by step.
-        histograms: the log-ratio histograms, by step.
+    >>> panels(RunData(Path("run"), "kl/"))
+    ['estimators', 'drift']
     """
-
-    run_dir: Path
-    prefix: str
-    scalars: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    alerts: list[AlertMark] = field(default_factory=list)
-    histograms: list[Histogram] = field(default_factory=list)
-
-    def series(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(steps, values)`` of ``prefix + name``, or ``None`` when not logged."""
-        return self.scalars.get(self.prefix + name)
-
-
-def parse_alert(text: str, step: int) -> AlertMark:
-    """Read an alert back from its TensorBoard text (``**rule** (level) at step N: message``).
-
-    Text in another shape is kept as an alert of rule ``"alert"`` at the entry's step.
-
-    >>> parse_alert("**drift** (warn) at step 120: k2 and k3 disagree", step=120)
-    AlertMark(step=120, rule='drift', level='warn', text='k2 and k3 disagree')
-    """
-    m = _ALERT_RE.search(text)
-    if m is None:
-        return AlertMark(step, "alert", "warn", text.strip())
-    message = text[m.end() :].lstrip(": ").strip()
-    return AlertMark(int(m["step"]), m["rule"].strip(), m["level"].lower(), message)
+    out = ["estimators", "drift"]
+    if data.histograms:
+        out.append("log_ratio")
+    if position_profile(data) is not None:
+        out.append("by_position")
+    if data.series("rollout/k3/mean") is not None:
+        out.append("rollout_kl")
+    if any(data.series(f"rollout/ratio/{s}") is not None for s in ("mean", "min", "max")):
+        out.append("rollout_ratio")
+    return out
 
 
-def find_runs(logdir: str | os.PathLike[str]) -> list[Path]:
-    """Directories under ``logdir`` (itself included) that hold event files, newest first.
-
-    A run's age is the modification time of its newest event file.
-
-    Raises:
-        FileNotFoundError: ``logdir`` does not exist.
-        ValueError: no event files under it.
-    """
-    root = Path(logdir)
-    if not root.exists():
-        raise FileNotFoundError(f"{root} does not exist; pass the --logdir of a run logged to TensorBoard")
-    if root.is_file():
-        files = [root] if root.match(_EVENTS) else []
-    else:
-        files = [f for f in root.rglob(_EVENTS) if f.is_file()]
-    if not files:
-        raise ValueError(
-            f"no TensorBoard event files under {root}; log with a TensorBoardLogger "
-            f"(e.g. `klmonitor demo --logdir {root}`) and point the report at that directory"
-        )
-    newest: dict[Path, float] = {}
-    for f in files:
-        newest[f.parent] = max(newest.get(f.parent, -math.inf), f.stat().st_mtime)
-    return sorted(newest, key=lambda d: (newest[d], str(d)), reverse=True)
+def _bucket_key(label: str) -> tuple[int, str]:
+    m = _LEADING_INT.match(label)
+    return (int(m[1]) if m else 1 << 62, label)
 
 
-def _decode_text(proto: Any) -> list[str]:
-    from tensorboard.util import tensor_util
-
-    arr = np.asarray(tensor_util.make_ndarray(proto)).reshape(-1)
-    return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr]
-
-
-def _histogram(step: int, value: Any) -> Histogram | None:
-    limits = np.asarray(value.bucket_limit, dtype=np.float64)
-    counts = np.asarray(value.bucket, dtype=np.float64)
-    if counts.size == 0 or counts.sum() <= 0 or not (math.isfinite(value.min) and math.isfinite(value.max)):
-        return None
-    lo, hi = float(value.min), float(value.max)
-    # Bucket i spans (limit[i-1], limit[i]]; the outer buckets are cut at the data's min and max.
-    edges = np.concatenate([[lo], np.clip(limits, lo, hi)])
-    return Histogram(step, edges, counts, lo, hi)
-
-
-def load_run(run_dir: str | os.PathLike[str], prefix: str = "kl/") -> RunData:
-    """Read a run's ``prefix`` scalars, alert texts and log-ratio histograms.
-
-    Args:
-        run_dir: a directory holding event files (not searched recursively).
-        prefix: the monitor's metric prefix.
+def position_profile(data: RunData) -> tuple[np.ndarray, list[str], np.ndarray] | None:
+    """The mean k3 by position bucket and step, from the ``by_position/<bucket>/k3`` scalars.
 
     Returns:
-        The :class:`RunData` (its ``scalars`` may be empty).
-    """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        ``(steps, buckets, grid)``: the steps (sorted), the bucket labels ordered by their
+        first position (``"0-1"``, ``"2-3"``, ``"4-7"``, ...), and ``grid[bucket, step]``
+        (NaN where a bucket was not logged at a step); ``None`` when nothing was logged.
 
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
-    tags = acc.Tags()
-    data = RunData(Path(run_dir), prefix)
-    for tag in tags.get("scalars", []):
-        if not tag.startswith(prefix):
-            continue
-        by_step = {int(e.step): float(e.value) for e in acc.Scalars(tag)}
-        steps = np.array(sorted(by_step), dtype=np.int64)
-        data.scalars[tag] = (steps, np.array([by_step[s] for s in steps.tolist()], dtype=np.float64))
-    alert_tag = f"{prefix}alerts"
-    for tag in tags.get("tensors", []):
-        # TensorBoard's text plugin may suffix the tag (e.g. "kl/alerts/text_summary").
-        if tag == alert_tag or tag.startswith(alert_tag + "/"):
-            for ev in acc.Tensors(tag):
-                for text in _decode_text(ev.tensor_proto):
-                    data.alerts.append(parse_alert(text, int(ev.step)))
-    data.alerts.sort(key=lambda a: a.step)
-    hist_tag = f"{prefix}log_ratio"
-    if hist_tag in tags.get("histograms", []):
-        by_step_h: dict[int, Histogram] = {}
-        for hev in acc.Histograms(hist_tag):
-            h = _histogram(int(hev.step), hev.histogram_value)
-            if h is not None:
-                by_step_h[h.step] = h
-        data.histograms = [by_step_h[s] for s in sorted(by_step_h)]
-    return data
+    >>> import numpy as np
+    >>> d = RunData(Path("run"), "kl/")
+    >>> d.scalars["kl/by_position/2-3/k3"] = (np.array([10]), np.array([0.5]))
+    >>> d.scalars["kl/by_position/0-1/k3"] = (np.array([10, 20]), np.array([0.25, 0.75]))
+    >>> steps, buckets, grid = position_profile(d)
+    >>> steps.tolist(), buckets, grid.tolist()
+    ([10, 20], ['0-1', '2-3'], [[0.25, 0.75], [0.5, nan]])
+    """
+    pattern = re.compile(rf"^{re.escape(data.prefix)}by_position/(?P<bucket>[^/]+)/k3$")
+    found = {m["bucket"]: got for tag, got in data.scalars.items() if (m := pattern.match(tag))}
+    if not found:
+        return None
+    buckets = sorted(found, key=_bucket_key)
+    steps = np.unique(np.concatenate([found[b][0] for b in buckets]))
+    grid = np.full((len(buckets), steps.size), np.nan)
+    for i, b in enumerate(buckets):
+        s, v = found[b]
+        grid[i, np.searchsorted(steps, s)] = v
+    return steps, buckets, grid
 
 
 def _use_log(means: list[np.ndarray], scale: Scale) -> bool:
@@ -187,60 +131,89 @@ def _use_log(means: list[np.ndarray], scale: Scale) -> bool:
     return bool(values.max() / values.min() >= 30)
 
 
-def _alert_lines(ax: Any, alerts: list[AlertMark]) -> None:
-    for a in alerts:
-        ax.axvline(a.step, color=_LEVEL_COLORS.get(a.level, "tab:red"), lw=0.9, ls=":", alpha=0.8, zorder=1)
+def _stderr(data: RunData, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(steps, standard error of the window mean)``: logged, or ``std / sqrt(n)``."""
+    se = data.series(f"{name}/stderr")
+    if se is not None:
+        return se
+    std = data.series(f"{name}/std")
+    n = data.series("sequences") or data.series("tokens")
+    if std is None or n is None:
+        return None
+    common, i_s, i_n = np.intersect1d(std[0], n[0], return_indices=True)
+    return common, std[1][i_s] / np.sqrt(np.maximum(n[1][i_n], 1.0))
+
+
+def _band(
+    ax: Any,
+    mean: tuple[np.ndarray, np.ndarray],
+    se: tuple[np.ndarray, np.ndarray] | None,
+    color: str,
+    floor: float | None,
+    label: str,
+) -> float:
+    """Fill mean ± BAND_SE standard errors; returns the band's top (``-inf`` if none)."""
+    if se is None:
+        return -math.inf
+    common, i_m, i_s = np.intersect1d(mean[0], se[0], return_indices=True)
+    half = BAND_SE * se[1][i_s]
+    lower, upper = mean[1][i_m] - half, mean[1][i_m] + half
+    ok = np.isfinite(lower) & np.isfinite(upper)
+    if not ok.any():
+        return -math.inf
+    if floor is not None:
+        # Only a mean within 2 standard errors of 0 reaches the floor: "indistinguishable from 0".
+        lower = np.maximum(lower, floor)
+    ax.fill_between(common, lower, upper, where=ok, color=color, alpha=0.18, lw=0, label=label)
+    return float(np.nanmax(upper[ok]))
 
 
 def _plot_estimators(ax: Any, data: RunData, scale: Scale, unit: str) -> None:
     series = {n: data.series(f"{n}/mean") for n in ("k1", "k2", "k3")}
-    log = _use_log([got[1] for n, got in series.items() if got is not None and n != "k1"], scale)
-    # The log axis' floor comes from k2/k3 (never negative); k1 near 0 would stretch it for nothing.
     nonneg = [got[1] for n, got in series.items() if got is not None and n != "k1"]
-    positive = np.concatenate([m[m > 0] for m in nonneg] or [np.ones(1)])
-    floor = float(positive.min()) / 3 if positive.size else 1e-6
+    log = _use_log(nonneg, scale)
+    # The log axis' floor comes from k2/k3 (never negative); k1 near 0 would stretch it for nothing.
+    positive = np.concatenate([m[np.isfinite(m) & (m > 0)] for m in nonneg] or [np.ones(1)])
+    if positive.size == 0:
+        positive = np.ones(1)
+    floor = float(positive.min()) / 3
     top = -math.inf
     for name, got in series.items():
         if got is None:
             continue
         steps, mean = got
         color = _EST_COLORS[name]
-        std = data.series(f"{name}/std")
-        if std is not None:
-            common, i_m, i_s = np.intersect1d(steps, std[0], return_indices=True)
-            lower = mean[i_m] - std[1][i_s]
-            upper = mean[i_m] + std[1][i_s]
-            top = max(top, float(np.nanmax(upper)) if upper.size else top)
-            if log:
-                lower = np.maximum(lower, floor)
-            ax.fill_between(common, lower, upper, color=color, alpha=0.1, lw=0, label=f"{name} mean ± std")
-            ax.plot(common, upper, color=color, lw=0.6, alpha=0.5)
+        label = f"{name} ± {BAND_SE:g} s.e."
+        top = max(top, _band(ax, got, _stderr(data, name), color, floor if log else None, label))
         shown = np.where(mean > 0, mean, np.nan) if log else mean  # k1 < 0 has no place on a log axis
         ax.plot(steps, shown, color=color, lw=1.8, marker="o", ms=2.5, label=f"{name} mean")
     _alert_lines(ax, data.alerts)
     if log:
         ax.set_yscale("log")
         ax.set_ylim(floor, max(top, float(positive.max())) * 1.5)
-    ax.set_title("KL(policy ‖ reference) estimates: window mean, and mean ± std of the per-sample values")
+    ax.set_title(
+        f"KL(policy ‖ reference) estimates: window mean ± {BAND_SE:g} standard errors of the mean",
+        fontsize=10.5,
+    )
     ax.set_ylabel(f"KL (nats {unit}){', log scale' if log else ''}")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", ncol=3, fontsize=8, framealpha=0.85)
 
 
-def _plot_drift(ax: Any, data: RunData, threshold: float) -> None:
-    got = data.series("drift_k2_k3")
-    if got is not None:
-        steps, drift = got
-        ax.plot(steps, drift, color="tab:purple", lw=1.8, marker="o", ms=2.5, label="drift (k2 − k3) / k3")
-    ax.axhline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
-    ax.axhline(0, color="grey", lw=0.6)
-    _alert_lines(ax, data.alerts)
+def _alert_lines(ax: Any, alerts: list[AlertMark]) -> None:
+    for a in alerts:
+        ax.axvline(a.step, color=_LEVEL_COLORS.get(a.level, "tab:red"), lw=0.9, ls=":", alpha=0.8, zorder=1)
+
+
+def _alert_markers(
+    ax: Any, alerts: list[AlertMark], on_curve: str, curve: tuple[np.ndarray, np.ndarray] | None
+) -> None:
+    """Triangles for ``alerts``: those of rule ``on_curve`` on ``curve``, the others on the top edge."""
     seen: set[tuple[str, str]] = set()
-    logged = set(got[0].tolist()) if got is not None else set()
-    for a in data.alerts:
-        # A drift alert sits on the drift curve; other rules' alerts along the top edge.
-        if a.rule == "drift" and got is not None and a.step in logged:
-            y, transform, dy = float(got[1][int(np.searchsorted(got[0], a.step))]), ax.transData, 6
+    logged = set(curve[0].tolist()) if curve is not None else set()
+    for a in alerts:
+        if a.rule == on_curve and curve is not None and a.step in logged:
+            y, transform, dy = float(curve[1][int(np.searchsorted(curve[0], a.step))]), ax.transData, 6
         else:
             y, transform, dy = 0.96, ax.get_xaxis_transform(), -3
         key = (a.rule, a.level)
@@ -262,10 +235,33 @@ def _plot_drift(ax: Any, data: RunData, threshold: float) -> None:
                 color=color,
             )  # fmt: skip
         seen.add(key)
-    ax.set_title("Drift: relative k2 − k3 gap (the policy has left the quadratic region above the threshold)")
+
+
+def _plot_drift(ax: Any, data: RunData, threshold: float) -> None:
+    got = data.series("drift_k2_k3")
+    if got is not None:
+        steps, drift = got
+        ax.plot(steps, drift, color="tab:purple", lw=1.8, marker="o", ms=2.5, label="drift (k2 − k3) / k3")
+    ax.axhline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
+    ax.axhline(0, color="grey", lw=0.6)
+    _alert_lines(ax, data.alerts)
+    _alert_markers(ax, data.alerts, "drift", got)
+    title = "Drift: relative k2 − k3 gap (the policy has left the quadratic region above the threshold)"
+    if not data.alerts_recorded:
+        title += f"; {_FORMAT_LABEL[data.format]} logs hold no alerts"
+    ax.set_title(title, fontsize=10.5)
     ax.set_ylabel("relative gap (unitless)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", fontsize=8, framealpha=0.85)
+
+
+def _step_edges(steps: np.ndarray) -> np.ndarray:
+    """Cell edges around each step, half-way to its neighbours, for a step × y heat map."""
+    steps = steps.astype(np.float64)
+    if steps.size == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5])
+    mid = (steps[1:] + steps[:-1]) / 2
+    return np.concatenate([[steps[0] - (mid[0] - steps[0])], mid, [steps[-1] + (steps[-1] - mid[-1])]])
 
 
 def _regrid(h: Histogram, grid: np.ndarray) -> np.ndarray:
@@ -278,7 +274,11 @@ def _regrid(h: Histogram, grid: np.ndarray) -> np.ndarray:
     return np.diff(cdf)
 
 
-def _plot_histograms(fig: Any, ax: Any, data: RunData) -> None:
+_SMOOTH = np.array([1.0, 2.0, 1.0]) / 4.0
+_GAP_FILL = 4
+
+
+def _plot_histograms(fig: Any, ax: Any, cax: Any, data: RunData) -> None:
     hists = data.histograms
     # The y range holds 99.8% of all tokens logged, so that a few outliers do not flatten it.
     lo_all = min(h.lo for h in hists)
@@ -290,26 +290,150 @@ def _plot_histograms(fig: Any, ax: Any, data: RunData) -> None:
     hi = float(fine[min(int(np.searchsorted(cdf, 0.999)) + 1, fine.size - 1)])
     if not hi > lo:
         lo, hi = lo - 0.5, hi + 0.5
-    edges_y = np.linspace(lo, hi, 101)
-    steps = np.array([h.step for h in hists], dtype=np.float64)
-    if steps.size == 1:
-        edges_x = np.array([steps[0] - 0.5, steps[0] + 0.5])
-    else:
-        mid = (steps[1:] + steps[:-1]) / 2
-        edges_x = np.concatenate([[steps[0] - (mid[0] - steps[0])], mid, [steps[-1] + (steps[-1] - mid[-1])]])
-    grid = np.zeros((edges_y.size - 1, steps.size))
+    # Bins sized to the sample: with n tokens per window, about 2 sqrt(n) bins (20 to 100).
+    n_median = float(np.median([h.counts.sum() for h in hists]))
+    n_bins = int(np.clip(2 * math.sqrt(n_median), 20, 100))
+    edges_y = np.linspace(lo, hi, n_bins + 1)
+    # The colour floor is a quarter of one token per bin: every occupied bin gets a colour.
+    floor = 0.25 / max(n_median, 1.0)
+    grid = np.zeros((n_bins, len(hists)))
     for j, h in enumerate(hists):
-        grid[:, j] = _regrid(h, edges_y) / max(h.counts.sum(), 1.0)
+        col = _regrid(h, edges_y) / max(h.counts.sum(), 1.0)
+        # A sparse tail leaves empty bins between occupied ones, which a log colour scale
+        # would draw as white stripes. A [1, 2, 1] kernel spreads each bin's tokens over its
+        # neighbours (mass kept), and a gap of at most _GAP_FILL bins left between occupied
+        # bins gets the colour floor ("under a quarter of a token"). A wider gap is a real one
+        # (e.g. between two modes) and stays blank.
+        col = np.convolve(col, _SMOOTH, mode="same")
+        occupied = np.flatnonzero(col > 0)
+        for a, b in zip(occupied[:-1], occupied[1:], strict=True):
+            if 1 < b - a <= _GAP_FILL + 1:
+                col[a + 1 : b] = floor
+        grid[:, j] = np.where(col > 0, np.maximum(col, floor), 0.0)
     from matplotlib.colors import LogNorm
 
-    shown = grid[grid > 1e-5]
-    norm = LogNorm(vmin=max(float(shown.min()), 1e-4), vmax=float(shown.max())) if shown.size else None
-    mesh = ax.pcolormesh(edges_x, edges_y, np.where(grid > 1e-5, grid, np.nan), cmap="viridis", norm=norm)
-    fig.colorbar(mesh, ax=ax, label="fraction of tokens per bin", pad=0.01)
+    shown = grid[grid > 0]
+    vmax = float(shown.max()) if shown.size else 1.0
+    norm = LogNorm(vmin=min(floor, vmax / 10), vmax=vmax, clip=True)
+    mesh = ax.pcolormesh(
+        _step_edges(np.array([h.step for h in hists])), edges_y, np.where(grid > 0, grid, np.nan),
+        cmap="viridis", norm=norm,
+    )  # fmt: skip
+    fig.colorbar(mesh, cax=cax, label="fraction of tokens per bin")
     ax.axhline(0, color="grey", lw=0.6, alpha=0.7)
     _alert_lines(ax, data.alerts)
-    ax.set_title("Distribution of the per-token log-ratio log p_ref − log p_policy (a sample of each window)")
+    ax.set_title(
+        "Distribution of the per-token log-ratio log p_ref − log p_policy (a sample of each window)",
+        fontsize=10.5,
+    )
     ax.set_ylabel("log-ratio (nats)")
+
+
+def _plot_position(fig: Any, ax: Any, cax: Any, data: RunData, unit: str) -> None:
+    got = position_profile(data)
+    assert got is not None
+    steps, buckets, grid = got
+    from matplotlib.colors import LogNorm, Normalize
+
+    finite = grid[np.isfinite(grid)]
+    positive = finite[finite > 0]
+    log = positive.size >= 2 and finite.min() > 0 and positive.max() / positive.min() >= 30
+    norm: Any
+    if log:
+        norm = LogNorm(vmin=float(positive.min()), vmax=float(positive.max()))
+    else:
+        norm = Normalize(vmin=min(0.0, float(finite.min())) if finite.size else 0.0)
+    edges_y = np.arange(len(buckets) + 1) - 0.5
+    mesh = ax.pcolormesh(_step_edges(steps), edges_y, grid, cmap="magma", norm=norm)
+    fig.colorbar(mesh, cax=cax, label=f"mean k3 (nats {unit})")
+    # At most ~12 labels, so that many buckets stay readable.
+    every = max(1, math.ceil(len(buckets) / 12))
+    ax.set_yticks(range(0, len(buckets), every), [buckets[i] for i in range(0, len(buckets), every)])
+    _alert_lines(ax, data.alerts)
+    ax.set_title("Where the KL comes from: mean k3 by token position within the sequence", fontsize=10.5)
+    ax.set_ylabel("token position")
+
+
+def _plot_rollout_kl(ax: Any, data: RunData) -> None:
+    got = data.series("rollout/k3/mean")
+    assert got is not None
+    _band(ax, got, _stderr(data, "rollout/k3"), "tab:red", None, f"± {BAND_SE:g} s.e.")
+    ax.plot(got[0], got[1], color="tab:red", lw=1.8, marker="o", ms=2.5, label="k3 mean")
+    ax.axhline(0, color="grey", lw=0.6)
+    _alert_lines(ax, data.alerts)
+    _alert_markers(ax, [a for a in data.alerts if a.rule == "rollout_mismatch"], "rollout_mismatch", got)
+    ax.set_title(
+        "Rollout vs trainer: KL(rollout engine ‖ trainer policy) on the sampled tokens", fontsize=10.5
+    )
+    ax.set_ylabel("KL (nats per token)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.85)
+
+
+def _plot_rollout_ratio(ax: Any, data: RunData) -> None:
+    mean, lo, hi = (data.series(f"rollout/ratio/{s}") for s in ("mean", "min", "max"))
+    if lo is not None and hi is not None:
+        common, i_lo, i_hi = np.intersect1d(lo[0], hi[0], return_indices=True)
+        ax.fill_between(
+            common, lo[1][i_lo], hi[1][i_hi], color="tab:cyan", alpha=0.3, lw=0, label="min – max"
+        )
+    for got in (lo, hi):
+        if got is not None:
+            ax.plot(got[0], got[1], color="tab:cyan", lw=1.0, ls=":")
+    if mean is not None:
+        ax.plot(mean[0], mean[1], color="tab:blue", lw=1.8, marker="o", ms=2.5, label="mean")
+    values = np.concatenate([g[1] for g in (mean, lo, hi) if g is not None])
+    if values.size and np.all(values[np.isfinite(values)] > 0):
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_yscale("log", base=2)  # ticks at ... 0.25, 0.5, 1, 2, 4 ...
+        ax.yaxis.set_major_locator(LogLocator(base=2))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # not 2⁻¹
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    for bound in RATIO_RANGE:
+        ax.axhline(bound, color="black", ls="--", lw=0.9)
+    ax.axhline(1.0, color="grey", lw=0.6)
+    ax.annotate(
+        f"[{RATIO_RANGE[0]:g}, {RATIO_RANGE[1]:g}]", (1.0, RATIO_RANGE[1]), xycoords=("axes fraction", "data"),
+        xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=8,
+    )  # fmt: skip
+    _alert_lines(ax, data.alerts)
+    ax.set_title("Importance ratio π_trainer / π_rollout per token: window mean and range", fontsize=10.5)
+    ax.set_ylabel("ratio")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.85)
+
+
+_HEIGHTS = {
+    "estimators": 1.3,
+    "drift": 1.0,
+    "log_ratio": 1.0,
+    "by_position": 1.0,
+    "rollout_kl": 0.8,
+    "rollout_ratio": 0.8,
+}
+
+
+def _facts(data: RunData, unit: str) -> list[str]:
+    facts = [f"{_FORMAT_LABEL[data.format]} log"]
+    k3, drift = data.series("k3/mean"), data.series("drift_k2_k3")
+    if k3 is not None and k3[0].size:
+        std = data.series("k3/std")
+        spread = (
+            f" (std {std[1][-1]:.3g})" if std is not None and std[0].size and std[0][-1] == k3[0][-1] else ""
+        )
+        facts.append(f"last step {int(k3[0][-1])}: k3 = {k3[1][-1]:.3g}{spread} nats {unit}")
+    if drift is not None and drift[0].size:
+        facts.append(f"drift {drift[1][-1]:.3g}")
+    rollout = data.series("rollout/k3/mean")
+    if rollout is not None and rollout[0].size:
+        facts.append(f"rollout KL {rollout[1][-1]:.3g}")
+    if data.alerts_recorded:
+        rules = sorted({a.rule for a in data.alerts})
+        facts.append(f"{len(data.alerts)} alert(s){': ' + ', '.join(rules) if rules else ''}")
+    else:
+        facts.append(f"alerts: not recorded in {_FORMAT_LABEL[data.format]} logs")
+    return facts
 
 
 def render(
@@ -344,27 +468,33 @@ def render(
     if scale not in ("auto", "linear", "log"):
         raise ValueError(f"scale must be 'auto', 'linear' or 'log', got {scale!r}")
     unit = "per sequence" if data.series("sequences") is not None else "per token"
-    rows = 3 if data.histograms else 2
-    fig = Figure(figsize=(12, 3.6 * rows + 0.8), layout="constrained")
-    axes = fig.subplots(rows, 1, sharex=True, height_ratios=[1.3, 1.0] + ([1.0] if rows == 3 else []))
-    _plot_estimators(axes[0], data, scale, unit)
-    _plot_drift(axes[1], data, drift_threshold)
-    if rows == 3:
-        _plot_histograms(fig, axes[2], data)
-    axes[-1].set_xlabel("trainer step (global_step)")
-
+    names = panels(data)
+    heights = [_HEIGHTS[n] for n in names]
+    fig = Figure(figsize=(12, 0.9 + 3.0 * sum(heights)), layout="constrained")
+    # A narrow second column holds the heat maps' colour bars, so every panel is equally wide
+    # and a step lines up across all of them.
+    gs = fig.add_gridspec(len(names), 2, width_ratios=[1, 0.017], height_ratios=heights)
+    axes: dict[str, Any] = {}
+    first: Any = None
+    for i, name in enumerate(names):
+        axes[name] = first = fig.add_subplot(gs[i, 0], sharex=first)
+    _plot_estimators(axes["estimators"], data, scale, unit)
+    _plot_drift(axes["drift"], data, drift_threshold)
+    if "log_ratio" in axes:
+        _plot_histograms(fig, axes["log_ratio"], fig.add_subplot(gs[names.index("log_ratio"), 1]), data)
+    if "by_position" in axes:
+        _plot_position(
+            fig, axes["by_position"], fig.add_subplot(gs[names.index("by_position"), 1]), data, unit
+        )
+    if "rollout_kl" in axes:
+        _plot_rollout_kl(axes["rollout_kl"], data)
+    if "rollout_ratio" in axes:
+        _plot_rollout_ratio(axes["rollout_ratio"], data)
+    for name in names[:-1]:
+        axes[name].tick_params(labelbottom=False)
+    axes[names[-1]].set_xlabel("trainer step (global_step)")
     head = title or f"klmonitor report: {data.run_dir}"
-    k3, drift = data.series("k3/mean"), data.series("drift_k2_k3")
-    facts = []
-    if k3 is not None and k3[0].size:
-        std = data.series("k3/std")
-        spread = f" ± {std[1][-1]:.3g}" if std is not None and std[0].size and std[0][-1] == k3[0][-1] else ""
-        facts.append(f"last step {int(k3[0][-1])}: k3 = {k3[1][-1]:.3g}{spread} nats {unit}")
-    if drift is not None and drift[0].size:
-        facts.append(f"drift {drift[1][-1]:.3g}")
-    rules = sorted({a.rule for a in data.alerts})
-    facts.append(f"{len(data.alerts)} alert(s){': ' + ', '.join(rules) if rules else ''}")
-    fig.suptitle(f"{head}\n{'; '.join(facts)}", fontsize=11)
+    fig.suptitle(f"{head}\n{'; '.join(_facts(data, unit))}", fontsize=11)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -372,28 +502,33 @@ def render(
 
 
 def select_run(
-    logdir: str | os.PathLike[str], run: str | os.PathLike[str] | None = None, prefix: str = "kl/"
+    logdir: str | os.PathLike[str],
+    run: str | os.PathLike[str] | None = None,
+    prefix: str = "kl/",
+    format: Format | Literal["auto"] = "auto",
 ) -> RunData:
     """Load the run a report is drawn from: ``run``, or the newest with ``prefix`` scalars.
 
     Args:
-        logdir: a TensorBoard log directory (searched recursively for event files).
-        run: a run directory, relative to ``logdir`` or absolute.
+        logdir: a log directory (searched recursively for TensorBoard event files, CSVLogger
+            ``metrics.csv`` files and W&B ``run-*.wandb`` files).
+        run: a run directory or file, relative to ``logdir`` or absolute.
         prefix: the monitor's metric prefix.
+        format: ``"auto"`` or the one format to read.
 
     Raises:
         FileNotFoundError: ``logdir`` (or ``run``) does not exist.
-        ValueError: no event files, or no run with ``prefix`` scalars.
+        ValueError: no run of that format, or none with ``prefix`` scalars.
     """
     where = Path(logdir) if run is None else Path(run) if Path(run).is_absolute() else Path(logdir) / run
-    candidates = find_runs(where)
-    for run_dir in candidates:
-        data = load_run(run_dir, prefix)
+    candidates = find_runs(where, format)
+    for ref in candidates:
+        data = load_run(ref, prefix)
         if data.scalars:
             return data
     raise ValueError(
-        f"no {prefix} scalars in the {len(candidates)} run(s) with event files under {where}; "
-        "were they logged by klmonitor.KLMonitor (with this prefix) to a TensorBoardLogger?"
+        f"no {prefix} scalars in the {len(candidates)} run(s) under {where}; were they logged by "
+        "klmonitor.KLMonitor (with this prefix) to a TensorBoardLogger, CSVLogger or WandbLogger?"
     )
 
 
@@ -404,27 +539,30 @@ def report(
     prefix: str = "kl/",
     drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
     scale: Scale = "auto",
+    format: Format | Literal["auto"] = "auto",
 ) -> Path:
     """Render the dashboard of a run logged under ``logdir``; the ``klmonitor report`` command.
 
     Args:
-        logdir: a TensorBoard log directory (searched recursively for event files).
+        logdir: a log directory: TensorBoard, CSVLogger or W&B (searched recursively).
         out: the image to write; default ``logdir/klmonitor_report.png``.
-        run: a run directory, relative to ``logdir`` or absolute; default the newest run
-            that has ``prefix`` scalars.
+        run: a run directory or file, relative to ``logdir`` or absolute; default the
+            newest run that has ``prefix`` scalars.
         prefix: the monitor's metric prefix.
         drift_threshold: the drift rule's threshold, drawn as a dashed line.
         scale: y scale of the estimator panel (``"auto"``, ``"linear"``, ``"log"``).
+        format: ``"auto"`` (detected from the files) or ``"tensorboard"``, ``"csv"``,
+            ``"wandb"``.
 
     Returns:
         The path written.
 
     Raises:
         FileNotFoundError: ``logdir`` (or ``run``) does not exist.
-        ValueError: no event files, or no run with ``prefix`` scalars.
+        ValueError: no run of that format, or none with ``prefix`` scalars.
     """
     root = Path(logdir)
-    data = select_run(root, run=run, prefix=prefix)
+    data = select_run(root, run=run, prefix=prefix, format=format)
     if out is None:
         out = (root if root.is_dir() else root.parent) / REPORT_NAME
     return render(data, out, drift_threshold=drift_threshold, scale=scale)
