@@ -34,6 +34,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from klmonitor.alerts import parse_alert_text
+from klmonitor.sinks import WANDB_ALERT_TITLE
+
 Format = Literal["tensorboard", "csv", "wandb"]
 FORMATS: tuple[Format, ...] = ("tensorboard", "csv", "wandb")
 _FORMAT_NAMES = {
@@ -47,9 +50,7 @@ _RICHNESS = {"tensorboard": 2, "wandb": 1, "csv": 0}
 _EVENTS = "events.out.tfevents.*"
 _CSV = "metrics.csv"
 _WANDB = "run-*.wandb"
-_ALERT_RE = re.compile(r"\*\*(?P<rule>[^*]+)\*\*\s*\((?P<level>\w+)\)\s*at step\s*(?P<step>-?\d+)")
 _WANDB_STEP_RE = re.compile(r"^\s*Step\s+(?P<step>-?\d+)\s*:\s*")
-_WANDB_TITLE = "klmonitor: "
 WANDB_STEP_KEY = "trainer/global_step"
 """The history key W&B runs are stepped by (the monitor's ``define_metric`` step)."""
 
@@ -121,11 +122,11 @@ def parse_alert(text: str, step: int) -> AlertMark:
     >>> parse_alert("**drift** (warn) at step 120: k2 and k3 disagree", step=120)
     AlertMark(step=120, rule='drift', level='warn', text='k2 and k3 disagree')
     """
-    m = _ALERT_RE.search(text)
-    if m is None:
+    parsed = parse_alert_text(text)
+    if parsed is None:
         return AlertMark(step, "alert", "warn", text.strip())
-    message = text[m.end() :].lstrip(": ").strip()
-    return AlertMark(int(m["step"]), m["rule"].strip(), m["level"].lower(), message)
+    rule, level, at, message = parsed
+    return AlertMark(at, rule, level, message)
 
 
 def parse_wandb_alert(title: str, text: str, level: str, step: int) -> AlertMark:
@@ -138,7 +139,7 @@ def parse_wandb_alert(title: str, text: str, level: str, step: int) -> AlertMark
     >>> parse_wandb_alert("klmonitor: drift", "Step 60: k2 and k3 disagree", "WARN", step=58)
     AlertMark(step=60, rule='drift', level='warn', text='k2 and k3 disagree')
     """
-    rule = title[len(_WANDB_TITLE) :] if title.startswith(_WANDB_TITLE) else title
+    rule = title[len(WANDB_ALERT_TITLE) :] if title.startswith(WANDB_ALERT_TITLE) else title
     m = _WANDB_STEP_RE.match(text)
     if m is not None:
         step, text = int(m["step"]), text[m.end() :]

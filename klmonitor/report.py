@@ -32,6 +32,7 @@ from klmonitor._readers import (
     parse_alert,
     parse_wandb_alert,
 )
+from klmonitor.alerts import DEFAULT_DRIFT_THRESHOLD
 
 __all__ = [
     "FORMATS",
@@ -51,8 +52,6 @@ __all__ = [
 ]
 
 Scale = Literal["auto", "linear", "log"]
-DEFAULT_DRIFT_THRESHOLD = 0.1
-"""The ``drift`` rule's default threshold on ``(mean k2 - mean k3) / mean k3``."""
 REPORT_NAME = "klmonitor_report.png"
 BAND_SE = 2.0
 """Half-width of the bands around the window means, in standard errors (about a 95% interval)."""

@@ -50,6 +50,10 @@ __all__ = [
 WarnFn = Callable[[str, str], None]
 #: The step key W&B plots klmonitor's metrics against (as Lightning's WandbLogger logs it).
 WANDB_STEP_KEY = "trainer/global_step"
+#: W&B alerts are titled ``klmonitor: <rule>`` and their text starts ``Step <step>: ``
+#: (``klmonitor report`` reads them back with these).
+WANDB_ALERT_TITLE = "klmonitor: "
+WANDB_ALERT_TEXT = "Step {step}: {message}"
 
 
 def _class_names(obj: Any) -> set[str]:
@@ -279,8 +283,8 @@ class WandbSink(LoggerSink):
     def log_alert(self, alert: Alert) -> None:  # noqa: D102
         def send() -> None:
             self._run().alert(
-                title=f"klmonitor: {alert.rule}"[:63],
-                text=f"Step {alert.step}: {alert.message}",
+                title=f"{WANDB_ALERT_TITLE}{alert.rule}"[:63],
+                text=WANDB_ALERT_TEXT.format(step=alert.step, message=alert.message),
                 level=alert.level.value.upper(),
                 wait_duration=self.alert_wait_s,
             )
