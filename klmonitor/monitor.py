@@ -108,6 +108,21 @@ class Monitor:
         wandb_alert_wait_s: W&B's minimum seconds between two alerts with the same title.
         rank: this process's global rank; ``None`` reads it from ``torch.distributed`` (0
             when it is not initialised). Only rank 0 writes to sinks.
+        by_position: keep the mean k3 per position bucket (``[B, T]`` inputs):
+            ``summary.by_position`` and ``kl/by_position/<bucket>/k3``.
+        position_buckets: buckets of token positions: 0-1, 2-3, 4-7, ..., the last open-ended.
+        position_rows: rows of each batch the position profile reads (an evenly strided sample
+            at a random offset, so its cost stays small whatever the batch; an unbiased
+            estimate of each bucket's mean); ``None`` reads every row (exact). Every row is
+            read anyway when ``top_sequences`` or ``top_tokens`` is on.
+        top_sequences: keep the window's K sequences with the largest summed k3 (0: off);
+            ``summary.top_sequences``, a table ``kl/top_sequences``.
+        top_sequences_max_len: token ids and per-token k3 kept per top sequence.
+        top_tokens: keep the K vocabulary entries contributing the most summed k3 (0: off;
+            needs ``token_ids`` in :meth:`update` and ``vocab_size``).
+        vocab_size: the size of the id table of ``top_tokens`` (``len(tokenizer)``).
+        decode: ``callable(token_ids: list[int]) -> str`` (e.g. a tokenizer's ``decode``) to
+            show the top sequences and tokens as text.
 
     Under an initialised ``torch.distributed``, :meth:`step` and :meth:`flush` reduce the
     window over all ranks with one collective, so every rank must call them at the same
@@ -145,6 +160,7 @@ class Monitor:
         rank: int | None = None,
         by_position: bool = True,
         position_buckets: int = 12,
+        position_rows: int | None = 16,
         top_sequences: int = 0,
         top_sequences_max_len: int = 256,
         top_tokens: int = 0,
@@ -186,6 +202,11 @@ class Monitor:
             PositionProfile(check_int(position_buckets, "position_buckets", low=2))
             if check_bool(by_position, "by_position")
             else None
+        )
+        self.position_rows = (
+            None
+            if position_rows is None
+            else check_int(position_rows, "position_rows", low=1, hint=" or None (all rows)")
         )
         k_seq = check_int(top_sequences, "top_sequences", low=0, hint=" (0: off)")
         max_len = check_int(top_sequences_max_len, "top_sequences_max_len", low=1)
@@ -383,6 +404,15 @@ class Monitor:
         self, logp: Tensor, ref: Tensor, valid: Tensor | None, ids: Tensor | None, rows: bool
     ) -> None:
         # One per-token k3 shared by the position profile, the top sequences and the top tokens.
+        # When only the position profile wants it, a strided sample of `position_rows` rows at
+        # a random offset (a view: no copy, no host sync) bounds its cost whatever the batch.
+        alone = self.sequences is None and (self.tokens is None or ids is None)
+        if alone and self.position_rows is not None and logp.shape[0] > self.position_rows:
+            stride = logp.shape[0] // self.position_rows
+            start = self._rng.randrange(stride)
+            pick = slice(start, start + stride * self.position_rows, stride)
+            logp, ref = logp[pick], ref[pick]
+            valid = valid[pick] if valid is not None else None
         lr = est.log_ratio(logp, ref)
         ok = torch.isfinite(lr) if valid is None else torch.isfinite(lr) & valid
         lz = torch.where(ok, lr, 0.0).clamp(-self.stats.clamp, self.stats.clamp)
@@ -616,6 +646,7 @@ class Monitor:
             "last_logged_step": self._last_logged_step,
             "batches_in_window": self._batches,
             "windows": self._windows,
+            "step_seen": self._step_seen,
             "window": [float(x) for x in self.stats.summary_vector().detach().cpu().tolist()],
             "rollout_window": [float(x) for x in self.rollout_stats.summary_vector().detach().cpu().tolist()],
             "diagnostics": {
@@ -650,8 +681,8 @@ class Monitor:
             )
             return
         counters: dict[str, int] = {}
-        for key in ("last_logged_step", "batches_in_window", "windows"):
-            value = sd.get(key, 0)
+        for key in ("last_logged_step", "batches_in_window", "windows", "step_seen"):
+            value = sd.get(key, sd.get("last_logged_step", 0) if key == "step_seen" else 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 self._bad_state(f"{key} is {value!r}, not an int >= 0")
                 return
@@ -666,6 +697,7 @@ class Monitor:
             return
         self._last_logged_step = counters["last_logged_step"]
         self._windows = counters["windows"]
+        self._step_seen = counters["step_seen"]
         window = sd.get("window")
         problem = _window_problem(window)
         if problem is not None:

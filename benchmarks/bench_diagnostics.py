@@ -1,0 +1,95 @@
+"""What each diagnostic adds to ``Monitor.update`` at 1M tokens (issue: each under 10 %).
+
+A ``[B, T]`` batch of masked float32 log-probs (1M tokens by default) with token ids and
+rollout log-probs. The base is ``Monitor.update`` with every diagnostic off; each row adds one
+(by_position, top_sequences, top_tokens, rollout) and reports the extra time as a fraction of
+the base, all measured in one run, interleaved round by round (median of rounds).
+
+    python benchmarks/bench_diagnostics.py                 # ~30 s on 2 cores
+    python benchmarks/bench_diagnostics.py --rows 256 --cols 256 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from klmonitor import Monitor
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "base (all off)": {"by_position": False},
+    "by_position (16 rows)": {"by_position": True},
+    "by_position (all rows)": {"by_position": True, "position_rows": None},
+    "top_sequences=5": {"by_position": False, "top_sequences": 5},
+    "top_tokens=5": {"by_position": False, "top_tokens": 5, "vocab_size": 50_257},
+    "rollout": {"by_position": False},
+    "all": {"by_position": True, "top_sequences": 5, "top_tokens": 5, "vocab_size": 50_257},
+}
+
+
+def _timer(fn: Callable[[], None], repeat: int) -> float:
+    fn()  # warm-up (first-use allocations, kernel load)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--cols", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    g = torch.Generator().manual_seed(0)
+    shape = (args.rows, args.cols)
+    logp = -torch.rand(shape, generator=g) * 5
+    ref = logp + 0.05 * torch.randn(shape, generator=g)
+    mask = torch.rand(shape, generator=g) < 0.9
+    ids = torch.randint(0, 50_257, shape, generator=g)
+    rollout = logp + 0.01 * torch.randn(shape, generator=g)
+
+    monitors = {
+        name: Monitor(log_every_n_steps=10**9, histogram=False, rules=[], **kw)
+        for name, kw in CONFIGS.items()
+    }
+
+    def run(name: str) -> Callable[[], None]:
+        mon = monitors[name]
+        extra: dict[str, Any] = {"token_ids": ids}
+        if name in ("rollout", "all"):
+            extra["rollout_logprobs"] = rollout
+        return lambda: mon.update(logp, ref, mask, **extra)
+
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    for _ in range(args.rounds):
+        for name in CONFIGS:
+            times[name].append(_timer(run(name), args.repeat))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    base = med["base (all off)"]
+    rows = [{"config": name, "ms": 1e3 * t, "extra_vs_base": (t - base) / base} for name, t in med.items()]
+    if args.json:
+        print(json.dumps({"tokens": args.rows * args.cols, "threads": torch.get_num_threads(), "rows": rows}))
+        return
+    print(
+        f"{args.rows} x {args.cols} = {args.rows * args.cols:,} tokens, float32, CPU, {torch.get_num_threads()} threads"
+    )
+    print(f"{'config':<18} {'update ms':>10} {'extra vs base':>14}")
+    for r in rows:
+        print(f"{r['config']:<18} {r['ms']:>10.2f} {100 * r['extra_vs_base']:>13.1f}%")
+
+
+if __name__ == "__main__":
+    main()
