@@ -409,7 +409,8 @@ class Monitor:
         alone = self.sequences is None and (self.tokens is None or ids is None)
         if alone and self.position_rows is not None and logp.shape[0] > self.position_rows:
             stride = logp.shape[0] // self.position_rows
-            start = self._rng.randrange(stride)
+            # The offset is a hash of (step, batch in window): a resumed run samples the same rows.
+            start = _mix(self._step_seen, self._batches) % stride
             pick = slice(start, start + stride * self.position_rows, stride)
             logp, ref = logp[pick], ref[pick]
             valid = valid[pick] if valid is not None else None
@@ -746,6 +747,14 @@ class Monitor:
             f"klmonitor: the checkpoint's monitor state was not loaded: {what}. Monitoring goes on "
             "from a fresh state.",
         )
+
+
+def _mix(a: int, b: int) -> int:
+    """A well-spread 64-bit hash of two counters (splitmix64's finaliser)."""
+    x = (a * 0x9E3779B97F4A7C15 + b * 0xBF58476D1CE4E5B9 + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
 
 
 def _tables(summary: KLSummary) -> dict[str, tuple[list[str], list[list[Any]]]]:
