@@ -58,7 +58,15 @@ EXACT = [
     ("boost", 8.0),  # KL ~4.4
 ]
 OUT_OF_REACH = [("tail8", 0.03), ("sharp", 4.0), ("sharp", 5.0)]
-MISMATCH_POLICIES = [("noise", 0.3), ("noise", 1.0), ("noise", 2.0), ("sharp", 1.2), ("sharp", 2.0), ("tail", 0.1), ("boost", 6.0)]
+MISMATCH_POLICIES = [
+    ("noise", 0.3),
+    ("noise", 1.0),
+    ("noise", 2.0),
+    ("sharp", 1.2),
+    ("sharp", 2.0),
+    ("tail", 0.1),
+    ("boost", 6.0),
+]
 SAMPLERS = ["topk50", "topp0.9", "temp0.7", "shift"]
 
 
@@ -103,7 +111,9 @@ def _upper95(k: int, n: int) -> float:
     return min(1.0, (centre + half) / (1 + z * z / n))
 
 
-def delay(family: str, s: float, sampler: str, seeds: int, tokens: int, max_windows: int = 12) -> dict[str, Any]:
+def delay(
+    family: str, s: float, sampler: str, seeds: int, tokens: int, max_windows: int = 12
+) -> dict[str, Any]:
     delays = []
     kl = math.nan
     for seed in range(seeds):
@@ -145,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"tokens": args.tokens, "exact": [], "out_of_reach": [], "mismatch": []}
 
     print(f"exact sampling: {args.windows} windows of {args.tokens} tokens per case", file=out)
-    print(f"{'policy':>12} {'KL':>8} {'triggered':>10} {'rate<=(95%)':>11} {'alerts':>6} {'z range':>16}", file=out)
+    print(
+        f"{'policy':>12} {'KL':>8} {'triggered':>10} {'rate<=(95%)':>11} {'alerts':>6} {'z range':>16}",
+        file=out,
+    )
     for key, cases in (("exact", EXACT), ("out_of_reach", OUT_OF_REACH)):
         if key == "out_of_reach":
             print("out of reach (tails a window rarely samples):", file=out)
@@ -168,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
             r = delay(family, s, sampler, args.seeds, args.tokens)
             results["mismatch"].append(r)
             kl = r["kl"]
-            cells.append(f"{r['max_delay']:>10}" if r["max_delay"] else f"{str(r['fired']) + '/' + str(r['seeds']):>10}")
+            cells.append(
+                f"{r['max_delay']:>10}"
+                if r["max_delay"]
+                else f"{str(r['fired']) + '/' + str(r['seeds']):>10}"
+            )
         print(f"{family + str(s):>12} {kl:8.3g} " + " ".join(cells), file=out)
     results["seconds"] = time.perf_counter() - start
     print(f"({results['seconds']:.0f} s)", file=out)

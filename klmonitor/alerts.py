@@ -873,14 +873,18 @@ class InitialKLRule(Rule):
 
     The rule checks the first window with at least ``min_samples`` samples, once (it never
     fires later, also after a resume: its state says the check is done). It fires when the
-    per-token KL, the larger of the k1 and k3 means (a sampling mismatch inflates k1 and
-    deflates k3), is above ``threshold`` and more than ``min_z`` standard errors from 0.
+    per-token KL is above ``threshold`` and more than ``min_z`` standard errors above 0: the
+    k3 mean, or the k1 mean when that is larger and significant (a sampling mismatch
+    inflates k1 and deflates k3).
 
     Args:
-        threshold: the largest per-token KL (nats) accepted in the first window. 1e-3 is above
-            rounding noise and below what the usual bugs give (a temperature of 0.7 against 1,
-            or dropout, give 1e-2 to 1); a first window spanning many optimizer steps at a high
-            learning rate can exceed it legitimately: raise it, or log more often.
+        threshold: the largest per-token KL (nats) accepted in the first window. The default,
+            5e-3, is well above rounding noise (bf16 log-probs: at most ~3e-4; a bf16 forward
+            pass against a float32 one: ~1e-5 to 1e-3) and below what the usual bugs give (a
+            temperature of 0.7 against 1, or dropout, give 1e-2 to 1). The first window spans
+            one logging interval of training: a long interval at a high learning rate can
+            exceed it legitimately (the ``klmonitor demo`` reaches 5e-4 to 2e-3 in its first
+            window): log more often, or raise it.
         min_z: the KL must also be this many standard errors above 0.
         min_samples: samples (tokens, or sequences) the checked window needs; smaller windows
             are skipped and the next one is checked.
@@ -901,7 +905,7 @@ class InitialKLRule(Rule):
 
     def __init__(
         self,
-        threshold: float = 1e-3,
+        threshold: float = 5e-3,
         *,
         min_z: float = 3.0,
         min_samples: int = 10,
@@ -909,7 +913,7 @@ class InitialKLRule(Rule):
         stop_training: bool = False,
         name: str | None = None,
     ) -> None:
-        _check_number(threshold, "threshold", low=0.0, hint=" (a per-token KL in nats, e.g. 1e-3)")
+        _check_number(threshold, "threshold", low=0.0, hint=" (a per-token KL in nats, e.g. 5e-3)")
         super().__init__(
             threshold, patience=1, cooldown=0, level=level, stop_training=stop_training, name=name
         )
@@ -917,11 +921,16 @@ class InitialKLRule(Rule):
         self.min_samples = _check_int(min_samples, "min_samples", low=2)
         self._checked = False
 
-    @staticmethod
-    def _estimate(summary: KLSummary) -> tuple[str, float, float]:
-        """The larger of the k1 and k3 means: its name, mean (per sample) and z."""
-        est = summary.k1 if summary.k1.mean > summary.k3.mean else summary.k3
-        return ("k1" if est is summary.k1 else "k3"), est.mean, est.z
+    def _estimate(self, summary: KLSummary) -> tuple[str, float, float]:
+        """The KL estimate judged: name, mean (per sample) and z.
+
+        k3 (never negative, lowest variance), unless k1 is larger and also significant: a
+        sampling mismatch inflates k1 and deflates k3.
+        """
+        k1, k3 = summary.k1, summary.k3
+        if k1.mean > k3.mean and k1.z > self.min_z:
+            return "k1", k1.mean, k1.z
+        return "k3", k3.mean, k3.z
 
     @property
     def checked(self) -> bool:
