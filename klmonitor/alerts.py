@@ -729,7 +729,7 @@ class SamplingMismatchRule(Rule):
     Under exact sampling from the policy ``q``, ``r = p/q >= 0`` and ``E[r] = 1`` (when the
     reference gives no mass to tokens the policy cannot emit: ``E[r] <= 1`` otherwise), so
     ``mean(r) - 1 = mean(k3) - mean(k1)`` is 0 up to sampling noise. A sampler that differs
-    from the scoring (top-k, top-p, a temperature, another engine, stale weights) or log-probs
+    from the scoring (top-k, top-p, a temperature, another engine, stale log-probs) or log-probs
     of other tokens (a one-token shift, a wrong mask) break it. The value measured is
     ``z = r_minus_1.z``; the rule fires (subject to ``min_samples``, ``min_abs_mean`` and
     ``patience``) when one of these holds:
@@ -839,25 +839,26 @@ class SamplingMismatchRule(Rule):
         )
         if mean_r > 1:
             return (
-                f"{head} Too high a mean of r means tokens the reference likes far more than the policy "
-                "are over-represented: typically log-probs of other tokens than those sampled (tokens "
-                "shifted by one between samples and log-probs, or policy and reference log-probs of "
-                "different positions), a wrong mask, or samples drawn from another model (the reference, "
-                "stale weights). Check the alignment of tokens, log-probs and mask first."
+                f"{head} Too high a mean of r means tokens the reference likes far more than the "
+                "policy are over-represented: typically log-probs of other tokens than those "
+                "sampled (tokens shifted by one between samples and log-probs, or policy and "
+                "reference log-probs of different positions), a wrong mask, or samples drawn from "
+                "another model (the reference, or stale log-probs: the sampler's weights behind "
+                "the trainer's). Check the alignment of tokens, log-probs and mask first."
             )
         missing = 1.0 - mean_r
         return (
             f"{head} Too low a mean of r means the tokens the policy rarely emits are missing "
             "from the samples: typically the sampler truncates or sharpens the policy's "
             "distribution (top-k, top-p, a temperature below the scoring one; transformers' "
-            "generate(do_sample=True) applies top_k=50 by default), or an inference engine "
-            "with other numerics or stale weights. Score the tokens with the exact distribution "
-            "they were sampled from (same temperature, top-k/top-p applied to the log-probs too), "
-            "or sample without truncation. If the sampler is exact, the policy gives almost no "
-            f"probability to tokens that hold about {missing:.0%} of the reference's: this window "
-            "cannot tell that from truncated sampling; mean k3 then underestimates the KL by about "
-            f"{_fmt(missing)} nats per token (k1 does not), and a longer window "
-            "resolves it."
+            "generate(do_sample=True) applies top_k=50 by default), an inference engine with "
+            "other numerics, or stale log-probs (the sampler's weights behind the trainer's). "
+            "Score the tokens with the exact distribution they were sampled from (same "
+            "temperature, top-k/top-p applied to the log-probs too), or sample without "
+            "truncation. If the sampler is exact, the policy gives almost no probability to "
+            f"tokens that hold about {missing:.0%} of the reference's, and this window cannot "
+            "tell that from truncated sampling: mean k3 then underestimates the KL by about "
+            f"{_fmt(missing)} nats per token (k1 does not), and a longer window resolves it."
         )
 
 
