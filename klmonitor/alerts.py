@@ -619,7 +619,7 @@ class _TokenCountRule(Rule):
 
 
 class NonFiniteRule(_TokenCountRule):
-    """Tokens whose log-ratio was NaN or infinite (kept out of the statistics).
+    """Tokens whose log-ratio was NaN or infinite, or whose mask value was not 0 or 1 (kept out).
 
     Args:
         threshold: fires when more than this many such tokens are in a window.
@@ -635,7 +635,7 @@ class NonFiniteRule(_TokenCountRule):
     default_level = AlertLevel.ERROR
 
     def measure(self, summary: KLSummary) -> float | None:
-        """The number of NaN/inf log-ratio tokens."""
+        """The number of NaN/inf log-ratio tokens (and of tokens with an invalid mask value)."""
         return float(summary.nonfinite)
 
     def message(self, value: float, summary: KLSummary) -> str:
@@ -646,7 +646,9 @@ class NonFiniteRule(_TokenCountRule):
             "excluded from the KL statistics (the true KL is infinite if a token is impossible under "
             "the reference). -inf usually means the reference gives a sampled token zero probability: "
             "a different tokenizer or vocabulary, or top-k/top-p masking applied to one model's "
-            "logits; +inf the same for the policy; NaN means a bug upstream (NaN logits or log-probs)."
+            "logits; +inf the same for the policy; NaN means a bug upstream (NaN logits or log-probs). "
+            "A numeric mask value other than 0 or 1 (0.5, -1, NaN) is counted here too: pass a bool "
+            "mask, or one of 0s and 1s."
         )
 
 
