@@ -16,10 +16,15 @@ name                   fires when                                       threshol
                        gap is ``> min_z`` standard errors
 ``spike``              the KL jumps ``> threshold`` robust standard      6          warn
                        deviations above its recent running mean
-``nonfinite``          NaN/inf log-ratios counted ``> threshold``        0          error
+``nonfinite``          NaN/inf log-ratios (and mask values other than 0  0          error
+                       or 1) counted ``> threshold``
 ``clamped``            clamped log-ratios counted ``> threshold``        0          warn
-``sampling_mismatch``  ``|z|`` of the mean of ``r - 1`` ``> threshold``  6          warn
-                       (see :class:`SamplingMismatchRule` for guards)
+``sampling_mismatch``  the mean of ``r`` is off 1 by ``> threshold``     6          warn
+                       standard errors (low side: also beyond what the
+                       tail past the window's largest ``r`` can hide),
+                       or is ``>= max_mean_ratio`` (20); 3 windows
+``initial_kl``         the first window's per-token KL is above          5e-3       warn
+                       ``threshold`` (and significant); once per run
 ``kl_budget``          the chosen estimator's mean ``> max_kl``          user's     error
 =====================  ===============================================  =========  ========
 """
