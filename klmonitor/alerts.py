@@ -696,7 +696,7 @@ def _per_sample_token_ratio(summary: KLSummary) -> float:
 
 
 def _largest_ratio_bound(summary: KLSummary) -> float:
-    """An upper bound on the largest per-sample ``r`` of the window, from its statistics.
+    """An upper bound on the largest per-sample ``r`` (per sequence: ``sum r_t``) of the window.
 
     Samuelson's inequality bounds any sample by ``mean + std * (n - 1) / sqrt(n)``; at token
     level ``r <= exp(max |l|)`` as well (the smaller of the two is used). The bound is loose
@@ -704,7 +704,9 @@ def _largest_ratio_bound(summary: KLSummary) -> float:
     """
     n = summary.count
     rm1 = summary.r_minus_1
-    bound = 1.0 + rm1.mean + (rm1.std * (n - 1) / math.sqrt(n) if n > 1 else 0.0)
+    # The mean of a sample's r: 1 per token, the mean length per sequence (a sum of r_t).
+    length = summary.tokens / n if summary.level == "sequence" and n > 0 else 1.0
+    bound = length + rm1.mean + (rm1.std * (n - 1) / math.sqrt(n) if n > 1 else 0.0)
     if summary.level == "token" and math.isfinite(summary.max_abs_log_ratio):
         bound = min(bound, math.exp(min(summary.max_abs_log_ratio, 700.0)))
     return bound

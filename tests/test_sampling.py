@@ -322,3 +322,16 @@ def test_initial_kl_arguments() -> None:
     with pytest.raises(TypeError, match="min_z"):
         InitialKLRule(min_z="3")  # type: ignore[arg-type]
     assert math.isclose(InitialKLRule().threshold, 5e-3)
+
+
+@pytest.mark.parametrize(("sampler", "fires"), [("exact", False), ("topk50", True), ("temp0.7", True)])
+def test_sequence_level_windows(sampler: str, fires: bool) -> None:
+    # The same tokens as 1024 sequences of 32: E[sum of r_t - 1] is 0 per sequence too.
+    rule = SamplingMismatchRule()
+    alerts = []
+    for seed in range(3):
+        w = window("noise", 1.0, sampler, seed=seed)
+        stats = KLStats(level="sequence")
+        stats.update(w.logq.reshape(-1, 32), w.logp.reshape(-1, 32))
+        alerts.append(rule.evaluate(stats.compute(), seed))
+    assert (alerts[2] is not None) is fires and alerts[:2] == [None, None]
