@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=200, help="windows per exact-sampling case")
     parser.add_argument("--seeds", type=int, default=5, help="runs per mismatch case")
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per window")
+    parser.add_argument(
+        "--max-windows", type=int, default=12, help="windows per mismatch run before giving up"
+    )
     parser.add_argument("--quick", action="store_true", help="20 windows and 2 seeds per case")
     parser.add_argument("--json", action="store_true", help="print JSON on stdout (tables on stderr)")
     args = parser.parse_args(argv)
@@ -172,13 +175,16 @@ def main(argv: list[str] | None = None) -> int:
                 file=out,
             )
 
-    print(f"mismatched sampling: windows until the alert ({args.seeds} runs each, at most 12)", file=out)
+    print(
+        f"mismatched sampling: windows until the alert ({args.seeds} runs each, at most {args.max_windows})",
+        file=out,
+    )
     print(f"{'policy':>12} {'KL':>8} " + " ".join(f"{m:>10}" for m in SAMPLERS), file=out)
     for family, s in MISMATCH_POLICIES:
         cells = []
         kl = math.nan
         for sampler in SAMPLERS:
-            r = delay(family, s, sampler, args.seeds, args.tokens)
+            r = delay(family, s, sampler, args.seeds, args.tokens, args.max_windows)
             results["mismatch"].append(r)
             kl = r["kl"]
             cells.append(
