@@ -751,7 +751,9 @@ class SamplingMismatchRule(Rule):
       (``1 / max_mean_ratio**patience`` for ``patience`` windows in a row), whatever the tails.
       It catches a one-token shift when ``r``'s tail makes ``z`` small.
     - **z < -threshold and 1 - mean(r) > tail_factor * R / n** (``mean(r)`` too low), where
-      ``R`` bounds the window's largest ``r`` (:func:`_largest_ratio_bound`). ``r >= 0``, so
+      ``R`` bounds the window's largest ``r``: the smaller of ``exp(max_abs_log_ratio)`` and
+      Samuelson's ``mean + std * (n - 1) / sqrt(n)`` (per sequence, of ``sum r_t``; loose
+      when ``max |l|`` comes from a negative log-ratio, never too small). ``r >= 0``, so
       ``mean(r)`` cannot fall far below 1 by chance, except by *missing* the part of ``r``'s
       right tail that the window did not sample (tokens the reference likes and the policy
       almost never emits). For a tail the window does sample, with ``P(r > x)`` falling like
