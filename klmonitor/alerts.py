@@ -19,7 +19,7 @@ name                   fires when                                       threshol
 ``nonfinite``          NaN/inf log-ratios (and mask values other than 0  0          error
                        or 1) counted ``> threshold``
 ``clamped``            clamped log-ratios counted ``> threshold``        0          warn
-``sampling_mismatch``  the mean of ``r`` is off 1 by ``> threshold``     6          warn
+``sampling_mismatch``  the mean of ``r`` is off 1 by ``> threshold``     5          warn
                        standard errors (low side: also beyond what the
                        tail past the window's largest ``r`` can hide),
                        or is ``>= max_mean_ratio`` (20); 3 windows
@@ -63,7 +63,7 @@ _BUDGET_ESTIMATORS = ("k1", "k2", "k3", "kl_pq")
 # Windows a default rule stays quiet after firing: at most one alert per 11 windows per rule.
 _DEFAULT_COOLDOWN = 10
 # SamplingMismatchRule's defaults, also used by DriftRule to tell a sampling gap from drift.
-_SM_THRESHOLD = 6.0
+_SM_THRESHOLD = 5.0
 _SM_MIN_SAMPLES = 100
 _SM_TAIL_FACTOR = 10.0
 _SM_MAX_MEAN_RATIO = 20.0
@@ -745,7 +745,7 @@ class SamplingMismatchRule(Rule):
 
     - **z > threshold** (``mean(r)`` too high): a heavy right tail of ``r`` inflates the
       standard error with the mean it inflates, so under exact sampling the self-normalised
-      ``z`` is large only by chance (honest windows gave at most about +4).
+      ``z`` is large only by chance (honest windows gave at most +3.7 in 2,600).
     - **mean(r) >= max_mean_ratio** (per token): by Markov's inequality an exact sampler gives a
       mean of ``r`` this high with probability at most ``1 / max_mean_ratio`` per window
       (``1 / max_mean_ratio**patience`` for ``patience`` windows in a row), whatever the tails.
@@ -799,7 +799,7 @@ class SamplingMismatchRule(Rule):
         stop_training: bool = False,
         name: str | None = None,
     ) -> None:
-        _check_number(threshold, "threshold", low=0.0, hint=" (standard errors, e.g. 6)")
+        _check_number(threshold, "threshold", low=0.0, hint=" (standard errors, e.g. 5)")
         super().__init__(
             threshold,
             patience=patience,
