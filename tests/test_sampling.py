@@ -9,6 +9,7 @@ is a fixed set of seeds.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -335,3 +336,22 @@ def test_sequence_level_windows(sampler: str, fires: bool) -> None:
         stats.update(w.logq.reshape(-1, 32), w.logp.reshape(-1, 32))
         alerts.append(rule.evaluate(stats.compute(), seed))
     assert (alerts[2] is not None) is fires and alerts[:2] == [None, None]
+
+
+def test_initial_kl_quiet_for_a_bf16_gpt2_copy() -> None:
+    # A policy that starts as an exact copy of a bf16 reference: scored on the whole batch
+    # for the reference and in two halves for the policy (other kernel shapes, so possibly
+    # other rounding), the first window's KL is 0 or bf16 noise, and no default rule speaks.
+    _, reference = _gpt2_pair()
+    reference = reference.to(torch.bfloat16)
+    policy = copy.deepcopy(reference)
+    prompt = torch.randint(1, 1000, (64, 1), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    ids = policy.generate(  # type: ignore[operator]
+        prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, max_new_tokens=31
+    )
+    logq = torch.cat([_token_logprobs(policy, ids[:32]), _token_logprobs(policy, ids[32:])])
+    logp = _token_logprobs(reference, ids)
+    summary = _first(logq.bfloat16(), logp.bfloat16())
+    assert summary.tokens == 64 * 31 and summary.kl < 1e-3
+    assert AlertEngine(default_rules()).evaluate(summary, 0) == []
