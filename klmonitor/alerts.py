@@ -16,10 +16,17 @@ name                   fires when                                       threshol
                        gap is ``> min_z`` standard errors
 ``spike``              the KL jumps ``> threshold`` robust standard      6          warn
                        deviations above its recent running mean
-``nonfinite``          NaN/inf log-ratios counted ``> threshold``        0          error
+``nonfinite``          NaN/inf log-ratios (and mask values other than 0  0          error
+                       or 1) counted ``> threshold``
 ``clamped``            clamped log-ratios counted ``> threshold``        0          warn
-``sampling_mismatch``  ``|z|`` of the mean of ``r - 1`` ``> threshold``  6          warn
-                       (see :class:`SamplingMismatchRule` for guards)
+``sampling_mismatch``  the mean of ``r`` is off 1 by ``> threshold``     5          warn
+                       standard errors (low side: also beyond what the
+                       tail past the window's largest ``r`` can hide),
+                       or is ``>= max_mean_ratio`` (20); 3 windows
+``initial_kl``         the first window's per-token KL is above          5e-3       warn
+                       ``threshold`` (and significant); once per run
+``rollout_mismatch``   KL(rollout || trainer) per token ``> threshold``  0.01       warn
+                       and ``> min_z`` standard errors; 2 windows
 ``kl_budget``          the chosen estimator's mean ``> max_kl``          user's     error
 =====================  ===============================================  =========  ========
 """
@@ -45,6 +52,7 @@ __all__ = [
     "AlertLevel",
     "ClampedRule",
     "DriftRule",
+    "InitialKLRule",
     "KLBudgetRule",
     "NonFiniteRule",
     "Rule",
@@ -67,6 +75,12 @@ _TEXT_FORMAT = "**{rule}** ({level}) at step {step}: {message}"
 _TEXT_RE = re.compile(r"\*\*(?P<rule>[^*]+)\*\*\s*\((?P<level>\w+)\)\s*at step\s*(?P<step>-?\d+)")
 # Windows a default rule stays quiet after firing: at most one alert per 11 windows per rule.
 _DEFAULT_COOLDOWN = 10
+# SamplingMismatchRule's defaults, also used by DriftRule to tell a sampling gap from drift.
+_SM_THRESHOLD = 5.0
+_SM_MIN_SAMPLES = 100
+_SM_TAIL_FACTOR = 10.0
+_SM_MAX_MEAN_RATIO = 20.0
+_SM_MIN_ABS_MEAN = 1e-3
 
 
 class AlertLevel(str, Enum):
@@ -315,6 +329,14 @@ class Rule(ABC):
         self._streak = 0
         self._cooldown_left = 0
 
+    def restore_missing(self) -> None:
+        """Called by :meth:`AlertEngine.load_state_dict` when the state has none for this rule.
+
+        Resets it by default; a rule whose fresh state means "at the start of training" (like
+        :class:`InitialKLRule`) overrides this.
+        """
+        self.reset()
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(threshold={self.threshold}, patience={self.patience}, "
@@ -381,8 +403,32 @@ class DriftRule(Rule):
         return (
             f"k2 and k3 disagree by {abs(value):.0%} (k2 is {side} k3: mean k2 = {_fmt(summary.k2.mean)}, "
             f"mean k3 = {_fmt(summary.k3.mean)}, gap {_fmt(abs(summary.drift_z))} standard errors; "
-            f"threshold {self.threshold:.0%}): the policy has left the region where the quadratic "
-            "approximation of KL holds. Check the learning rate and the KL coefficient."
+            f"threshold {self.threshold:.0%}): "
+        ) + self._cause(summary)
+
+    @staticmethod
+    def _cause(summary: KLSummary) -> str:
+        # k3 = k1 + (r - 1): when the mean of r - 1 is off, k3 (and so the gap) carries the
+        # sampling error, and the learning rate is the wrong thing to change.
+        side = 0
+        if summary.count >= _SM_MIN_SAMPLES:
+            side = _mismatch_side(
+                summary, _SM_THRESHOLD, _SM_TAIL_FACTOR, _SM_MAX_MEAN_RATIO, _SM_MIN_ABS_MEAN
+            )
+        if side == 0:
+            return (
+                "the policy has left the region where the quadratic approximation of KL holds. "
+                "Check the learning rate and the KL coefficient."
+            )
+        rm1 = summary.r_minus_1
+        return (
+            f"but k1 and k3 disagree too (mean k1 = {_fmt(summary.k1.mean)}, mean k3 = "
+            f"{_fmt(summary.k3.mean)}; their difference, the mean of r - 1, is {_fmt(rm1.mean)}, "
+            f"{_fmt(rm1.z)} standard errors from 0, where exact sampling gives 0). The samples were "
+            "probably not drawn from the policy whose log-probs were given (see the "
+            "sampling_mismatch alert: top-k/top-p or temperature in the sampler only, shifted "
+            "tokens, stale log-probs), so this gap is not a learning-rate signal: fix the "
+            "sampling first."
         )
 
 
@@ -583,7 +629,7 @@ class _TokenCountRule(Rule):
 
 
 class NonFiniteRule(_TokenCountRule):
-    """Tokens whose log-ratio was NaN or infinite (kept out of the statistics).
+    """Tokens whose log-ratio was NaN or infinite, or whose mask value was not 0 or 1 (kept out).
 
     Args:
         threshold: fires when more than this many such tokens are in a window.
@@ -599,7 +645,7 @@ class NonFiniteRule(_TokenCountRule):
     default_level = AlertLevel.ERROR
 
     def measure(self, summary: KLSummary) -> float | None:
-        """The number of NaN/inf log-ratio tokens."""
+        """The number of NaN/inf log-ratio tokens (and of tokens with an invalid mask value)."""
         return float(summary.nonfinite)
 
     def message(self, value: float, summary: KLSummary) -> str:
@@ -610,7 +656,9 @@ class NonFiniteRule(_TokenCountRule):
             "excluded from the KL statistics (the true KL is infinite if a token is impossible under "
             "the reference). -inf usually means the reference gives a sampled token zero probability: "
             "a different tokenizer or vocabulary, or top-k/top-p masking applied to one model's "
-            "logits; +inf the same for the policy; NaN means a bug upstream (NaN logits or log-probs)."
+            "logits; +inf the same for the policy; NaN means a bug upstream (NaN logits or log-probs). "
+            "A numeric mask value other than 0 or 1 (0.5, -1, NaN) is counted here too: pass a bool "
+            "mask, or one of 0s and 1s."
         )
 
 
@@ -645,37 +693,93 @@ class ClampedRule(_TokenCountRule):
         )
 
 
+def _per_sample_token_ratio(summary: KLSummary) -> float:
+    # At sequence level each sample is a sum over its tokens; divide by the mean length.
+    if summary.level == "sequence" and summary.tokens > 0:
+        return summary.count / summary.tokens
+    return 1.0
+
+
+def _largest_ratio_bound(summary: KLSummary) -> float:
+    """An upper bound on the largest per-sample ``r`` (per sequence: ``sum r_t``) of the window.
+
+    Samuelson's inequality bounds any sample by ``mean + std * (n - 1) / sqrt(n)``; at token
+    level ``r <= exp(max |l|)`` as well (the smaller of the two is used). The bound is loose
+    when ``max |l|`` comes from a negative log-ratio (``r`` near 0), never too small.
+    """
+    n = summary.count
+    rm1 = summary.r_minus_1
+    # The mean of a sample's r: 1 per token, the mean length per sequence (a sum of r_t).
+    length = summary.tokens / n if summary.level == "sequence" and n > 0 else 1.0
+    bound = length + rm1.mean + (rm1.std * (n - 1) / math.sqrt(n) if n > 1 else 0.0)
+    if summary.level == "token" and math.isfinite(summary.max_abs_log_ratio):
+        bound = min(bound, math.exp(min(summary.max_abs_log_ratio, 700.0)))
+    return bound
+
+
+def _mismatch_side(
+    summary: KLSummary, threshold: float, tail_factor: float, max_mean_ratio: float, min_abs_mean: float
+) -> int:
+    """+1 or -1 when the window's ``mean(r)`` says its samples are not the policy's, else 0.
+
+    See :class:`SamplingMismatchRule` for the three tests and why each is sound.
+    """
+    rm1 = summary.r_minus_1
+    z, n = rm1.z, summary.count
+    if n < 2 or math.isnan(z):
+        return 0
+    if abs(rm1.mean) * _per_sample_token_ratio(summary) < min_abs_mean:
+        return 0
+    if z > threshold or 1.0 + rm1.mean * _per_sample_token_ratio(summary) >= max_mean_ratio:
+        return 1
+    if z < -threshold and -rm1.mean > tail_factor * _largest_ratio_bound(summary) / n:
+        return -1
+    return 0
+
+
 class SamplingMismatchRule(Rule):
     """The samples were probably not drawn from the policy whose log-probs were given.
 
-    Under the policy ``E[r - 1] = 0`` exactly, so the mean of ``r - 1`` (which is also
-    ``mean k3 - mean k1``) far from 0 in standard errors means stale log-probs, an inference
-    engine whose numerics or sampling settings (temperature, top-k/top-p) differ from the
-    trainer's, a wrong mask, or shifted tokens. The value measured is ``r_minus_1.z``.
+    Under exact sampling from the policy ``q``, ``r = p/q >= 0`` and ``E[r] = 1`` (when the
+    reference gives no mass to tokens the policy cannot emit: ``E[r] <= 1`` otherwise), so
+    ``mean(r) - 1 = mean(k3) - mean(k1)`` is 0 up to sampling noise. A sampler that differs
+    from the scoring (top-k, top-p, a temperature, another engine, stale log-probs) or log-probs
+    of other tokens (a one-token shift, a wrong mask) break it. The value measured is
+    ``z = r_minus_1.z``; the rule fires (subject to ``min_samples``, ``min_abs_mean`` and
+    ``patience``) when one of these holds:
 
-    A plain z test false-alarms when the policy is far from the reference: ``r`` then has a
-    heavy right tail that a finite sample mostly misses, so the honest sample mean of
-    ``r - 1`` is negative (by up to ``1 - exp(-KL)``) with an underestimated standard error;
-    in simulations honest z went down to -135 at per-token KLs of 0.25 to 4. No statistic of the
-    sample can tell that from a real mismatch (by AM-GM, ``mean r >= exp(-mean k1)`` for any
-    sample), so the rule is one-sided where the statistics are not:
+    - **z > threshold** (``mean(r)`` too high): a heavy right tail of ``r`` inflates the
+      standard error with the mean it inflates, so under exact sampling the self-normalised
+      ``z`` is large only by chance (honest windows gave at most +3.7 in 2,600).
+    - **mean(r) >= max_mean_ratio** (per token): by Markov's inequality an exact sampler gives a
+      mean of ``r`` this high with probability at most ``1 / max_mean_ratio`` per window
+      (``1 / max_mean_ratio**patience`` for ``patience`` windows in a row), whatever the tails.
+      It catches a one-token shift when ``r``'s tail makes ``z`` small.
+    - **z < -threshold and 1 - mean(r) > tail_factor * R / n** (``mean(r)`` too low), where
+      ``R`` bounds the window's largest ``r``: the smaller of ``exp(max_abs_log_ratio)`` and
+      Samuelson's ``mean + std * (n - 1) / sqrt(n)`` (per sequence, of ``sum r_t``; loose
+      when ``max |l|`` comes from a negative log-ratio, never too small). ``r >= 0``, so
+      ``mean(r)`` cannot fall far below 1 by chance, except by *missing* the part of ``r``'s
+      right tail that the window did not sample (tokens the reference likes and the policy
+      almost never emits). For a tail the window does sample, with ``P(r > x)`` falling like
+      ``x**-a``, the mass beyond the largest sample is about ``a / (a - 1) * R / n``, so the
+      second condition keeps such windows quiet for ``a >= 1.1`` (``tail_factor = 10``),
+      at any KL. Truncated sampling leaves a deficit with no large ``r`` to explain it.
 
-    - ``z > 0``: a heavy right tail only makes the self-normalised z smaller, so a positive
-      z is tested at any drift (honest samples gave at most +3 in about 800 windows);
-    - ``z < 0``: tested only while the policy is close to the reference, where the CLT
-      holds: per-token KL (the larger of the k1 and k3 means) ``<= max_kl`` and
-      ``summary.ess >= min_ess``. Otherwise the window is not applicable (streak reset).
-
-    Both sides also need ``count >= min_samples`` and ``|mean r - 1|`` per token
-    ``>= min_abs_mean``: a mismatch that moves the KL estimate (k3 - k1) by less than that
-    many nats is not worth an alarm however many tokens make it significant.
+    What no test on these samples can tell apart: a sampler that never emits some tokens
+    (top-k/top-p) from an exact sampler whose policy gives those tokens so little probability
+    that a window rarely sees one (for example ``q = p * e^-8`` on tokens holding a few percent
+    of the reference's mass: about one sample in 100,000 tokens, each with ``r = e^8``). Both
+    fire on the negative side; the message says so, with the numbers.
 
     Args:
         threshold: the ``|z|`` that fires.
         min_samples: samples (tokens, or sequences) needed in the window.
-        max_kl: the negative side is tested only up to this per-token KL.
-        min_ess: ... and only when the effective sample size fraction is at least this.
-        min_abs_mean: the smallest per-token ``|mean(r - 1)|`` that can fire.
+        tail_factor: the low side needs a deficit of ``mean(r)`` above this many samples at the
+            window's largest ratio, spread over the window (see above).
+        max_mean_ratio: a per-token ``mean(r)`` at or above this fires whatever ``z``.
+        min_abs_mean: the smallest per-token ``|mean(r - 1)|`` that can fire: a mismatch that
+            moves the KL estimate (k3 - k1) by less than that many nats is not worth an alarm.
         patience, cooldown, level, stop_training, name: as in :class:`Rule`.
 
     >>> import torch; from klmonitor import KLStats
@@ -688,19 +792,19 @@ class SamplingMismatchRule(Rule):
 
     def __init__(
         self,
-        threshold: float = 6.0,
+        threshold: float = _SM_THRESHOLD,
         *,
-        min_samples: int = 100,
-        max_kl: float = 0.1,
-        min_ess: float = 0.5,
-        min_abs_mean: float = 1e-3,
+        min_samples: int = _SM_MIN_SAMPLES,
+        tail_factor: float = _SM_TAIL_FACTOR,
+        max_mean_ratio: float = _SM_MAX_MEAN_RATIO,
+        min_abs_mean: float = _SM_MIN_ABS_MEAN,
         patience: int = 3,
         cooldown: int = _DEFAULT_COOLDOWN,
         level: AlertLevel | str = AlertLevel.WARN,
         stop_training: bool = False,
         name: str | None = None,
     ) -> None:
-        _check_number(threshold, "threshold", low=0.0, hint=" (standard errors, e.g. 6)")
+        _check_number(threshold, "threshold", low=0.0, hint=" (standard errors, e.g. 5)")
         super().__init__(
             threshold,
             patience=patience,
@@ -710,47 +814,194 @@ class SamplingMismatchRule(Rule):
             name=name,
         )
         self.min_samples = _check_int(min_samples, "min_samples", low=2)
-        self.max_kl = _check_number(max_kl, "max_kl", low=0.0, hint=" (per-token KL in nats)")
-        self.min_ess = _check_number(min_ess, "min_ess", low=0.0, low_inclusive=True)
-        if self.min_ess > 1:
-            raise ValueError(f"min_ess must be in [0, 1] (a fraction of the samples), got {min_ess!r}")
+        self.tail_factor = _check_number(
+            tail_factor, "tail_factor", low=0.0, low_inclusive=True, hint=" (samples at the largest ratio)"
+        )
+        self.max_mean_ratio = _check_number(
+            max_mean_ratio, "max_mean_ratio", low=1.0, hint=" (a per-token mean of r, e.g. 20)"
+        )
         self.min_abs_mean = _check_number(min_abs_mean, "min_abs_mean", low=0.0, low_inclusive=True)
 
-    @staticmethod
-    def _per_token(summary: KLSummary) -> float:
-        # At sequence level each sample is a sum over its tokens; divide by the mean length.
-        if summary.level == "sequence" and summary.tokens > 0:
-            return summary.count / summary.tokens
-        return 1.0
-
     def measure(self, summary: KLSummary) -> float | None:
-        """``r_minus_1.z``, or ``None`` when the test is not reliable (see the class doc)."""
+        """``r_minus_1.z``, or ``None`` with fewer than ``min_samples`` samples."""
         z = summary.r_minus_1.z
         if summary.count < self.min_samples or math.isnan(z):
             return None
-        if z < 0:
-            kl = max(summary.k1.mean, summary.k3.mean) * self._per_token(summary)
-            if not (kl <= self.max_kl and summary.ess >= self.min_ess):
-                return None
         return z
 
+    def side(self, summary: KLSummary) -> int:
+        """``+1`` (mean of r too high), ``-1`` (too low) or ``0`` (consistent) for this window."""
+        if summary.count < self.min_samples:
+            return 0
+        return _mismatch_side(
+            summary, self.threshold, self.tail_factor, self.max_mean_ratio, self.min_abs_mean
+        )
+
     def triggered(self, value: float, summary: KLSummary) -> bool:
-        """``|z| > threshold`` and a material per-token mean."""
-        mean = abs(summary.r_minus_1.mean) * self._per_token(summary)
-        return abs(value) > self.threshold and mean >= self.min_abs_mean
+        """One of the tests of the class doc holds (see :meth:`side`)."""
+        return self.side(summary) != 0
 
     def message(self, value: float, summary: KLSummary) -> str:
-        """Explain why a nonzero mean of r - 1 points at the sampling, and what to check."""
-        return (
-            f"The mean of r - 1 = p/q - 1 is {_fmt(summary.r_minus_1.mean)} over {summary.count} "
-            f"samples, {_fmt(value)} standard errors from 0 (threshold {_fmt(self.threshold)}); "
-            "it is exactly 0 when the samples come from the policy whose log-probs were given, so "
-            "they probably do not: check for stale log-probs (sampler weights behind the trainer's), "
-            "an inference engine whose numerics or sampling settings (temperature, top-k/top-p) differ "
-            "from the trainer's, a wrong mask, or tokens shifted by one between samples and log-probs. "
-            f"The k1 and k3 estimates differ by this amount ({_fmt(summary.k1.mean)} vs "
-            f"{_fmt(summary.k3.mean)})."
+        """Explain what the mean of r says, what it cannot tell apart, and what to check."""
+        rm1 = summary.r_minus_1
+        per = _per_sample_token_ratio(summary)
+        mean_r = 1.0 + rm1.mean * per
+        head = (
+            f"The mean of r = p/q is {_fmt(mean_r)} per token over {summary.count} samples "
+            f"({_fmt(value)} standard errors from 1; threshold {_fmt(self.threshold)}); it is 1 "
+            "when the tokens are sampled from the policy whose log-probs were given, so they "
+            f"probably are not. k1 and k3, which agree then, are {_fmt(summary.k1.mean)} and "
+            f"{_fmt(summary.k3.mean)} (mean k3 - k1 = mean(r - 1))."
         )
+        if mean_r > 1:
+            return (
+                f"{head} Too high a mean of r means tokens the reference likes far more than the "
+                "policy are over-represented: typically log-probs of other tokens than those "
+                "sampled (tokens shifted by one between samples and log-probs, or policy and "
+                "reference log-probs of different positions), a wrong mask, or samples drawn from "
+                "another model (the reference, or stale log-probs: the sampler's weights behind "
+                "the trainer's). Check the alignment of tokens, log-probs and mask first."
+            )
+        missing = 1.0 - mean_r
+        return (
+            f"{head} Too low a mean of r means the tokens the policy rarely emits are missing "
+            "from the samples: typically the sampler truncates or sharpens the policy's "
+            "distribution (top-k, top-p, a temperature below the scoring one; transformers' "
+            "generate(do_sample=True) applies top_k=50 by default), an inference engine with "
+            "other numerics, or stale log-probs (the sampler's weights behind the trainer's). "
+            "Score the tokens with the exact distribution they were sampled from (same "
+            "temperature, top-k/top-p applied to the log-probs too), or sample without "
+            "truncation. If the sampler is exact, the policy gives almost no probability to "
+            f"tokens that hold about {missing:.0%} of the reference's, and this window cannot "
+            "tell that from truncated sampling: mean k3 then underestimates the KL by about "
+            f"{_fmt(missing)} nats per token (k1 does not), and a longer window resolves it."
+        )
+
+
+class InitialKLRule(Rule):
+    """The first window's KL is well above float noise, when the policy should start at the reference.
+
+    RL fine-tuning usually starts the policy as a copy of the reference, so the first window's
+    KL is 0, or float noise: rounding bf16 log-probs alone gives at most about 3e-4 nats per
+    token. More means policy and reference log-probs are not computed alike: temperature or
+    top-k/top-p applied to one side only, dropout left on (train mode) for one of them,
+    different dtypes or attention implementations, a one-token shift, or different weights.
+    Peers' users lose days to these; the first window shows them at once.
+
+    The rule checks the first window with at least ``min_samples`` samples, once (it never
+    fires later, also after a resume: its state says the check is done). It fires when the
+    per-token KL is above ``threshold`` and more than ``min_z`` standard errors above 0: the
+    k3 mean, or the k1 mean when that is larger and significant (a sampling mismatch
+    inflates k1 and deflates k3).
+
+    Args:
+        threshold: the largest per-token KL (nats) accepted in the first window. The default,
+            5e-3, is well above rounding noise (bf16 log-probs: at most ~3e-4; a bf16 forward
+            pass against a float32 one: ~1e-5 to 1e-3) and below what the usual bugs give (a
+            temperature of 0.7 against 1, or dropout, give 1e-2 to 1). The first window spans
+            one logging interval of training: a long interval at a high learning rate can
+            exceed it legitimately (the ``klmonitor demo`` reaches 5e-4 to 2e-3 in its first
+            window): log more often, or raise it.
+        min_z: the KL must also be this many standard errors above 0.
+        min_samples: samples (tokens, or sequences) the checked window needs; smaller windows
+            are skipped and the next one is checked.
+        level, stop_training, name: as in :class:`Rule` (fires at most once: no patience or
+            cooldown).
+
+    To silence it when the policy deliberately starts elsewhere (a policy fine-tuned before the
+    reference was frozen, a distilled model), leave it out: ``rules=[r for r in
+    default_rules() if r.name != "initial_kl"]``, or pass ``InitialKLRule(threshold=...)``.
+
+    >>> import torch; from klmonitor import KLStats
+    >>> s = KLStats(); s.update(torch.full((400,), -2.0), torch.full((400,), -2.0))
+    >>> InitialKLRule().evaluate(s.compute(), step=0) is None  # an exact copy: KL is 0
+    True
+    """
+
+    name = "initial_kl"
+
+    def __init__(
+        self,
+        threshold: float = 5e-3,
+        *,
+        min_z: float = 3.0,
+        min_samples: int = 10,
+        level: AlertLevel | str = AlertLevel.WARN,
+        stop_training: bool = False,
+        name: str | None = None,
+    ) -> None:
+        _check_number(threshold, "threshold", low=0.0, hint=" (a per-token KL in nats, e.g. 5e-3)")
+        super().__init__(
+            threshold, patience=1, cooldown=0, level=level, stop_training=stop_training, name=name
+        )
+        self.min_z = _check_number(min_z, "min_z", low=0.0, low_inclusive=True)
+        self.min_samples = _check_int(min_samples, "min_samples", low=2)
+        self._checked = False
+
+    def _estimate(self, summary: KLSummary) -> tuple[str, float, float]:
+        """The KL estimate judged: name, mean (per sample) and z.
+
+        k3 (never negative, lowest variance), unless k1 is larger and also significant: a
+        sampling mismatch inflates k1 and deflates k3.
+        """
+        k1, k3 = summary.k1, summary.k3
+        if k1.mean > k3.mean and k1.z > self.min_z:
+            return "k1", k1.mean, k1.z
+        return "k3", k3.mean, k3.z
+
+    @property
+    def checked(self) -> bool:
+        """Whether the first window has been checked (the rule is then silent for good)."""
+        return self._checked
+
+    def measure(self, summary: KLSummary) -> float | None:
+        """The per-token KL (larger of the k1 and k3 means) of the first window, else ``None``."""
+        if self._checked or summary.count < self.min_samples:
+            return None
+        _, mean, _ = self._estimate(summary)
+        return mean * _per_sample_token_ratio(summary) if math.isfinite(mean) else None
+
+    def triggered(self, value: float, summary: KLSummary) -> bool:
+        """``value > threshold`` and the estimate is more than ``min_z`` standard errors above 0."""
+        _, _, z = self._estimate(summary)
+        return value > self.threshold and z > self.min_z
+
+    def message(self, value: float, summary: KLSummary) -> str:
+        """Give the numbers, the usual causes and how to silence the rule."""
+        name, _, z = self._estimate(summary)
+        return (
+            f"The first window's KL is {_fmt(value)} nats per token ({name} mean; mean k1 = "
+            f"{_fmt(summary.k1.mean)}, mean k3 = {_fmt(summary.k3.mean)}, {_fmt(z)} standard "
+            f"errors above 0, over {summary.count} samples), above {_fmt(self.threshold)}. If the "
+            "policy starts as a copy of the reference it should be 0 (or rounding noise, below "
+            "3e-4): policy and reference log-probs are computed differently. Usual causes: a "
+            "temperature or top-k/top-p applied to one side's logits only, dropout active (train "
+            "mode) for one model, different dtypes or attention kernels, a one-token shift "
+            "between the two log-probs, or different weights (wrong checkpoint). If the policy "
+            "deliberately starts elsewhere, drop this rule (rules=[r for r in default_rules() if "
+            "r.name != 'initial_kl']) or raise InitialKLRule(threshold=...)."
+        )
+
+    def observe(self, summary: KLSummary) -> None:
+        """Mark the check done once a window with ``min_samples`` samples has been seen."""
+        if summary.count >= self.min_samples:
+            self._checked = True
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {**super().state_dict(), "checked": self._checked}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state)
+        self._checked = bool(state.get("checked", False))
+
+    def reset(self) -> None:  # noqa: D102
+        super().reset()
+        self._checked = False
+
+    def restore_missing(self) -> None:
+        """A checkpoint without this rule's state comes from a run past its start: stay silent."""
+        self.reset()
+        self._checked = True
 
 
 class RolloutMismatchRule(Rule):
@@ -881,8 +1132,9 @@ class AlertEngine:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output.
 
-        Rules missing from ``state`` are reset; state of rules this engine does not have is
-        ignored; a missing history is empty.
+        Rules missing from ``state`` are reset (:meth:`Rule.restore_missing`: an
+        :class:`InitialKLRule` counts its check as done, the run being past its start); state of
+        rules this engine does not have is ignored; a missing history is empty.
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a dict from AlertEngine.state_dict(), got {type(state).__name__}")
@@ -891,7 +1143,7 @@ class AlertEngine:
             if rule.name in rule_states:
                 rule.load_state_dict(rule_states[rule.name])
             else:
-                rule.reset()
+                rule.restore_missing()
         self._history = deque(
             (Alert.from_dict(d) for d in state.get("history", [])), maxlen=self.history_size
         )
@@ -904,13 +1156,13 @@ class AlertEngine:
 
 
 def default_rules(max_kl: float | None = None) -> list[Rule]:
-    """The default rule set: drift, spike, nonfinite, clamped, sampling_mismatch, rollout_mismatch (+ kl_budget).
+    """The default rules: drift, spike, nonfinite, clamped, sampling_mismatch, initial_kl, rollout_mismatch (+ kl_budget).
 
     Args:
         max_kl: when given, adds a :class:`KLBudgetRule` with this budget on the k3 mean.
 
     >>> [r.name for r in default_rules(max_kl=0.1)]
-    ['drift', 'spike', 'nonfinite', 'clamped', 'sampling_mismatch', 'rollout_mismatch', 'kl_budget']
+    ['drift', 'spike', 'nonfinite', 'clamped', 'sampling_mismatch', 'initial_kl', 'rollout_mismatch', 'kl_budget']
     """
     rules: list[Rule] = [
         DriftRule(),
@@ -918,6 +1170,7 @@ def default_rules(max_kl: float | None = None) -> list[Rule]:
         NonFiniteRule(),
         ClampedRule(),
         SamplingMismatchRule(),
+        InitialKLRule(),
         RolloutMismatchRule(),
     ]
     if max_kl is not None:

@@ -101,7 +101,7 @@ class KLStats(Metric):
         self.backend = backend
         self.add_state("_acc", default=mom.empty(), dist_reduce_fx=mom.merge_rows)
 
-    # -- validation (shapes and dtypes only: metadata, never tensor values) ----------------
+    # -- validation (shapes and dtypes; mask values on device, never on the host) -----------
     def _check(self, logprobs: Any, ref_logprobs: Any, mask: Any) -> Tensor | None:
         for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
             if not isinstance(t, Tensor):
@@ -150,10 +150,28 @@ class KLStats(Metric):
                 f"{tuple(logprobs.shape)}; pass one mask entry per token (1/True = counted)"
             )
         if mask.is_complex():
-            raise TypeError(f"mask has dtype {mask.dtype}; expected bool or 0/1 values")
+            raise TypeError(
+                f"mask has dtype {mask.dtype}; expected a bool mask or a numeric one holding 0 and 1 "
+                "(e.g. attention_mask[:, 1:].bool())"
+            )
         if mask.device != logprobs.device:
             mask = mask.to(logprobs.device, non_blocking=True)
-        return mask if mask.dtype == torch.bool else mask != 0
+        if mask.dtype == torch.bool:
+            return mask
+        # A numeric mask must hold 0 or 1. Anything else (0.5, -1, 2, NaN) is an error that
+        # cannot be raised here without a host sync, so it is detected on device: the token is
+        # left out and counted in the window's `nonfinite` (tokens that could not be used), so
+        # `kl/nonfinite` shows it and the `nonfinite` alert fires. Not a weight: peers'
+        # masked_mean would weight by it, but a soft mask in RL fine-tuning is nearly always a
+        # bug (a padded float mask, an inverted or summed mask), and a silent weighting hides it.
+        counted = mask == 1
+        invalid = ~(counted | (mask == 0))
+        if self._acc.device != logprobs.device:
+            self.to(logprobs.device)
+        unit = torch.zeros_like(self._acc)
+        unit[mom.NONFINITE] = 1.0
+        self._acc = self._acc + unit * invalid.sum(dtype=torch.float64)
+        return counted
 
     def update(self, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor | None = None) -> None:
         """Fold a batch into the window (on device, no host sync).
@@ -162,7 +180,9 @@ class KLStats(Metric):
             logprobs: log q(x) of the sampled tokens under the policy, ``[N]`` or ``[B, T]``
                 (any float dtype; detached here).
             ref_logprobs: log p(x) of the same tokens under the reference, same shape.
-            mask: optional, same shape; nonzero/True marks tokens to count.
+            mask: optional, same shape: True/1 marks tokens to count, False/0 tokens to skip.
+                A numeric mask holding anything else (0.5, -1, NaN) is an error detected on
+                device: such tokens are skipped and counted in ``summary.nonfinite``.
 
         Raises:
             TypeError: integer log-probs, or a non-tensor argument.
