@@ -63,8 +63,9 @@ class KLMonitorCallback(TrainerCallback):
 
     * ``"tensorboard"``: a ``SummaryWriter`` of its own (the Trainer's writer is not reachable
       from a callback) in ``logging_dir``: by default ``$TENSORBOARD_LOGGING_DIR`` when set
-      (the directory the Trainer's ``TensorBoardCallback`` writes to: one TensorBoard run),
-      else ``<output_dir>/runs/klmonitor`` (a run of its own next to the Trainer's);
+      (the directory the Trainer's ``TensorBoardCallback`` writes to: one TensorBoard run; on
+      transformers 4.x, ``args.logging_dir``), else ``<output_dir>/runs/klmonitor`` (a run of
+      its own next to the Trainer's, whose directory is named by the time it started);
     * ``"wandb"``: the W&B run the Trainer's ``WandbCallback`` opened (``wandb.run``); the
       ``kl/*`` metrics are plotted against ``trainer/global_step``.
 
@@ -236,6 +237,7 @@ class KLMonitorCallback(TrainerCallback):
         logdir = (
             self.logging_dir
             or os.environ.get("TENSORBOARD_LOGGING_DIR")
+            or getattr(args, "logging_dir", None)  # transformers 4.x: the Trainer's own directory
             or os.path.join(args.output_dir or ".", "runs", "klmonitor")
         )
         try:
