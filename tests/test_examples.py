@@ -55,3 +55,20 @@ def test_gaussian_experiment(tmp_path: Path) -> None:
     assert "true KL = 0.5" in out
     for est in ("k1", "k2", "k3"):
         assert f"\n  {est} " in out
+
+
+def test_hf_trainer(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = _run("hf_trainer.py", "--steps", "4", "--log-every", "2", "--logdir", "logs", cwd=tmp_path)
+    assert "final KL per token: k1" in out
+    data = load_run(tmp_path / "logs" / "tb")  # the Trainer's TensorBoard run
+    assert data.scalars["kl/k3/mean"][0].tolist() == [2, 4]
+
+
+def test_trl_grpo(tmp_path: Path) -> None:
+    pytest.importorskip("trl")
+    out = _run("trl_grpo.py", "--steps", "4", "--log-every", "2", "--logdir", "logs", cwd=tmp_path)
+    assert "final KL per token: k1" in out
+    data = load_run(tmp_path / "logs" / "tb")
+    assert data.scalars["kl/k3/mean"][0].tolist() == [2, 4]
+    assert data.scalars["kl/k3/mean"][1][-1] > 0, "the policy moved away from the reference"
