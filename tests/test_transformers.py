@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +203,33 @@ def test_no_trainer_logger_no_crash_and_window_matches_reference(tmp_path: Path)
     ref = reference_window(records, 0, 4)
     assert seen[4]["kl/k3/mean"] == pytest.approx(ref["kl/k3/mean"], rel=1e-6)
     assert np.isclose(seen[4]["kl/tokens"], ref["kl/tokens"])
+
+
+def test_two_processes_reduce_alert_and_stop_alike(tmp_path: Path) -> None:
+    # torchrun, 2 CPU processes (gloo): each rank feeds its own micro-batches; the window is
+    # reduced over both, written by rank 0 only, and the stop rule stops both at step 3.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    root = Path(__file__).resolve().parent
+    env.update(
+        WANDB_MODE="offline",
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=os.pathsep.join([str(root.parent), str(root), env.get("PYTHONPATH", "")]),
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(root / "hf_ddp_worker.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world_size"] == 2
+    assert r0["global_step"] == r1["global_step"] == 3
+    assert r0["alerts"] == r1["alerts"] == [3]
+    assert sorted(r0["seen"]) == [3] and r1["seen"] == {}
+    want = reference_window(r0["records"] + r1["records"], 0, 3)
+    for tag in ("kl/k3/mean", "kl/k1/mean", "kl/k3/std", "kl/tokens"):
+        assert r0["seen"][3][tag] == pytest.approx(want[tag], rel=1e-5), tag
+    assert want["kl/tokens"] > reference_window(r0["records"], 0, 3)["kl/tokens"], "both ranks' tokens count"

@@ -56,7 +56,9 @@ def _token_logps(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor
 class Recording(KLMonitorGRPOTrainer):
     """Records, per micro-batch, independently computed policy and reference log-probs."""
 
-    def __init__(self, *args: Any, records: list[Record], ref_path: Path, fake_sampler: bool = False, **kw: Any):
+    def __init__(
+        self, *args: Any, records: list[Record], ref_path: Path, fake_sampler: bool = False, **kw: Any
+    ):
         super().__init__(*args, **kw)
         self.records = records
         self.independent_ref = AutoModelForCausalLM.from_pretrained(ref_path).eval()
@@ -97,7 +99,9 @@ def _config(out: Path, **kw: Any) -> GRPOConfig:
     return GRPOConfig(**{**base, **kw})
 
 
-def _trainer(model_dir: Path, out: Path, records: list[Record], config: dict[str, Any], **kw: Any) -> Recording:
+def _trainer(
+    model_dir: Path, out: Path, records: list[Record], config: dict[str, Any], **kw: Any
+) -> Recording:
     return Recording(
         model=str(model_dir),
         reward_funcs=_reward,
@@ -109,7 +113,9 @@ def _trainer(model_dir: Path, out: Path, records: list[Record], config: dict[str
     )
 
 
-def _check_windows(values: tuple[list[int], list[float]], records: list[Record], bounds: list[int], tag: str) -> None:
+def _check_windows(
+    values: tuple[list[int], list[float]], records: list[Record], bounds: list[int], tag: str
+) -> None:
     assert values[0] == bounds[1:], tag
     for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
         want = reference_window(records, lo, hi)[tag.replace("kl_rollout/", "kl/")]
@@ -147,7 +153,11 @@ def test_kl_reaches_tensorboard_alerts_and_matches_an_independent_computation(
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     records: list[Record] = []
     trainer = _trainer(
-        model_dir, tmp_path / "out", records, {"max_steps": 5}, kl_monitor={"rules": [KLBudgetRule(1e-9, cooldown=0)]}
+        model_dir,
+        tmp_path / "out",
+        records,
+        {"max_steps": 5},
+        kl_monitor={"rules": [KLBudgetRule(1e-9, cooldown=0)]},
     )
     trainer.train()
     scalars, texts = read_tensorboard(tmp_path / "tb")
@@ -162,7 +172,9 @@ def test_kl_reaches_tensorboard_alerts_and_matches_an_independent_computation(
 def test_stop_rule_stops_grpo(model_dir: Path, tmp_path: Path) -> None:
     records: list[Record] = []
     kl = KLMonitorCallback(max_kl=1e-9, stop_on=["kl_budget"], log_every_n_steps=2)
-    trainer = _trainer(model_dir, tmp_path / "out", records, {"max_steps": 10, "report_to": []}, kl_monitor=kl)
+    trainer = _trainer(
+        model_dir, tmp_path / "out", records, {"max_steps": 10, "report_to": []}, kl_monitor=kl
+    )
     trainer.train()
     assert trainer.state.global_step == 2
     assert trainer.kl_callback is kl and [a.step for a in kl.monitor.alert_history] == [2]
@@ -174,12 +186,21 @@ def test_resume_keeps_the_alert_state(model_dir: Path, tmp_path: Path, monkeypat
 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb1"))
     full = _trainer(
-        model_dir, tmp_path / "out", [], {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}, kl_monitor=budget()
+        model_dir,
+        tmp_path / "out",
+        [],
+        {"max_steps": 4, "save_strategy": "steps", "save_steps": 2},
+        kl_monitor=budget(),
     )
     full.train()
     assert [a.step for a in full.kl_callback.monitor.alert_history] == [2]
     ckpt = tmp_path / "out" / "checkpoint-2"
-    assert json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]["klmonitor:kl/"]["windows"] == 1
+    assert (
+        json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]["klmonitor:kl/"][
+            "windows"
+        ]
+        == 1
+    )
 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb2"))
     records: list[Record] = []
