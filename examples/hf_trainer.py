@@ -90,7 +90,8 @@ class ReinforceTrainer(Trainer):
             ref_logp = completion_logps(self.ref_model, seqs, prompts.size(1))
         logp = completion_logps(model, seqs, prompts.size(1))
 
-        self.kl.monitor.update(logp, ref_logp)  # the one line klmonitor needs
+        if model.training:  # the Trainer's evaluation calls compute_loss too
+            self.kl.monitor.update(logp, ref_logp)  # the one line klmonitor needs
 
         completion = seqs[:, prompts.size(1) :]
         reward = (completion == self.target).float().sum(1)

@@ -22,7 +22,8 @@ Usage::
     class MyTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logp, ref_logp, mask = ...  # the sampled tokens' log-probs, [B, T]
-            kl.monitor.update(logp, ref_logp, mask)  # on device, no host sync
+            if model.training:  # the Trainer's evaluation calls compute_loss too
+                kl.monitor.update(logp, ref_logp, mask)  # on device, no host sync
             return loss
 
     MyTrainer(model, args, train_dataset=data, callbacks=[kl]).train()

@@ -203,7 +203,8 @@ class KLMonitorGRPOMixin:
             self._klm_capture = False
         policy = inputs.get("old_per_token_logps") if not need_current else self._klm_policy_logps
         self._klm_policy_logps = None
-        self._feed(inputs, policy)
+        if model.training:  # evaluation (prediction_step) calls compute_loss too: not training's KL
+            self._feed(inputs, policy)
         return loss
 
     # -- feeding the monitors --------------------------------------------------------------

@@ -167,6 +167,11 @@ def test_kl_reaches_tensorboard_alerts_and_matches_an_independent_computation(
     assert reference_window(records, 2, 4)["kl/k3/mean"] > 1e-4, "the policy moved away from the reference"
     assert [s for s, _ in texts] == [2, 4, 5] and all("kl_budget" in t for _, t in texts), texts
     assert trainer.rollout_callback is None, "no vLLM: no rollout monitor"
+    # Evaluation runs compute_loss too; its batches stay out of the training windows.
+    n = len(records)
+    trainer.evaluate(eval_dataset=_prompts().select(range(2)))
+    assert len(records) > n, "evaluation went through compute_loss"
+    assert trainer.kl_callback.monitor.state_dict()["batches_in_window"] == 0
 
 
 def test_stop_rule_stops_grpo(model_dir: Path, tmp_path: Path) -> None:
