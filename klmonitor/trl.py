@@ -102,7 +102,9 @@ class KLMonitorGRPOMixin:
             ``beta == 0``, TRL's default, where TRL computes no reference log-probs. Must be
             ``None`` when ``beta > 0`` (TRL's reference is used).
         rollout_monitor: like ``kl_monitor``, for the rollout mismatch (prefix
-            ``kl_rollout/``); ``None`` creates one when the trainer uses vLLM, ``False`` never.
+            ``kl_rollout/``), fed when the inputs carry the rollout engine's log-probs
+            (``sampling_per_token_logps``, vLLM); ``None`` creates one when the trainer uses
+            vLLM, ``True`` always, ``False`` never.
     """
 
     kl_callback: KLMonitorCallback
@@ -160,7 +162,7 @@ class KLMonitorGRPOMixin:
 
         self.kl_callback = kl_callback
         trainer.add_callback(kl_callback)
-        if rollout_monitor is False or (rollout_monitor in (None, True) and not trainer.use_vllm):
+        if rollout_monitor is False or (rollout_monitor is None and not trainer.use_vllm):
             self.rollout_callback = None
         else:
             self.rollout_callback = _as_callback(
