@@ -69,6 +69,7 @@ def _train(
     records: list[Record],
     max_steps: int,
     resume: Path | None = None,
+    rows: int = 64,
     **args: Any,
 ) -> KLTrainer:
     model = tiny_model()
@@ -83,7 +84,9 @@ def _train(
         seed=0,
         **{"logging_steps": 2, "report_to": ["tensorboard"], "save_strategy": "no", **args},
     )
-    trainer = KLTrainer(model=model, args=targs, train_dataset=_dataset(), kl=kl, ref=ref, records=records)
+    trainer = KLTrainer(
+        model=model, args=targs, train_dataset=_dataset(rows), kl=kl, ref=ref, records=records
+    )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return trainer
 
@@ -178,6 +181,26 @@ def test_resume_from_a_trainer_checkpoint_keeps_the_alert_state(tmp_path: Path, 
     with pytest.warns(UserWarning, match="has no 'klmonitor:kl/' entry"):
         _train(tmp_path / "out3", fresh, [], max_steps=6, resume=ckpt, report_to=[])
     assert [a.step for a in fresh.monitor.alert_history] == [6]
+
+
+def test_epoch_checkpoints_carry_the_state(tmp_path: Path) -> None:
+    kl = KLMonitorCallback(rules=[_budget(cooldown=5)], log_every_n_steps=1)
+    # 8 rows, 4 per step: 2 steps per epoch, a checkpoint at the end of each epoch.
+    _train(
+        tmp_path / "out",
+        kl,
+        [],
+        max_steps=-1,
+        num_train_epochs=2,
+        save_strategy="epoch",
+        rows=8,
+        report_to=[],
+    )
+    for step, windows in ((2, 2), (4, 4)):
+        state = json.loads((tmp_path / "out" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        saved = state["stateful_callbacks"]["klmonitor:kl/"]
+        assert (saved["last_logged_step"], saved["windows"]) == (step, windows)
+        assert [a["step"] for a in saved["engine"]["history"]] == [2]  # step 1: policy == reference
 
 
 def test_user_sinks_are_kept_and_arguments_checked() -> None:
