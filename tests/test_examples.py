@@ -64,3 +64,20 @@ def test_fabric_loop(tmp_path: Path) -> None:
     assert data.scalars["kl/k3/mean"][0].tolist() == [10, 20, 30, 40]
     assert data.histograms, "no log-ratio histogram"
     assert list((tmp_path / "logs" / "fabric_loop_csv").rglob("metrics.csv"))
+
+
+def test_hf_trainer(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = _run("hf_trainer.py", "--steps", "4", "--log-every", "2", "--logdir", "logs", cwd=tmp_path)
+    assert "final KL per token: k1" in out
+    data = load_run(tmp_path / "logs" / "tb")  # the Trainer's TensorBoard run
+    assert data.scalars["kl/k3/mean"][0].tolist() == [2, 4]
+
+
+def test_trl_grpo(tmp_path: Path) -> None:
+    pytest.importorskip("trl")
+    out = _run("trl_grpo.py", "--steps", "4", "--log-every", "2", "--logdir", "logs", cwd=tmp_path)
+    assert "final KL per token: k1" in out
+    data = load_run(tmp_path / "logs" / "tb")
+    assert data.scalars["kl/k3/mean"][0].tolist() == [2, 4]
+    assert data.scalars["kl/k3/mean"][1][-1] > 0, "the policy moved away from the reference"

@@ -1,0 +1,257 @@
+"""KLMonitorGRPOTrainer: real trl.GRPOTrainer runs on CPU with a tiny random model and an in-code tokenizer."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("tensorboard")
+
+import trl  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from hf_toys import WORDS, read_tensorboard, reference_window, tiny_model, tiny_tokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from klmonitor.alerts import KLBudgetRule  # noqa: E402
+from klmonitor.transformers import KLMonitorCallback  # noqa: E402
+from klmonitor.trl import SUPPORTED_TRL, KLMonitorGRPOTrainer, _check_trl_version  # noqa: E402
+
+Record = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_model().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _prompts() -> Dataset:
+    return Dataset.from_dict({"prompt": [" ".join(WORDS[(i + j) % 13] for j in range(3)) for i in range(32)]})
+
+
+def _reward(completions: list[str], **kwargs: Any) -> list[float]:
+    return [float(c.split().count("w3")) for c in completions]
+
+
+def _token_logps(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """The completion tokens' log-probs, by a plain forward pass and log_softmax (float64)."""
+    prompt, completion = inputs["prompt_ids"], inputs["completion_ids"]
+    ids = torch.cat([prompt, completion], dim=1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att).logits.double()
+    logits = logits[:, prompt.size(1) - 1 : -1]
+    return logits.log_softmax(-1).gather(-1, completion[..., None]).squeeze(-1)
+
+
+class Recording(KLMonitorGRPOTrainer):
+    """Records, per micro-batch, independently computed policy and reference log-probs."""
+
+    def __init__(
+        self, *args: Any, records: list[Record], ref_path: Path, fake_sampler: bool = False, **kw: Any
+    ):
+        super().__init__(*args, **kw)
+        self.records = records
+        self.independent_ref = AutoModelForCausalLM.from_pretrained(ref_path).eval()
+        self.fake_sampler = fake_sampler
+        self.sampler_records: list[Record] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        step = self.state.global_step + 1
+        policy = _token_logps(model, inputs)
+        ref = _token_logps(self.independent_ref, inputs)
+        mask = inputs["completion_mask"].bool()
+        self.records.append((step, policy, ref, mask))
+        if self.fake_sampler:  # stand in for vLLM's log-probs of the same tokens
+            g = torch.Generator().manual_seed(step)
+            sampler = policy.float() + 0.1 * torch.randn(policy.shape, generator=g)
+            inputs = {**inputs, "sampling_per_token_logps": sampler}
+            # KL(sampler || policy) on the sampler's tokens: log-ratio = policy - sampler.
+            self.sampler_records.append((step, sampler.double(), policy, mask))
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def _config(out: Path, **kw: Any) -> GRPOConfig:
+    base: dict[str, Any] = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "beta": 0.1,
+        "learning_rate": 5e-2,
+        "logging_steps": 2,
+        "report_to": ["tensorboard"],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "save_strategy": "no",
+        "seed": 0,
+        "bf16": False,  # GRPOConfig's default is bf16 autocast; fp32 for exact comparisons
+    }
+    return GRPOConfig(**{**base, **kw})
+
+
+def _trainer(
+    model_dir: Path, out: Path, records: list[Record], config: dict[str, Any], **kw: Any
+) -> Recording:
+    return Recording(
+        model=str(model_dir),
+        reward_funcs=_reward,
+        args=_config(out, **config),
+        train_dataset=_prompts(),
+        records=records,
+        ref_path=model_dir,
+        **kw,
+    )
+
+
+def _check_windows(
+    values: tuple[list[int], list[float]], records: list[Record], bounds: list[int], tag: str
+) -> None:
+    assert values[0] == bounds[1:], tag
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        want = reference_window(records, lo, hi)[tag.replace("kl_rollout/", "kl/")]
+        assert values[1][i] == pytest.approx(want, rel=2e-4, abs=1e-6), (tag, hi, values[1][i], want)
+
+
+def test_what_the_integration_relies_on_is_still_in_trl() -> None:
+    assert _check_trl_version(trl.__version__) is None, (
+        f"trl {trl.__version__} is outside klmonitor.trl.SUPPORTED_TRL ({SUPPORTED_TRL}): run this file, "
+        "then widen SUPPORTED_TRL and the [trl] extra in pyproject.toml"
+    )
+    for name in ("compute_loss", "_compute_loss", "_get_per_token_logps_and_entropies"):
+        assert callable(getattr(GRPOTrainer, name, None)), (
+            f"trl {trl.__version__}: GRPOTrainer.{name} is gone; klmonitor.trl overrides or calls it"
+        )
+    params = list(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
+    assert params[:5] == ["self", "model", "input_ids", "attention_mask", "logits_to_keep"], (
+        f"trl {trl.__version__} changed _get_per_token_logps_and_entropies's signature to {params}"
+    )
+    loss_src = inspect.getsource(GRPOTrainer._compute_loss)
+    assert loss_src.count("self._get_per_token_logps_and_entropies(") == 1, (
+        f"trl {trl.__version__}: _compute_loss no longer computes the policy log-probs with one call of "
+        "_get_per_token_logps_and_entropies; klmonitor.trl captures that call"
+    )
+    gen_src = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    for key in ("old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps", "completion_mask"):
+        assert f'output["{key}"]' in gen_src or f'"{key}": ' in gen_src, (
+            f"trl {trl.__version__}: GRPOTrainer's inputs no longer carry {key!r}; klmonitor.trl reads it"
+        )
+
+
+def test_kl_reaches_tensorboard_alerts_and_matches_an_independent_computation(
+    model_dir: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    records: list[Record] = []
+    trainer = _trainer(
+        model_dir,
+        tmp_path / "out",
+        records,
+        {"max_steps": 5},
+        kl_monitor={"rules": [KLBudgetRule(1e-9, cooldown=0)]},
+    )
+    trainer.train()
+    scalars, texts = read_tensorboard(tmp_path / "tb")
+    assert scalars["train/loss"][0] == [2, 4]
+    for tag in ("kl/k1/mean", "kl/k2/mean", "kl/k3/mean", "kl/k3/std", "kl/tokens"):
+        _check_windows(scalars[tag], records, [0, 2, 4, 5], tag)
+    assert reference_window(records, 2, 4)["kl/k3/mean"] > 1e-4, "the policy moved away from the reference"
+    assert [s for s, _ in texts] == [2, 4, 5] and all("kl_budget" in t for _, t in texts), texts
+    assert trainer.rollout_callback is None, "no vLLM: no rollout monitor"
+    # Evaluation runs compute_loss too; its batches stay out of the training windows.
+    n = len(records)
+    trainer.evaluate(eval_dataset=_prompts().select(range(2)))
+    assert len(records) > n, "evaluation went through compute_loss"
+    assert trainer.kl_callback.monitor.state_dict()["batches_in_window"] == 0
+
+
+def test_stop_rule_stops_grpo(model_dir: Path, tmp_path: Path) -> None:
+    records: list[Record] = []
+    kl = KLMonitorCallback(max_kl=1e-9, stop_on=["kl_budget"], log_every_n_steps=2)
+    trainer = _trainer(
+        model_dir, tmp_path / "out", records, {"max_steps": 10, "report_to": []}, kl_monitor=kl
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert trainer.kl_callback is kl and [a.step for a in kl.monitor.alert_history] == [2]
+
+
+def test_resume_keeps_the_alert_state(model_dir: Path, tmp_path: Path, monkeypatch: Any) -> None:
+    def budget() -> dict[str, Any]:  # quiet for one window after firing
+        return {"rules": [KLBudgetRule(1e-9, cooldown=1)]}
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb1"))
+    full = _trainer(
+        model_dir,
+        tmp_path / "out",
+        [],
+        {"max_steps": 4, "save_strategy": "steps", "save_steps": 2},
+        kl_monitor=budget(),
+    )
+    full.train()
+    assert [a.step for a in full.kl_callback.monitor.alert_history] == [2]
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    assert (
+        json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]["klmonitor:kl/"][
+            "windows"
+        ]
+        == 1
+    )
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb2"))
+    records: list[Record] = []
+    resumed = _trainer(model_dir, tmp_path / "out2", records, {"max_steps": 4}, kl_monitor=budget())
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    # Restored: the history, and the cooldown that keeps the rule quiet at step 4.
+    assert [a.step for a in resumed.kl_callback.monitor.alert_history] == [2]
+    scalars, texts = read_tensorboard(tmp_path / "tb2")
+    assert texts == []
+    _check_windows(scalars["kl/k3/mean"], records, [2, 4], "kl/k3/mean")
+
+
+def test_beta_zero_needs_a_reference(model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"beta=0.0.*Set GRPOConfig\(beta=...\) > 0.*kl_ref_model"):
+        _trainer(model_dir, tmp_path / "out", [], {"beta": 0.0, "max_steps": 1})
+    with pytest.raises(ValueError, match="kl_ref_model is for beta=0.0 only"):
+        _trainer(model_dir, tmp_path / "out", [], {"max_steps": 1}, kl_ref_model=str(model_dir))
+    with pytest.raises(TypeError, match="kl_monitor must be a KLMonitorCallback"):
+        _trainer(model_dir, tmp_path / "out", [], {"max_steps": 1}, kl_monitor=0.1)
+
+
+def test_beta_zero_with_kl_ref_model_and_the_rollout_monitor(model_dir: Path, tmp_path: Path) -> None:
+    seen: dict[str, dict[int, dict[str, float]]] = {"kl": {}, "rollout": {}}
+
+    def sink(name: str) -> Any:
+        return lambda metrics, step: seen[name].__setitem__(step, dict(metrics))
+
+    records: list[Record] = []
+    trainer = _trainer(
+        model_dir,
+        tmp_path / "out",
+        records,
+        {"beta": 0.0, "max_steps": 3, "report_to": []},
+        kl_monitor={"sinks": sink("kl"), "log_every_n_steps": 1},
+        kl_ref_model=str(model_dir),
+        rollout_monitor={"sinks": sink("rollout"), "log_every_n_steps": 1},
+        fake_sampler=True,
+    )
+    assert trainer.ref_model is None, "TRL holds no reference at beta=0; klmonitor's is used"
+    trainer.train()
+    assert sorted(seen["kl"]) == [1, 2, 3] and sorted(seen["rollout"]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        want = reference_window(records, step - 1, step)
+        assert seen["kl"][step]["kl/k3/mean"] == pytest.approx(want["kl/k3/mean"], rel=2e-4, abs=1e-7)
+        rollout = reference_window(trainer.sampler_records, step - 1, step)
+        for name in ("k1/mean", "k3/mean", "tokens"):
+            got = seen["rollout"][step][f"kl_rollout/{name}"]
+            assert got == pytest.approx(rollout[f"kl/{name}"], rel=2e-4, abs=1e-6), (name, step)
+    assert seen["rollout"][3]["kl_rollout/k3/mean"] > 1e-3
