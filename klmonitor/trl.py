@@ -16,9 +16,11 @@ from ``compute_loss``, with no extra forward pass when TRL already computes the 
   head at the same temperature, ``accelerator.prepare_model(..., evaluation_mode=True)``;
   under DeepSpeed ZeRO-3 or FSDP use ``beta > 0`` instead);
 * mask: ``completion_mask`` (times ``tool_mask``: tool output was not sampled by the policy);
-* the rollout engine's log-probs (``inputs["sampling_per_token_logps"]``, with vLLM): a second
-  monitor, ``rollout_callback`` (prefix ``kl_rollout/``), measures KL(sampler || trainer's
-  policy) on the sampler's own tokens: the rollout mismatch.
+* the rollout engine's log-probs (``inputs["sampling_per_token_logps"]``, with vLLM) as
+  ``rollout_logprobs``: the monitor adds KL(sampler || trainer's policy) on the sampler's own
+  tokens (``kl/rollout/...``, the ``rollout_mismatch`` rule);
+* the completion ids (``inputs["completion_ids"]``) as ``token_ids``, and the trainer's
+  tokenizer as ``decode`` (unless given), for ``top_sequences`` and ``top_tokens``.
 
 Usage (three lines)::
 
@@ -75,15 +77,15 @@ def _check_trl_version(version: str) -> str | None:
     )
 
 
-def _as_callback(value: Any, arg: str, prefix: str) -> KLMonitorCallback:
+def _as_callback(value: Any) -> KLMonitorCallback:
     if isinstance(value, KLMonitorCallback):
         return value
     if value is None:
-        return KLMonitorCallback(prefix=prefix)
+        return KLMonitorCallback()
     if isinstance(value, Mapping):
-        return KLMonitorCallback(**{"prefix": prefix, **value})
+        return KLMonitorCallback(**value)
     raise TypeError(
-        f"{arg} must be a KLMonitorCallback, a dict of its keyword arguments (e.g. {{'max_kl': 0.1}}) "
+        f"kl_monitor must be a KLMonitorCallback, a dict of its keyword arguments (e.g. {{'max_kl': 0.1}}) "
         f"or None, got {type(value).__name__}"
     )
 
@@ -101,14 +103,9 @@ class KLMonitorGRPOMixin:
         kl_ref_model: the reference model (or a path for ``AutoModelForCausalLM``) when
             ``beta == 0``, TRL's default, where TRL computes no reference log-probs. Must be
             ``None`` when ``beta > 0`` (TRL's reference is used).
-        rollout_monitor: like ``kl_monitor``, for the rollout mismatch (prefix
-            ``kl_rollout/``), fed when the inputs carry the rollout engine's log-probs
-            (``sampling_per_token_logps``, vLLM); ``None`` creates one when the trainer uses
-            vLLM, ``True`` always, ``False`` never.
     """
 
     kl_callback: KLMonitorCallback
-    rollout_callback: KLMonitorCallback | None
     kl_ref_model: torch.nn.Module | None
 
     def __init__(
@@ -116,7 +113,6 @@ class KLMonitorGRPOMixin:
         *args: Any,
         kl_monitor: KLMonitorCallback | Mapping[str, Any] | None = None,
         kl_ref_model: PreTrainedModel | str | None = None,
-        rollout_monitor: KLMonitorCallback | Mapping[str, Any] | bool | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(self, GRPOTrainer):
@@ -124,7 +120,7 @@ class KLMonitorGRPOMixin:
                 f"KLMonitorGRPOMixin must be mixed into a trl.GRPOTrainer subclass, and {type(self).__name__} "
                 "is not one; write class MyTrainer(KLMonitorGRPOMixin, GRPOTrainer)"
             )
-        kl_callback = _as_callback(kl_monitor, "kl_monitor", "kl/")
+        kl_callback = _as_callback(kl_monitor)
         super().__init__(*args, **kwargs)
         trainer: Any = self
         beta = float(trainer.beta)
@@ -162,18 +158,9 @@ class KLMonitorGRPOMixin:
 
         self.kl_callback = kl_callback
         trainer.add_callback(kl_callback)
-        if rollout_monitor is False or (rollout_monitor is None and not trainer.use_vllm):
-            self.rollout_callback = None
-        else:
-            self.rollout_callback = _as_callback(
-                None if rollout_monitor is True else rollout_monitor, "rollout_monitor", "kl_rollout/"
-            )
-            if self.rollout_callback.monitor.prefix == kl_callback.monitor.prefix:
-                raise ValueError(
-                    f"kl_monitor and rollout_monitor share the prefix {kl_callback.monitor.prefix!r}; give "
-                    "them distinct prefixes"
-                )
-            trainer.add_callback(self.rollout_callback)
+        decode = getattr(getattr(trainer, "processing_class", None), "decode", None)
+        if kl_callback.monitor.decode is None and callable(decode):
+            kl_callback.monitor.decode = decode  # top sequences and tokens as text
         self._klm_capture = False
         self._klm_policy_logps: Tensor | None = None
 
@@ -228,16 +215,15 @@ class KLMonitorGRPOMixin:
         ref = self._reference_logps(inputs)
         if ref is None:
             mon.skipped_batch()
-        else:
-            mon.update(policy, ref, mask)
-        rollout = self.rollout_callback
-        sampler = inputs.get("sampling_per_token_logps")
-        if rollout is not None:
-            if sampler is None:
-                rollout.monitor.skipped_batch()
-            else:
-                # Tokens drawn by the sampler: KL(sampler || trainer's policy), the rollout mismatch.
-                rollout.monitor.update(sampler, policy.detach(), mask)
+            return
+        # The sampler's log-probs of its own tokens (vLLM): KL(sampler || trainer's policy).
+        mon.update(
+            policy,
+            ref,
+            mask,
+            rollout_logprobs=inputs.get("sampling_per_token_logps"),
+            token_ids=inputs.get("completion_ids"),
+        )
 
     def _reference_logps(self, inputs: Mapping[str, Any]) -> Tensor | None:
         ref = inputs.get("ref_per_token_logps")

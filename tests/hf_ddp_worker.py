@@ -26,7 +26,7 @@ if __name__ == "__main__":
         {
             "records": records,
             "seen": seen,
-            "alerts": [a.step for a in kl.monitor.alert_history],
+            "alerts": [[a.rule, a.step] for a in kl.monitor.alert_history],
             "global_step": trainer.state.global_step,
             "world_size": torch.distributed.get_world_size(),
         },

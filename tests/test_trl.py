@@ -118,7 +118,7 @@ def _check_windows(
 ) -> None:
     assert values[0] == bounds[1:], tag
     for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
-        want = reference_window(records, lo, hi)[tag.replace("kl_rollout/", "kl/")]
+        want = reference_window(records, lo, hi)[tag]
         assert values[1][i] == pytest.approx(want, rel=2e-4, abs=1e-6), (tag, hi, values[1][i], want)
 
 
@@ -166,7 +166,7 @@ def test_kl_reaches_tensorboard_alerts_and_matches_an_independent_computation(
         _check_windows(scalars[tag], records, [0, 2, 4, 5], tag)
     assert reference_window(records, 2, 4)["kl/k3/mean"] > 1e-4, "the policy moved away from the reference"
     assert [s for s, _ in texts] == [2, 4, 5] and all("kl_budget" in t for _, t in texts), texts
-    assert trainer.rollout_callback is None, "no vLLM: no rollout monitor"
+    assert trainer.kl_callback.monitor.last_summary.rollout is None, "no vLLM: no rollout log-probs"
     # Evaluation runs compute_loss too; its batches stay out of the training windows.
     n = len(records)
     trainer.evaluate(eval_dataset=_prompts().select(range(2)))
@@ -227,11 +227,8 @@ def test_beta_zero_needs_a_reference(model_dir: Path, tmp_path: Path) -> None:
         _trainer(model_dir, tmp_path / "out", [], {"max_steps": 1}, kl_monitor=0.1)
 
 
-def test_beta_zero_with_kl_ref_model_and_the_rollout_monitor(model_dir: Path, tmp_path: Path) -> None:
-    seen: dict[str, dict[int, dict[str, float]]] = {"kl": {}, "rollout": {}}
-
-    def sink(name: str) -> Any:
-        return lambda metrics, step: seen[name].__setitem__(step, dict(metrics))
+def test_beta_zero_with_kl_ref_model_and_the_rollout_check(model_dir: Path, tmp_path: Path) -> None:
+    seen: dict[int, dict[str, float]] = {}
 
     records: list[Record] = []
     trainer = _trainer(
@@ -239,19 +236,35 @@ def test_beta_zero_with_kl_ref_model_and_the_rollout_monitor(model_dir: Path, tm
         tmp_path / "out",
         records,
         {"beta": 0.0, "max_steps": 3, "report_to": []},
-        kl_monitor={"sinks": sink("kl"), "log_every_n_steps": 1},
+        kl_monitor={"sinks": lambda m, step: seen.__setitem__(step, dict(m)), "log_every_n_steps": 1},
         kl_ref_model=str(model_dir),
-        rollout_monitor={"sinks": sink("rollout"), "log_every_n_steps": 1},
         fake_sampler=True,
     )
     assert trainer.ref_model is None, "TRL holds no reference at beta=0; klmonitor's is used"
     trainer.train()
-    assert sorted(seen["kl"]) == [1, 2, 3] and sorted(seen["rollout"]) == [1, 2, 3]
+    assert sorted(seen) == [1, 2, 3]
     for step in (1, 2, 3):
         want = reference_window(records, step - 1, step)
-        assert seen["kl"][step]["kl/k3/mean"] == pytest.approx(want["kl/k3/mean"], rel=2e-4, abs=1e-7)
+        assert seen[step]["kl/k3/mean"] == pytest.approx(want["kl/k3/mean"], rel=2e-4, abs=1e-7)
         rollout = reference_window(trainer.sampler_records, step - 1, step)
         for name in ("k1/mean", "k3/mean", "tokens"):
-            got = seen["rollout"][step][f"kl_rollout/{name}"]
+            got = seen[step][f"kl/rollout/{name}"]
             assert got == pytest.approx(rollout[f"kl/{name}"], rel=2e-4, abs=1e-6), (name, step)
-    assert seen["rollout"][3]["kl_rollout/k3/mean"] > 1e-3
+    assert seen[3]["kl/rollout/k3/mean"] > 1e-3
+
+
+def test_top_sequences_decode_the_completions(model_dir: Path, tmp_path: Path) -> None:
+    records: list[Record] = []
+    trainer = _trainer(
+        model_dir,
+        tmp_path / "out",
+        records,
+        {"max_steps": 2, "report_to": []},
+        kl_monitor={"log_every_n_steps": 2, "top_sequences": 2, "top_tokens": 3, "vocab_size": 16},
+    )
+    trainer.train()
+    s = trainer.kl_callback.monitor.last_summary
+    assert s is not None and len(s.top_sequences) == 2 and s.top_tokens
+    top = s.top_sequences[0]
+    assert top.token_ids is not None and top.text is not None and top.text.strip()
+    assert top.kl_sum >= s.top_sequences[1].kl_sum
