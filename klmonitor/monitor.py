@@ -294,14 +294,16 @@ class Monitor:
     def _parts(self) -> list[Any]:
         return [p for p in (self._ratio, self.positions, self.sequences, self.tokens) if p is not None]
 
-    def reset_window(self) -> None:
-        """Start afresh: drop the open window and restart the schedule at step 0 (a new run).
+    def reset_window(self, step: int = 0) -> None:
+        """Start afresh: drop the open window and restart the schedule at ``step`` (a new run).
 
-        Alert rules and their history are kept; :meth:`load_state_dict` restores those.
+        Windows then are ``(step, step + N]``, ... Alert rules and their history are kept;
+        :meth:`load_state_dict` restores those.
         """
+        step = check_int(step, "step", low=0, hint=" (the step training starts from)")
         self._reset_window()
-        self._last_logged_step = 0
-        self._step_seen = 0
+        self._last_logged_step = step
+        self._step_seen = step
         if self._hist is not None:
             self._hist.fill_(math.nan)
         self._hist_pos = 0

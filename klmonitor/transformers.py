@@ -155,10 +155,7 @@ class KLMonitorCallback(TrainerCallback):
                     f"trainer_state.json has no '{self.state_key}' entry (saved without this callback, "
                     "or with another prefix); the alert state starts fresh.",
                 )
-                # Windows go on from the resumed step: (s, s + N], not (0, N].
-                fresh = mon.state_dict()
-                fresh["last_logged_step"] = int(state.global_step)
-                mon.load_state_dict(fresh)
+                mon.reset_window(int(state.global_step))  # windows (s, s + N], not (0, N]
             else:
                 mon.load_state_dict(saved)
 
