@@ -189,7 +189,11 @@ def test_vector_path_mixes_near_and_far_tokens(far: float, body: str) -> None:
         for name in QUANTITIES:
             want = sum(e[name] for e in exact) / 8
             got = getattr(s, name).mean
-            tol = (1e-5 if name == "k2_minus_k3" else 1e-6) * sum(abs(e[name]) for e in exact) / 8
+            # At l = -17, kl_pq = (r - 1) l - k3 cancels 17 - 16 in float32 (an ulp of 16 is
+            # 1.9e-6 of the result): the AVX2 body's FMA keeps the product exact, the portable
+            # body, built for CPUs without FMA, rounds it as the torch path does.
+            rel = 1e-5 if name == "k2_minus_k3" else (2e-6 if body == "portable" else 1e-6)
+            tol = rel * sum(abs(e[name]) for e in exact) / 8
             assert abs(got - want) <= tol, (far, name, got, want)
 
 
