@@ -17,9 +17,12 @@ from cpuid (see moments.c), so one binary runs on every CPU of a mixed cluster.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
+from typing import Any
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -81,6 +84,23 @@ class OptionalBuildExt(build_ext):
             except Exception as exc:
                 errors.append(f"{label}: {type(exc).__name__}: {exc}")
         self._skip("; ".join(errors))
+
+    def copy_file(self, infile: Any, outfile: Any, *args: Any, **kwargs: Any) -> Any:
+        """Replace the library in place atomically (``--inplace``, editable installs).
+
+        Overwriting it would truncate the file under any running process that has it mapped
+        (killing it with SIGBUS); a new file renamed over the old leaves that one intact.
+        """
+        if not str(outfile).endswith(tuple(EXTENSION_SUFFIXES)):
+            return super().copy_file(infile, outfile, *args, **kwargs)
+        tmp = f"{outfile}.{os.getpid()}.tmp"
+        try:
+            _, copied = super().copy_file(infile, tmp, *args, **kwargs)
+            os.replace(tmp, outfile)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return outfile, copied
 
     def _skip(self, why: str) -> None:
         print(

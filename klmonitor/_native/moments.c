@@ -15,8 +15,8 @@
  *    spilled most of its 17 accumulators to the stack; written by hand, each block is two
  *    loops of 8 tokens whose accumulators fit the 16 vector registers, and vectors whose |l|
  *    are all below 0.34 (the usual regime of RL fine-tuning) skip exp's range reduction: 2.2x
- *    faster per token than the portable loop on that regime, 1.4x elsewhere (Zen 3, one
- *    thread).
+ *    faster per token than the portable loop compiled for AVX2 on that regime, 1.4x elsewhere
+ *    (Zen 3, one thread); the baseline (SSE2) build of the portable loop is slower still.
  * Sums are shifted by a sample mean of each quantity, so variances keep their precision even
  * where the mean is far larger than the spread.
  *
@@ -162,7 +162,7 @@ void klm_sample_shift(const void* logp, const void* ref, int dtype, const uint8_
 /* Shifted sums over tokens [lo, hi) with ACC_T block accumulators (see BODY); ATTR is empty
  * for the baseline target or KLM_AVX2_FN for a copy compiled for AVX2+FMA. */
 #define DEFINE_RANGE(NAME, ACC_T, ATTR)                                                       \
-static ATTR void NAME(const float* restrict logp, const float* restrict ref,                       \
+static ATTR void NAME(const float* restrict logp, const float* restrict ref,                  \
                  const uint8_t* restrict mask, int64_t lo, int64_t hi,                        \
                  const float* shift, float clamp, double* out) {                              \
     const float s0 = shift[0], s1 = shift[1], s2 = shift[2];                                  \
