@@ -93,8 +93,9 @@ class KLStats(Metric):
             raise ValueError(f"backend must be 'auto', 'torch', 'native' or 'compile', got {backend!r}")
         if backend == "native" and not _native.available():
             raise RuntimeError(
-                "backend='native' needs the fused CPU kernel, which could not be built: install a "
-                "C compiler (cc/gcc/clang, or set CC) or use backend='auto'"
+                f"backend='native' needs the fused CPU kernel, which is not available: "
+                f"{_native.unavailable_reason()}. Use backend='auto' (the same numbers through "
+                "the pure-torch path where the kernel is missing)"
             )
         self.level: Level = level
         self.clamp = float(clamp)

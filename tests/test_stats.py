@@ -1,19 +1,14 @@
 """KLStats and KLSummary against independent references: exact categorical KL, float64 numpy.
 
 Both backends are exercised throughout: ``backend="torch"`` (plain torch ops) and the default
-``"auto"``, which for CPU float32/bf16/fp16 token-level inputs runs the fused C kernel.
+``"auto"``, which for CPU float32/bf16/fp16 token-level inputs runs the fused C kernel. The
+kernel's own tests (bodies, dispatch, loading faults) are in test_native.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import mpmath
 import numpy as np
@@ -25,13 +20,10 @@ from hypothesis.extra.numpy import arrays
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from klmonitor import EstimatorStats, KLStats, KLSummary, _native
-from klmonitor import _moments as mom
 from klmonitor.estimators import ESTIMATORS
 
 QUANTITIES = ("k1", "k2", "k3", "kl_pq", "r_minus_1", "k2_minus_k3")
 BACKENDS = ("auto", "torch")
-
-needs_native = pytest.mark.skipif(not _native.available(), reason="no C compiler: native kernel unavailable")
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,56 +479,8 @@ def test_single_token_window() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 4. backends agree
+# 4. per-token values of both backends against 50 digits (kernel-only tests: test_native.py)
 # --------------------------------------------------------------------------------------------
-SIZES = [1, 2, 7, 255, 256, 257, 4097, 65_536, 65_537, 200_003]
-
-
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("variant", ["plain", "masked_bad"])
-def test_backends_agree(dtype: torch.dtype, size: int, variant: str) -> None:
-    masked = variant == "masked_bad"
-    logp, ref, mask = random_batch(
-        size, seed=size, dtype=dtype, mask_density=0.6 if masked else None, bad=masked
-    )
-    plain = summary(logp, ref, mask, backend="torch")
-    with torch_threads(2):  # from 2 * 65536 tokens the native kernel splits over threads
-        native = summary(logp, ref, mask, backend="auto")
-    assert_summaries_match(native, plain, rtol=BACKEND_RTOL)
-    if masked and size > 1000:
-        assert native.nonfinite > 0 and native.clamped > 0
-
-
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("clamp", [0.25, 5.0, 30.0, 31.0, 80.0])
-def test_backends_agree_at_any_clamp(dtype: torch.dtype, clamp: float) -> None:
-    # Clamps up to 30 take float block sums (and the AVX2 body, which reads bf16/fp16 as
-    # they are); above 30, double sums over float32 copies. 0.25 clamps most tokens.
-    logp, ref, mask = random_batch(20_003, seed=11, dtype=dtype, scale=3.0, mask_density=0.7, bad=True)
-    plain = summary(logp, ref, mask, backend="torch", clamp=clamp)
-    native = summary(logp, ref, mask, backend="native", clamp=clamp)
-    assert native.clamped == plain.clamped
-    assert plain.clamped > 0 or clamp > plain.max_abs_log_ratio  # |l| reach ~55 here
-    assert native.nonfinite == plain.nonfinite > 0
-    assert_summaries_match(native, plain, rtol=BACKEND_RTOL)
-
-
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_backends_agree_on_log_ratio_concentrated_near_taylor_boundary(dtype: torch.dtype) -> None:
-    # |l| in [0.05, 0.3], where the series and the exp-based branch meet.
-    g = torch.Generator().manual_seed(3)
-    logp = -torch.rand(50_000, generator=g) * 5
-    sign = torch.where(torch.rand(50_000, generator=g) < 0.5, -1.0, 1.0)
-    ref = logp + sign * (0.05 + 0.25 * torch.rand(50_000, generator=g))
-    a = summary(logp.to(dtype), ref.to(dtype), backend="auto")
-    b = summary(logp.to(dtype), ref.to(dtype), backend="torch")
-    assert_summaries_match(a, b, rtol=BACKEND_RTOL)
-
-
 def _exact_per_token(l: float) -> dict[str, float]:
     with mpmath.workdps(50):
         x = mpmath.mpf(l)
@@ -587,185 +531,6 @@ def test_per_token_precision_near_taylor_boundary(backend: str) -> None:
     for name in ("k3", "kl_pq", "r_minus_1"):
         assert worst[name][0] <= 2e-6, (name, worst[name])
     assert worst["k2_minus_k3"][0] <= 5e-5, worst["k2_minus_k3"]
-
-
-_NATIVE_OFF_SCRIPT = textwrap.dedent(
-    """
-    import json, torch
-    torch.set_num_threads(1)
-    import klmonitor._native as nat
-    from klmonitor import KLStats
-    from dataclasses import asdict
-    g = torch.Generator().manual_seed(0)
-    logp = -torch.rand(5000, generator=g) * 10
-    ref = logp + 0.2 * torch.randn(5000, generator=g)
-    out = {"available": nat.available()}
-    for backend in ("auto", "torch"):
-        s = KLStats(backend=backend)
-        s.update(logp, ref)
-        out[backend] = asdict(s.compute())
-    try:
-        KLStats(backend="native")
-        out["native_error"] = None
-    except RuntimeError as exc:
-        out["native_error"] = str(exc)
-    print(json.dumps(out))
-    """
-)
-
-
-def test_native_disabled_by_env_uses_torch_path() -> None:
-    env = {**os.environ, "KLMONITOR_NATIVE": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _NATIVE_OFF_SCRIPT], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
-    assert out["available"] is False
-    assert out["auto"] == out["torch"]  # bit for bit: the same code ran
-    assert out["native_error"] and "compiler" in out["native_error"]
-
-
-_PORTABLE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch
-    torch.set_num_threads(2)
-    import klmonitor._native as nat
-    nat._ARCH_FLAGS = ([],)  # generic target: no AVX2, so the portable loop does all the work
-    from klmonitor import KLStats
-    from dataclasses import asdict
-    sys.path.insert(0, sys.argv[1])
-    from test_stats import random_batch
-    out = {"isa": nat.vector_isa(), "cases": []}
-    cases = [(7, False, torch.float32), (4097, True, torch.float32), (200_003, True, torch.float32),
-             (200_003, False, torch.float32), (4097, True, torch.bfloat16)]
-    out["bf16_direct"] = nat.reads_dtype(torch.bfloat16, 20.0)
-    for size, masked, dtype in cases:
-        logp, ref, mask = random_batch(
-            size, seed=size, dtype=dtype, mask_density=0.6 if masked else None, bad=masked
-        )
-        pair = []
-        for backend in ("native", "torch"):
-            s = KLStats(backend=backend)
-            s.update(logp, ref, mask)
-            pair.append(asdict(s.compute()))
-        out["cases"].append(pair)
-    print(json.dumps(out))
-    """
-)
-
-
-@needs_native
-def test_portable_kernel_matches_torch(tmp_path: Path) -> None:
-    # The AVX2 body runs wherever the compiler targets it (here and on CI); the portable loop
-    # it replaces serves other machines. Build that one alone, in its own cache, and compare.
-    env = {**os.environ, "KLMONITOR_CACHE": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _PORTABLE_SCRIPT, str(Path(__file__).parent)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
-    assert out["isa"] == "portable" and out["bf16_direct"] is False
-    for native, plain in out["cases"]:
-        a, b = KLSummary(**native), KLSummary(**plain)
-        for field in ("tokens", "nonfinite", "clamped", "max_abs_log_ratio"):
-            assert getattr(a, field) == getattr(b, field), field
-        for name in QUANTITIES:
-            assert_stats_close(
-                EstimatorStats(**getattr(a, name)),
-                EstimatorStats(**getattr(b, name)),
-                BACKEND_RTOL[name],
-                name,
-            )
-
-
-@needs_native
-def test_native_backend_is_used_for_float32_cpu_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real = _native.fold
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].dtype)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_native, "fold", spy)
-    logp, ref, _ = random_batch(100, seed=0)
-    summary(logp, ref, backend="auto")
-    summary(logp.bfloat16(), ref.bfloat16(), backend="native")
-    # bf16 goes to the kernel as it is where the kernel reads it (AVX2), else as float32.
-    direct = _native.reads_dtype(torch.bfloat16, 20.0)
-    assert calls == [torch.float32, torch.bfloat16 if direct else torch.float32]
-    summary(logp, ref, backend="torch")
-    summary(logp.double(), ref.double(), backend="auto")  # float64 stays on the torch path
-    summary(logp.reshape(10, 10), ref.reshape(10, 10), backend="auto", level="sequence")
-    assert len(calls) == 2
-
-
-@needs_native
-def test_native_fold_merges_like_the_torch_path() -> None:
-    # The kernel merges each batch into the state itself (Chan's update in C): its layout must
-    # be _moments' and its merges must equal the torch path's over many uneven batches.
-    lib = _native.load()
-    assert lib is not None and lib.klm_vector_size() == mom.SIZE
-    native, plain = KLStats(backend="native"), KLStats(backend="torch")
-    for i, n in enumerate([1, 9, 0, 4097, 3, 70_001, 512, 2]):
-        logp, ref, mask = random_batch(n, seed=i, mask_density=0.7, bad=i % 2 == 1, scale=0.1 + i)
-        native.update(logp, ref, mask)
-        plain.update(logp, ref, mask)
-    assert_summaries_match(native.compute(), plain.compute(), rtol=BACKEND_RTOL)
-
-
-@needs_native
-def test_vector_path_values_over_whole_range() -> None:
-    # One-token windows run the kernel's scalar tail; whole vectors of 8 (and 16) tokens run its
-    # vector body, which has a fast path for vectors whose |l| are all below 0.34 and a general
-    # one (range-reduced exp) otherwise. Each vector here holds copies of one value, so its
-    # window mean is that value's per-token result, checked against 50 digits.
-    for reps in (8, 16):
-        worst = {k: 0.0 for k in QUANTITIES}
-        for l in _WHOLE_RANGE.astype(np.float32):
-            s = summary(torch.zeros(reps), torch.full((reps,), float(l)), backend="native")
-            for name, exact in _exact_per_token(float(l)).items():
-                worst[name] = max(worst[name], abs(getattr(s, name).mean - exact) / abs(exact))
-        for name in ("k1", "k2", "k3", "kl_pq", "r_minus_1"):
-            assert worst[name] <= 1e-5, (reps, name, worst[name])
-        assert worst["k2_minus_k3"] <= 1e-3, (reps, worst["k2_minus_k3"])
-
-
-@needs_native
-@pytest.mark.parametrize("far", [0.3, 0.35, 2.0, -17.0])
-def test_vector_path_mixes_near_and_far_tokens(far: float) -> None:
-    # Seven tokens near zero and one at `far` in one vector: the vector takes the general path
-    # (or, at 0.3, the fast one) and each lane must still get its own value: the window's mean
-    # of each quantity equals the exact mean of the eight per-token values.
-    near = [1e-6, -3e-4, 0.01, -0.05, 0.1, -0.2, 0.33]
-    values = np.array([*near, far], dtype=np.float32)
-    for perm in (values, values[::-1].copy()):
-        s = summary(torch.zeros(8), torch.from_numpy(perm), backend="native")
-        exact = [_exact_per_token(float(x)) for x in perm]
-        for name in QUANTITIES:
-            want = sum(e[name] for e in exact) / 8
-            got = getattr(s, name).mean
-            tol = (1e-5 if name == "k2_minus_k3" else 1e-6) * sum(abs(e[name]) for e in exact) / 8
-            assert abs(got - want) <= tol, (far, name, got, want)
-
-
-@needs_native
-@pytest.mark.parametrize("swap", [False, True])
-def test_backends_agree_on_mixed_precision_inputs(swap: bool) -> None:
-    # A float64 side must not be rounded to float32: log_ratio promotes, so both paths must.
-    g = torch.Generator().manual_seed(0)
-    logp = (-50 + torch.randn(1000, generator=g)).float()
-    ref = logp.double() + 1e-6 * torch.randn(1000, generator=g, dtype=torch.float64)
-    if swap:
-        logp, ref = ref, logp
-    a = summary(logp, ref, backend="auto")
-    b = summary(logp, ref, backend="torch")
-    assert_summaries_match(a, b, rtol=BACKEND_RTOL)
 
 
 # --------------------------------------------------------------------------------------------

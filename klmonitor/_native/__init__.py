@@ -1,25 +1,38 @@
-"""The fused CPU kernel: ``moments.c`` built on first use with the system's C compiler.
+"""The fused CPU kernel: ``moments.c``, compiled when klmonitor is installed, loaded with ctypes.
 
 Why a C file rather than ``torch.compile``: on CPU, Inductor's code for this reduction (twelve
 float64 accumulators, an exp, a max) ran 4-6x slower than the memory floor, far from the
-3x target; this plain loop, auto-vectorised by gcc/clang, runs within 2x of it (see
-``benchmarks/``). The file is compiled once per machine into a cache directory (under a
-second) and loaded with ``ctypes``, which releases the GIL, so several threads can each run
-a slice. Without a compiler, or with ``KLMONITOR_NATIVE=0``, :func:`load` returns ``None`` and
-KLStats uses its pure-torch path, which gives the same numbers.
+3x target; this plain loop, with a hand-written AVX2 body, runs within 2x of it (see
+``benchmarks/``). Calls through ``ctypes`` release the GIL.
+
+How it is built: ``setup.py`` compiles the file once, at install time, into
+``_klm_moments*.so`` beside this module (an optional extension: an install without a C
+compiler succeeds without it). The library holds a portable body compiled for the baseline
+of its architecture and, on x86-64, an AVX2+FMA+F16C body chosen at run time from cpuid, so
+one binary runs on every node of a mixed cluster. Nothing is compiled, cached or written at
+run time: no compiler call, no cache directory, no file another user could plant.
+
+Before the library is used, :func:`load` checks that it is owned by you, root or the owner of
+klmonitor's own files and no more writable than they are; that it is a complete ELF shared
+library for this machine (a truncated file would crash the process inside ``dlopen``); that
+it exports every function, with this module's interface version and a hash of the
+``moments.c`` beside it (a stale build is not used); and that it reproduces the pure-torch
+path's numbers on a small batch. Any failure, or ``KLMONITOR_NATIVE=0``, leaves :func:`load`
+returning ``None`` after one warning (naming the file and the fix), and KLStats uses its
+pure-torch path, which gives the same numbers. ``KLMONITOR_NATIVE=portable`` forces the
+portable body.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.machinery
 import logging
 import os
-import platform
-import shutil
-import subprocess
+import stat
+import struct
 import sys
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,147 +43,347 @@ from torch import Tensor
 
 log = logging.getLogger("klmonitor")
 
-_SOURCE = Path(__file__).with_name("moments.c")
-_BASE_FLAGS = [
-    "-O3",
-    "-fno-math-errno",
-    "-fassociative-math",
-    "-fno-signed-zeros",
-    "-fno-trapping-math",
-    "-ffp-contract=fast",
-    "-shared",
-    "-fPIC",
-]
-# Tried in order: the host's vector units with OpenMP (which then shares torch's own runtime
-# and worker threads), then without OpenMP (Python threads split the work), then generic code.
-_ARCH_FLAGS: tuple[list[str], ...] = (["-march=native", "-fopenmp"], ["-march=native"], [])
+#: The interface this module speaks (``klm_abi_version`` in moments.c).
+ABI_VERSION = 2
+_STEM = "_klm_moments"
 NOUT = 16
 # Element types the kernel knows (codes as in moments.c).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Below this many tokens one thread does the work; the pool's hand-off costs more than it saves.
 _PARALLEL_FROM = 1 << 16
+# KLMONITOR_NATIVE values: off, or which body to run (-1: the best the CPU takes).
+_OFF = ("0", "false", "no", "off")
+_ISA_WANTED = {"": -1, "1": -1, "true": -1, "yes": -1, "on": -1, "auto": -1, "portable": 0, "avx2": 1}
+_ISA_NAMES = {0: "portable", 1: "avx2"}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_reason: str | None = None
 _pool: ThreadPoolExecutor | None = None
+# Where the library and its moments.c are looked for (tests point it at a copy).
+_library_dir = Path(__file__).parent
 
 
-def cache_dir() -> Path:
-    """Where the compiled kernel is kept: ``$KLMONITOR_CACHE`` or ``~/.cache/klmonitor``."""
-    env = os.environ.get("KLMONITOR_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "klmonitor"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
+def library_path() -> Path | None:
+    """The compiled kernel beside this module, or ``None`` where the install did not build it."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _library_dir / (_STEM + suffix)
+        if os.path.lexists(path):
+            return path
     return None
 
 
-def _build(cc: str) -> Path | None:
-    source = _SOURCE.read_bytes()
-    for arch in _ARCH_FLAGS:
-        flags = [*_BASE_FLAGS, *arch]
-        key = hashlib.sha256(
-            source + " ".join([cc, *flags, platform.machine(), sys.platform]).encode()
-        ).hexdigest()[:16]
-        target = cache_dir() / f"moments-{key}.so"
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename: ranks of a DDP job may race to build it.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            proc = subprocess.run(
-                [cc, *flags, "-o", tmp, str(_SOURCE)],
-                capture_output=True,
-                text=True,
-                timeout=120,
+def _owner(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def _trust_problem(path: Path) -> str | None:
+    """Why ``path`` must not be loaded by this user, or ``None``.
+
+    Trusted: a regular file owned by this user, root or the owner of klmonitor's own files
+    beside it, and writable by no one who could not also rewrite those files.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if not hasattr(os, "getuid"):  # Windows: no POSIX owners to compare
+        return None
+    own = path.parent / "__init__.py"
+    ref = os.stat(own if own.exists() else path.parent)
+    me = os.getuid()
+    if st.st_uid not in (me, 0, ref.st_uid):
+        return (
+            f"it is owned by {_owner(st.st_uid)}, not by you ({_owner(me)}), root or the owner of "
+            f"klmonitor's own files ({_owner(ref.st_uid)}), so it may have been planted"
+        )
+    loose = st.st_mode & 0o022 & ~ref.st_mode
+    if loose:
+        who = " and ".join(w for bit, w in ((0o020, "its group"), (0o002, "all users")) if loose & bit)
+        return (
+            f"it is writable by {who} (mode {stat.filemode(st.st_mode)}), unlike klmonitor's own "
+            f"files ({stat.filemode(ref.st_mode)}), so it may have been replaced"
+        )
+    return None
+
+
+_host_machine: int | None = None
+
+
+def _machine_of(path: str) -> int | None:
+    """The ELF e_machine of a file, or ``None`` if it is not a readable ELF file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return None
+    if len(head) < 20 or head[:4] != b"\x7fELF" or head[5] not in (1, 2):
+        return None
+    machine: int = struct.unpack_from("<H" if head[5] == 1 else ">H", head, 18)[0]
+    return machine
+
+
+def _elf_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete ELF shared library for this process, or ``None``.
+
+    ``dlopen`` maps a library's segments from the file; where the file is shorter than its
+    headers say, touching the missing pages kills the process with SIGBUS. So every header,
+    every loaded segment and the section table must lie inside the file. Files that are not
+    ELF pass where the platform does not use ELF (macOS, Windows), and fail elsewhere.
+    """
+    global _host_machine
+    size = os.stat(path).st_size
+    if size == 0:
+        return "it is empty (0 bytes)"
+    with open(path, "rb") as f:
+        data = f.read(min(size, 1 << 16))
+    if data[:4] != b"\x7fELF":
+        if sys.platform.startswith(("linux", "freebsd")):
+            return "it is not an ELF shared library"
+        return None
+    bits64 = struct.calcsize("P") == 8
+    if len(data) < 52 or data[4] not in (1, 2) or data[5] not in (1, 2):
+        return "its ELF header is cut short or invalid"
+    if (data[4] == 2) != bits64:
+        return (
+            f"it is a {64 if data[4] == 2 else 32}-bit library and this Python is {64 if bits64 else 32}-bit"
+        )
+    end = "<" if data[5] == 1 else ">"
+    if (end == "<") != (sys.byteorder == "little"):
+        return "its byte order is not this machine's"
+    if bits64:
+        if len(data) < 64:
+            return "its ELF header is cut short"
+        e_type, e_machine = struct.unpack_from(end + "HH", data, 16)
+        e_phoff, e_shoff = struct.unpack_from(end + "QQ", data, 32)
+        e_phentsize, e_phnum, e_shentsize, e_shnum = struct.unpack_from(end + "HHHH", data, 54)
+        ph_fmt, ph_min = end + "I4xQ8x8xQ", 56  # p_type, p_offset, p_filesz
+    else:
+        e_type, e_machine = struct.unpack_from(end + "HH", data, 16)
+        e_phoff, e_shoff = struct.unpack_from(end + "II", data, 28)
+        e_phentsize, e_phnum, e_shentsize, e_shnum = struct.unpack_from(end + "HHHH", data, 42)
+        ph_fmt, ph_min = end + "II8xI", 32
+    if e_type != 3:
+        return f"it is an ELF file of type {e_type}, not a shared library"
+    if _host_machine is None:
+        _host_machine = _machine_of(os.path.realpath(sys.executable)) or -1
+    if _host_machine > 0 and e_machine != _host_machine:
+        return f"it is built for ELF machine {e_machine}, and this Python runs on machine {_host_machine}"
+    if e_phnum == 0 or e_phentsize < ph_min:
+        return "its ELF program headers are missing or invalid"
+    if e_phoff + e_phnum * e_phentsize > size or e_shoff + e_shnum * e_shentsize > size:
+        return f"it is truncated ({size} bytes, shorter than its ELF headers say)"
+    if e_phoff + e_phnum * e_phentsize > len(data):
+        with open(path, "rb") as f:
+            data = f.read(e_phoff + e_phnum * e_phentsize)
+    for k in range(e_phnum):
+        p_type, p_offset, p_filesz = struct.unpack_from(ph_fmt, data, e_phoff + k * e_phentsize)
+        if p_type == 1 and p_offset + p_filesz > size:  # PT_LOAD
+            return f"it is truncated ({size} bytes; a segment ends at byte {p_offset + p_filesz})"
+    return None
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    """Declare the kernel's functions (AttributeError where the library lacks one)."""
+    p, i64, f32, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    signatures: dict[str, tuple[list[type], type | None]] = {
+        "klm_abi_version": ([], cint),
+        "klm_source_sha256": ([], ctypes.c_char_p),
+        "klm_select_isa": ([cint], cint),
+        "klm_cpu_has_avx2": ([], cint),
+        "klm_vector_isa": ([], cint),
+        "klm_openmp": ([], cint),
+        "klm_sample_shift": ([p, p, cint, p, i64, f32, p], None),
+        "klm_token_moments": ([p, p, cint, p, i64, i64, p, f32, p], None),
+        "klm_fold": ([p, p, cint, p, i64, f32, cint, p], cint),
+        "klm_fold_sums": ([p, p, p], None),
+        "klm_vector_size": ([], cint),
+        "klm_reads_dtype": ([cint, f32], cint),
+    }
+    for name, (args, res) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = res
+
+
+def _self_test(lib: ctypes.CDLL) -> str | None:
+    """Why the library's numbers differ from the torch path's on a small batch, or ``None``.
+
+    203 tokens (every quantity's branches, a clamp, masked, NaN and inf tokens), as float32
+    and, where the body reads it directly, bf16: exact counts, and means and M2 within 1e-4
+    of the samples' scale (both paths agree to ~1e-6; a broken build is off by far more).
+    """
+    from klmonitor import _moments as mom
+
+    if lib.klm_vector_size() != mom.SIZE:
+        return f"its moments vector has {lib.klm_vector_size()} entries, not {mom.SIZE}"
+    g = torch.Generator().manual_seed(20240611)
+    n, clamp = 203, 5.0
+    logp = -8.0 * torch.rand(n, generator=g)
+    ref = logp + 2.5 * torch.randn(n, generator=g)
+    ref[:40] = logp[:40] + 0.3 * torch.randn(40, generator=g)  # the series branch
+    ref[7], ref[50], logp[90] = float("nan"), float("inf"), float("-inf")
+    mask = torch.rand(n, generator=g) < 0.8
+    for dtype in (torch.float32, torch.bfloat16):
+        if not lib.klm_reads_dtype(_DTYPE_CODES[dtype], clamp):
+            continue
+        lp, rp = logp.to(dtype), ref.to(dtype)
+        want = mom.token_moments_torch(lp, rp, mask, clamp).numpy()
+        got = np.zeros(mom.SIZE, dtype=np.float64)
+        lib.klm_fold(
+            lp.data_ptr(), rp.data_ptr(), _DTYPE_CODES[dtype], mask.data_ptr(), n, clamp, 1, got.ctypes.data
+        )
+        counts = [mom.COUNT, mom.TOKENS, mom.NONFINITE, mom.CLAMPED]
+        scale = np.sqrt(want[mom.MEAN] ** 2 + want[mom.M2] / max(want[mom.COUNT], 1.0))
+        ok = (
+            np.array_equal(got[counts], want[counts])
+            and abs(got[mom.MAX_ABS] - want[mom.MAX_ABS]) <= 1e-6 * want[mom.MAX_ABS]
+            and np.all(np.abs(got[mom.MEAN] - want[mom.MEAN]) <= 1e-4 * scale)
+            and np.all(
+                np.abs(got[mom.M2] - want[mom.M2]) <= 1e-4 * (want[mom.M2] + want[mom.COUNT] * scale**2)
             )
-            if proc.returncode == 0:
-                os.replace(tmp, target)
-                return target
-            log.debug("klmonitor: building the CPU kernel with %s failed: %s", flags, proc.stderr)
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.debug("klmonitor: building the CPU kernel failed: %s", exc)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        )
+        if not ok:
+            return f"it gave wrong numbers on a {dtype} self-test batch ({got.tolist()} vs {want.tolist()})"
     return None
+
+
+def _open(want: int) -> tuple[ctypes.CDLL | None, str | None]:
+    """The checked library, or ``None`` and why not."""
+    path = library_path()
+    if path is None:
+        return None, (
+            "it was not built when klmonitor was installed (no working C compiler then). To build "
+            "it, reinstall klmonitor where gcc or clang works (set CC to choose one)"
+        )
+    rebuild = "reinstall klmonitor (or, in a source checkout, run `python setup.py build_ext --inplace`)"
+    try:
+        why = _trust_problem(path) or _elf_problem(path)
+        if why:
+            return None, f"{path} is not loaded: {why}. Remove it and {rebuild}"
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            return None, f"{path} could not be loaded ({exc}); {rebuild}"
+        try:
+            _bind(lib)
+        except AttributeError as exc:
+            return None, f"{path} is not klmonitor's kernel (it lacks a function: {exc}); {rebuild}"
+        abi = lib.klm_abi_version()
+        if abi != ABI_VERSION:
+            return None, f"{path} has interface version {abi}, this klmonitor needs {ABI_VERSION}; {rebuild}"
+        source = path.parent / "moments.c"
+        if source.exists():
+            built_from = (lib.klm_source_sha256() or b"").decode("ascii", "replace")
+            if built_from != hashlib.sha256(source.read_bytes()).hexdigest():
+                return None, f"{path} was built from another version of {source} (stale build); {rebuild}"
+        isa = lib.klm_select_isa(want)
+        if want > isa:
+            log.warning(
+                "klmonitor: KLMONITOR_NATIVE=avx2, but this CPU or OS lacks AVX2/FMA/F16C; using the portable body."
+            )
+        why = _self_test(lib)
+        if why:
+            return None, f"{path} is not used: {why}; {rebuild}"
+        return lib, None
+    except Exception as exc:  # never let loading the kernel stop training
+        return None, f"checking {path} failed ({type(exc).__name__}: {exc}); {rebuild}"
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, built on first call; ``None`` where it cannot be had."""
-    global _lib, _tried
+    """The checked kernel library, loaded on first call; ``None`` where it cannot be used.
+
+    The first call that gets ``None`` logs why, once per process (except when
+    ``KLMONITOR_NATIVE=0`` asked for it).
+    """
+    global _lib, _tried, _reason
     if _tried:
         return _lib
     with _lock:
         if _tried:
             return _lib
-        if os.environ.get("KLMONITOR_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-            _tried = True
-            return None
-        cc = _compiler()
-        path = _build(cc) if cc else None
-        if path is None:
-            log.info(
-                "klmonitor: no C compiler could build the fused CPU kernel; using the "
-                "pure-torch path (same results, slower). Set CC to a working compiler to enable it."
-            )
+        mode = os.environ.get("KLMONITOR_NATIVE", "").strip().lower()
+        if mode in _OFF:
+            _reason = f"it is turned off by KLMONITOR_NATIVE={os.environ['KLMONITOR_NATIVE']}"
+            log.info("klmonitor: the fused CPU kernel %s; using the pure-torch path.", _reason)
         else:
-            try:
-                lib = ctypes.CDLL(str(path))
-                p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-                cint = ctypes.c_int
-                lib.klm_sample_shift.argtypes = [p, p, cint, p, i64, f32, p]
-                lib.klm_sample_shift.restype = None
-                lib.klm_token_moments.argtypes = [p, p, cint, p, i64, i64, p, f32, p]
-                lib.klm_token_moments.restype = None
-                lib.klm_fold.argtypes = [p, p, cint, p, i64, f32, cint, p]
-                lib.klm_fold.restype = cint
-                lib.klm_fold_sums.argtypes = [p, p, p]
-                lib.klm_fold_sums.restype = None
-                lib.klm_vector_size.argtypes = []
-                lib.klm_vector_size.restype = cint
-                lib.klm_reads_dtype.argtypes = [cint, f32]
-                lib.klm_reads_dtype.restype = cint
-                lib.klm_vector_isa.argtypes = []
-                lib.klm_vector_isa.restype = ctypes.c_int
-                _lib = lib
-            except OSError as exc:
-                log.info("klmonitor: could not load the fused CPU kernel (%s); using torch.", exc)
+            want = _ISA_WANTED.get(mode)
+            if want is None:
+                log.warning(
+                    "klmonitor: KLMONITOR_NATIVE=%r is not one of 0, 1, auto, portable, avx2; using auto.",
+                    mode,
+                )
+                want = -1
+            _lib, _reason = _open(want)
+            if _lib is None:
+                log.warning(
+                    "klmonitor: the fused CPU kernel is not used: %s. KLStats uses its pure-torch path "
+                    "(the same numbers, slower on CPU); KLMONITOR_NATIVE=0 silences this message.",
+                    _reason,
+                )
         _tried = True
         return _lib
 
 
+def _reset() -> None:
+    """Forget the load result so the next :func:`load` checks again (tests)."""
+    global _lib, _tried, _reason
+    with _lock:
+        _lib, _tried, _reason = None, False, None
+
+
 def available() -> bool:
-    """Whether the fused CPU kernel is built and loaded."""
+    """Whether the fused CPU kernel is built, checked and loaded."""
     return load() is not None
 
 
-def vector_isa() -> str | None:
-    """Which vector body the kernel was built with.
+def unavailable_reason() -> str | None:
+    """Why the kernel is not used (``None`` where it is)."""
+    load()
+    return _reason
 
-    ``"avx2"`` (hand-written intrinsics), ``"portable"`` (compiler-vectorised C), or ``None``
-    where there is no kernel.
+
+def vector_isa() -> str | None:
+    """Which body runs: ``"avx2"`` (hand-written intrinsics), ``"portable"``, or ``None``."""
+    lib = load()
+    return None if lib is None else _ISA_NAMES[lib.klm_vector_isa()]
+
+
+def select_isa(name: str) -> str | None:
+    """Run the ``"portable"`` or ``"avx2"`` body (or ``"auto"``: the best this CPU takes).
+
+    Returns the body now selected (AVX2 only where the CPU has it), or ``None`` without a
+    kernel. For tests and benchmarks; ``KLMONITOR_NATIVE=portable`` does the same at load.
     """
     lib = load()
     if lib is None:
         return None
-    return "avx2" if lib.klm_vector_isa() == 1 else "portable"
+    with _lock:
+        return _ISA_NAMES[lib.klm_select_isa(_ISA_WANTED[name])]
+
+
+def cpu_has_avx2() -> bool:
+    """Whether this CPU and OS can run the AVX2 body (whichever body is selected)."""
+    lib = load()
+    return lib is not None and bool(lib.klm_cpu_has_avx2())
+
+
+def openmp() -> bool:
+    """Whether the kernel splits large batches over OpenMP threads itself (else Python threads)."""
+    lib = load()
+    return lib is not None and bool(lib.klm_openmp())
 
 
 def reads_dtype(dtype: torch.dtype, clamp: float) -> bool:
     """Whether :func:`fold` takes inputs of ``dtype`` as they are (no float32 copy).
 
-    float32 always; bf16 (and fp16 where the CPU has F16C) with the AVX2 body and a clamp up
-    to 30. Other inputs must be converted to float32 by the caller.
+    float32 always; bf16 and fp16 with the AVX2 body and a clamp up to 30. Other inputs must
+    be converted to float32 by the caller.
     """
     lib = load()
     code = _DTYPE_CODES.get(dtype)
@@ -196,14 +409,29 @@ def fold(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, acc: np.n
     assert lib is not None, "fold called without the native kernel"
     assert logp.dtype == ref.dtype and reads_dtype(logp.dtype, clamp), (logp.dtype, ref.dtype, clamp)
     assert acc.dtype == np.float64 and acc.flags.c_contiguous and acc.size == lib.klm_vector_size()
+    n = logp.numel()
+    workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
+    mp = mask.data_ptr() if mask is not None else None
+    dt = _DTYPE_CODES[logp.dtype]
+    if not lib.klm_fold(logp.data_ptr(), ref.data_ptr(), dt, mp, n, clamp, workers, acc.ctypes.data):
+        # Built without OpenMP: ctypes releases the GIL, so Python threads split the range.
+        _fold_threads(lib, logp, ref, mask, clamp, workers, acc)
+
+
+def _fold_threads(
+    lib: ctypes.CDLL,
+    logp: Tensor,
+    ref: Tensor,
+    mask: Tensor | None,
+    clamp: float,
+    workers: int,
+    acc: np.ndarray,
+) -> None:
+    """:func:`fold`'s work split over ``workers`` Python threads, one C call per slice."""
     dt = _DTYPE_CODES[logp.dtype]
     n = logp.numel()
-    lp, rp, ap = logp.data_ptr(), ref.data_ptr(), acc.ctypes.data
+    lp, rp = logp.data_ptr(), ref.data_ptr()
     mp = mask.data_ptr() if mask is not None else None
-    workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
-    if lib.klm_fold(lp, rp, dt, mp, n, clamp, workers, ap):
-        return
-    # Built without OpenMP: ctypes releases the GIL, so Python threads split the range.
     shift = np.zeros(6, dtype=np.float32)
     lib.klm_sample_shift(lp, rp, dt, mp, n, clamp, shift.ctypes.data)
     parts = np.zeros((workers, NOUT), dtype=np.float64)
@@ -216,4 +444,4 @@ def fold(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, acc: np.n
     list(_thread_pool(workers).map(run, range(workers)))
     sums = parts.sum(axis=0)
     sums[15] = parts[:, 15].max()
-    lib.klm_fold_sums(ap, sp, sums.ctypes.data)
+    lib.klm_fold_sums(acc.ctypes.data, sp, sums.ctypes.data)

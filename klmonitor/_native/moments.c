@@ -2,25 +2,30 @@
  * moments of the six per-token quantities KLStats reports (k1, k2, k3, kl_pq, r - 1, k2 - k3),
  * plus the counts of valid, non-finite and clamped tokens and the largest |log-ratio|.
  *
- * Two implementations of the same math:
+ * Two implementations of the same math, both in every x86-64 build, chosen at run time:
  *  - portable C written for gcc/clang auto-vectorisation (no calls inside the loop: exp is a
  *    polynomial with bit-level scaling (an expm1, precise near 0), min/max are comparisons,
  *    the max reduction runs on the integer bit pattern of non-negative floats, which orders
- *    like the floats themselves). It serves machines without AVX2, the last < 8 tokens of a
- *    range, clamps above 30 (double accumulators) and the shift sample;
- *  - AVX2+FMA intrinsics (x86-64 since 2013), used where the compiler targets them. gcc
- *    vectorised the portable loop 32 tokens at a time and spilled most of its 17 accumulators
- *    to the stack; written by hand, each block is two loops of 8 tokens whose accumulators fit
- *    the 16 vector registers, and vectors whose |l| are all below 0.34 (the usual regime of
- *    RL fine-tuning) skip exp's range reduction: 2.2x faster per token than the portable
- *    loop on that regime, 1.4x elsewhere (Zen 3, one thread).
+ *    like the floats themselves). It is compiled for the baseline of the target (SSE2 on
+ *    x86-64) and serves CPUs without AVX2, the last < 8 tokens of a range and the shift
+ *    sample; its double-accumulator form (clamps above 30) also has an AVX2+FMA copy;
+ *  - AVX2+FMA+F16C intrinsics (x86-64 since 2013) in functions compiled for that target
+ *    alone (function target attributes), run only where cpuid says the CPU and the OS
+ *    support them (klm_select_isa). gcc vectorised the portable loop 32 tokens at a time and
+ *    spilled most of its 17 accumulators to the stack; written by hand, each block is two
+ *    loops of 8 tokens whose accumulators fit the 16 vector registers, and vectors whose |l|
+ *    are all below 0.34 (the usual regime of RL fine-tuning) skip exp's range reduction: 2.2x
+ *    faster per token than the portable loop compiled for AVX2 on that regime, 1.4x elsewhere
+ *    (Zen 3, one thread); the baseline (SSE2) build of the portable loop is slower still.
  * Sums are shifted by a sample mean of each quantity, so variances keep their precision even
  * where the mean is far larger than the spread.
  *
  * The math matches klmonitor/estimators.py; tests compare the paths with each other and with
  * 50-digit values.
- * Build: cc -O3 -march=native -fno-math-errno -fassociative-math -fno-signed-zeros
- *        -fno-trapping-math -ffp-contract=fast -shared -fPIC (see klmonitor/_native/__init__.py).
+ * Built once, at install time, by setup.py (an optional extension; see its flags): no
+ * -march=native, so one binary runs on every CPU of its architecture. Loaded with ctypes by
+ * klmonitor/_native/__init__.py, which checks it (owner, ELF structure, symbols, ABI and
+ * source hash, a self-test) before use.
  */
 #include <stdint.h>
 #ifdef _OPENMP
@@ -154,9 +159,10 @@ void klm_sample_shift(const void* logp, const void* ref, int dtype, const uint8_
         maxbits = maxbits > bits.i ? maxbits : bits.i;                                    \
     }
 
-/* Shifted sums over tokens [lo, hi) with ACC_T block accumulators (see BODY). */
-#define DEFINE_RANGE(NAME, ACC_T)                                                             \
-static void NAME(const float* restrict logp, const float* restrict ref,                       \
+/* Shifted sums over tokens [lo, hi) with ACC_T block accumulators (see BODY); ATTR is empty
+ * for the baseline target or KLM_AVX2_FN for a copy compiled for AVX2+FMA. */
+#define DEFINE_RANGE(NAME, ACC_T, ATTR)                                                       \
+static ATTR void NAME(const float* restrict logp, const float* restrict ref,                  \
                  const uint8_t* restrict mask, int64_t lo, int64_t hi,                        \
                  const float* shift, float clamp, double* out) {                              \
     const float s0 = shift[0], s1 = shift[1], s2 = shift[2];                                  \
@@ -188,34 +194,49 @@ static void NAME(const float* restrict logp, const float* restrict ref,         
     out[15] = mx.f;                                                                           \
 }
 
-DEFINE_RANGE(range_float_blocks, float)
-DEFINE_RANGE(range_double, double)
+DEFINE_RANGE(range_float_blocks, float, )
+DEFINE_RANGE(range_double, double, )
 
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
-#define KLM_HAVE_AVX2 1
+#define KLM_X86 1
+/* Functions that may execute AVX2, FMA or F16C instructions. The rest of the file is compiled
+ * for the baseline target, and these run only once klm_select_isa has seen, with cpuid and
+ * xgetbv, that the CPU has the three and the OS saves the 256-bit registers. */
+#define KLM_AVX2_FN __attribute__((target("avx2,fma,f16c")))
 
-#ifdef __F16C__
-#define KLM_HAVE_F16C 1
-#endif
+/* 1 where the AVX2 body may run on this CPU: AVX2, FMA and F16C present and YMM state
+ * enabled by the OS (a hypervisor or kernel may disable AVX that the CPU has). */
+static int cpu_has_avx2(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    const unsigned need1 = bit_FMA | bit_OSXSAVE | bit_AVX | bit_F16C;
+    if ((c & need1) != need1) return 0;
+    unsigned xlo, xhi;
+    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+    (void)xhi;
+    if ((xlo & 6u) != 6u) return 0;  /* XMM and YMM state */
+    if (__get_cpuid_max(0, 0) < 7) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    return (b & bit_AVX2) != 0;
+}
 
 /* Eight inputs as float32: bf16 widened by a shift, fp16 by F16C's converter. */
-static inline __attribute__((always_inline)) __m256 load8(const void* p, int64_t i, int dtype) {
+static inline __attribute__((always_inline)) KLM_AVX2_FN __m256 avx2_load8(const void* p, int64_t i, int dtype) {
     if (dtype == KLM_BF16) {
         __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
-#ifdef KLM_HAVE_F16C
     if (dtype == KLM_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
-#endif
     return _mm256_loadu_ps((const float*)p + i);
 }
 
 /* Pass 1 over one block (length a multiple of 8): validate, clamp, sum k1 and the counts;
  * the clamped log-ratio and the token's weight go to the buffers for pass 2. has_mask and
  * dtype are constants at each call, so each combination compiles to its own loop. */
-static inline __attribute__((always_inline)) void avx2_pass1(
+static inline __attribute__((always_inline)) KLM_AVX2_FN void avx2_pass1(
     const void* restrict logp, const void* restrict ref, const uint8_t* restrict mask,
     int64_t blo, int nb, float clamp, float s0, float* restrict bl, float* restrict bg,
     __m256* fa0, __m256* fb0, __m256* fcnt, __m256i* msum, __m256i* bmax, int has_mask,
@@ -229,7 +250,7 @@ static inline __attribute__((always_inline)) void avx2_pass1(
     __m256i ms = *msum, mx = *bmax;
     for (int j = 0; j < nb; j += 8) {
         const int64_t i = blo + j;
-        __m256 l = _mm256_sub_ps(load8(ref, i, dtype), load8(logp, i, dtype));
+        __m256 l = _mm256_sub_ps(avx2_load8(ref, i, dtype), avx2_load8(logp, i, dtype));
         __m256 al = _mm256_and_ps(l, absmask);
         __m256 v = _mm256_cmp_ps(al, big, _CMP_LE_OQ);  /* finite */
         if (has_mask) {
@@ -252,17 +273,17 @@ static inline __attribute__((always_inline)) void avx2_pass1(
     *fa0 = a0; *fb0 = b0; *fcnt = cnt; *msum = ms; *bmax = mx;
 }
 
-static inline float hsum8(__m256 x) {
+static inline KLM_AVX2_FN float avx2_hsum8(__m256 x) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-static inline double hsum4d(__m256d x) {
+static inline KLM_AVX2_FN double avx2_hsum4d(__m256d x) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
-static inline int32_t hmax8i(__m256i x) {
+static inline KLM_AVX2_FN int32_t avx2_hmax8i(__m256i x) {
     __m128i s = _mm_max_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
     s = _mm_max_epi32(s, _mm_shuffle_epi32(s, 0x4e));
     s = _mm_max_epi32(s, _mm_shuffle_epi32(s, 0xb1));
@@ -272,7 +293,7 @@ static inline int32_t hmax8i(__m256i x) {
 
 /* k2, k3, kl_pq, r - 1 and k2 - k3 of eight clamped log-ratios (see quantities()); with
  * small_only, every |lc| is below 0.34, so n = 0 and the range reduction is skipped. */
-static inline __attribute__((always_inline)) void avx2_quantities(
+static inline __attribute__((always_inline)) KLM_AVX2_FN void avx2_quantities(
     __m256 lc, int small_only, __m256* k2o, __m256* k3o, __m256* klo, __m256* em1o, __m256* q5o) {
     const __m256 zero = _mm256_setzero_ps(), half = _mm256_set1_ps(0.5f);
     __m256 r = lc, n = zero, small = zero;
@@ -312,7 +333,7 @@ static inline __attribute__((always_inline)) void avx2_quantities(
 }
 
 /* The AVX2 form of range_float_blocks over [lo, hi) with hi - lo a multiple of 8. */
-static void range_avx2(const void* restrict logp, const void* restrict ref, int dtype,
+static KLM_AVX2_FN void range_avx2(const void* restrict logp, const void* restrict ref, int dtype,
                        const uint8_t* restrict mask, int64_t lo, int64_t hi,
                        const float* shift, float clamp, double* out) {
     float bl[BLOCK] __attribute__((aligned(32)));
@@ -336,10 +357,8 @@ static void range_avx2(const void* restrict logp, const void* restrict ref, int 
                HAS_MASK, DTYPE)
         if (dtype == KLM_BF16) {
             if (mask) PASS1(1, KLM_BF16); else PASS1(0, KLM_BF16);
-#ifdef KLM_HAVE_F16C
         } else if (dtype == KLM_F16) {
             if (mask) PASS1(1, KLM_F16); else PASS1(0, KLM_F16);
-#endif
         } else {
             if (mask) PASS1(1, KLM_F32); else PASS1(0, KLM_F32);
         }
@@ -369,11 +388,11 @@ static void range_avx2(const void* restrict logp, const void* restrict ref, int 
             fb5lo = _mm256_fmadd_pd(e5lo, e5lo, fb5lo);
             fb5hi = _mm256_fmadd_pd(e5hi, e5hi, fb5hi);
         }
-        acc[0] += hsum8(fa0); acc[1] += hsum8(fa1); acc[2] += hsum8(fa2);
-        acc[3] += hsum8(fa3); acc[4] += hsum8(fa4); acc[5] += hsum8(fa5);
-        acc[6] += hsum8(fb0); acc[7] += hsum8(fb1); acc[8] += hsum8(fb2);
-        acc[9] += hsum8(fb3); acc[10] += hsum8(fb4); acc[11] += hsum4d(_mm256_add_pd(fb5lo, fb5hi));
-        float cnt = hsum8(fcnt);
+        acc[0] += avx2_hsum8(fa0); acc[1] += avx2_hsum8(fa1); acc[2] += avx2_hsum8(fa2);
+        acc[3] += avx2_hsum8(fa3); acc[4] += avx2_hsum8(fa4); acc[5] += avx2_hsum8(fa5);
+        acc[6] += avx2_hsum8(fb0); acc[7] += avx2_hsum8(fb1); acc[8] += avx2_hsum8(fb2);
+        acc[9] += avx2_hsum8(fb3); acc[10] += avx2_hsum8(fb4); acc[11] += avx2_hsum4d(_mm256_add_pd(fb5lo, fb5hi));
+        float cnt = avx2_hsum8(fcnt);
         acc[12] += cnt;
         /* Non-finite tokens: those masked in, less the valid ones (masked in and finite). */
         if (mask) {
@@ -385,7 +404,7 @@ static void range_avx2(const void* restrict logp, const void* restrict ref, int 
         } else {
             acc[13] += nb - cnt;
         }
-        int32_t bm = hmax8i(bmax);
+        int32_t bm = avx2_hmax8i(bmax);
         if (bm > cb.i) {  /* some valid |l| exceeds the clamp: count them (rare) */
             int clamped = 0;
             for (int j = 0; j < nb; j++) {
@@ -401,6 +420,9 @@ static void range_avx2(const void* restrict logp, const void* restrict ref, int 
     mxu.i = maxbits;
     out[15] = mxu.f;
 }
+
+/* The double-accumulator loop (clamps above 30) compiled for AVX2+FMA. */
+DEFINE_RANGE(range_double_avx2, double, KLM_AVX2_FN)
 #endif
 
 /* Float block sums are safe while every squared quantity times BLOCK stays far below
@@ -414,21 +436,63 @@ static inline void add_sums(double* out, const double* other) {
     out[NOUT - 1] = other[NOUT - 1] > out[NOUT - 1] ? other[NOUT - 1] : out[NOUT - 1];
 }
 
+/* The body klm_token_moments runs: 0 = portable, 1 = AVX2 (see klm_select_isa). Starts
+ * portable, which every CPU runs. */
+static int klm_isa = 0;
+
+/* Which body runs from now on: want 1 for AVX2, 0 for portable, -1 for the best this CPU
+ * takes. AVX2 is granted only where cpuid and xgetbv allow it. Returns the body chosen.
+ * Call it before any other entry point runs (klmonitor does, once, while loading). */
+int klm_select_isa(int want) {
+#ifdef KLM_X86
+    int best = cpu_has_avx2();
+#else
+    int best = 0;
+#endif
+    klm_isa = want < 0 ? best : (want > 0 && best);
+    return klm_isa;
+}
+
+/* Whether this CPU (and OS) can run the AVX2 body, whichever is selected. */
+int klm_cpu_has_avx2(void) {
+#ifdef KLM_X86
+    return cpu_has_avx2();
+#else
+    return 0;
+#endif
+}
+
+/* Which body runs: 1 with the AVX2 intrinsics, 0 with the portable loop only. */
+int klm_vector_isa(void) { return klm_isa; }
+
 /* Whether klm_token_moments reads inputs of this dtype at this clamp: float32 always;
- * bf16 (and fp16 where F16C exists) with the AVX2 body and float block sums. Elsewhere the
- * caller converts to float32 first. */
+ * bf16 and fp16 with the AVX2 body and float block sums. Elsewhere the caller converts to
+ * float32 first. */
 int klm_reads_dtype(int dtype, float clamp) {
     if (dtype == KLM_F32) return 1;
-#ifdef KLM_HAVE_AVX2
-    if (clamp > FLOAT_BLOCKS_UP_TO) return 0;
-    if (dtype == KLM_BF16) return 1;
-#ifdef KLM_HAVE_F16C
-    if (dtype == KLM_F16) return 1;
-#endif
-#endif
-    (void)clamp;
-    return 0;
+    return klm_isa == 1 && clamp <= FLOAT_BLOCKS_UP_TO && (dtype == KLM_BF16 || dtype == KLM_F16);
 }
+
+#ifdef KLM_X86
+/* klm_token_moments' float-block form with the AVX2 body: whole vectors of 8 tokens by
+ * range_avx2, the last < 8 as float32 by the portable loop. */
+static KLM_AVX2_FN void token_moments_avx2(const void* logp, const void* ref, int dtype,
+                                           const uint8_t* mask, int64_t lo, int64_t hi,
+                                           const float* shift, float clamp, double* out) {
+    int64_t mid = lo + ((hi - lo) & ~(int64_t)7);
+    range_avx2(logp, ref, dtype, mask, lo, mid, shift, clamp, out);
+    if (mid < hi) {
+        float tl[8], tr[8];
+        double tail[NOUT];
+        for (int64_t i = mid; i < hi; i++) {
+            tl[i - mid] = load1(logp, i, dtype);
+            tr[i - mid] = load1(ref, i, dtype);
+        }
+        range_float_blocks(tl, tr, mask ? mask + mid : mask, 0, hi - mid, shift, clamp, tail);
+        add_sums(out, tail);
+    }
+}
+#endif
 
 /* Shifted sums over tokens [lo, hi): out = S1[6], S2[6], count, nonfinite, clamped, max|l|.
  * mask may be NULL (every token valid); otherwise a token is valid where mask is nonzero.
@@ -439,23 +503,18 @@ void klm_token_moments(const void* logp, const void* ref, int dtype, const uint8
         for (int k = 0; k < NOUT; k++) out[k] = __builtin_nan("");
         return;
     }
-    if (clamp <= FLOAT_BLOCKS_UP_TO) {
-#ifdef KLM_HAVE_AVX2
-        int64_t mid = lo + ((hi - lo) & ~(int64_t)7);
-        range_avx2(logp, ref, dtype, mask, lo, mid, shift, clamp, out);
-        if (mid < hi) {  /* the last < 8 tokens, as float32, by the portable loop */
-            float tl[8], tr[8];
-            double tail[NOUT];
-            for (int64_t i = mid; i < hi; i++) {
-                tl[i - mid] = load1(logp, i, dtype);
-                tr[i - mid] = load1(ref, i, dtype);
-            }
-            range_float_blocks(tl, tr, mask ? mask + mid : mask, 0, hi - mid, shift, clamp, tail);
-            add_sums(out, tail);
+#ifdef KLM_X86
+    if (klm_isa == 1) {
+        if (clamp <= FLOAT_BLOCKS_UP_TO) {
+            token_moments_avx2(logp, ref, dtype, mask, lo, hi, shift, clamp, out);
+        } else {
+            range_double_avx2(logp, ref, mask, lo, hi, shift, clamp, out);
         }
-#else
-        range_float_blocks(logp, ref, mask, lo, hi, shift, clamp, out);
+        return;
+    }
 #endif
+    if (clamp <= FLOAT_BLOCKS_UP_TO) {
+        range_float_blocks(logp, ref, mask, lo, hi, shift, clamp, out);
     } else {
         range_double(logp, ref, mask, lo, hi, shift, clamp, out);
     }
@@ -479,7 +538,9 @@ void klm_fold_sums(double* acc, const float* shift, const double* sums) {
         const double na = acc[V_COUNT], n = na + nb;
         for (int k = 0; k < NQ; k++) {
             double s1 = sums[k], mean_b = (double)shift[k] + s1 / nb;
-            double m2_b = sums[NQ + k] - s1 * s1 / nb;
+            /* One sample has M2 = 0 exactly; S2 - S1^2 would leave float32's rounding of
+             * the square where the shift sample missed that token. */
+            double m2_b = nb == 1 ? 0 : sums[NQ + k] - s1 * s1 / nb;
             double delta = mean_b - acc[V_MEAN + k];
             acc[V_MEAN + k] += delta * (nb / n);
             acc[V_M2 + k] += (m2_b > 0 ? m2_b : 0) + delta * delta * (na * nb / n);
@@ -492,9 +553,19 @@ void klm_fold_sums(double* acc, const float* shift, const double* sums) {
     acc[V_TOKENS + 3] = sums[15] > acc[V_TOKENS + 3] ? sums[15] : acc[V_TOKENS + 3];
 }
 
-/* Which body runs: 1 with the AVX2 intrinsics, 0 with the portable loop only. */
-int klm_vector_isa(void) {
-#ifdef KLM_HAVE_AVX2
+/* Interface version: klmonitor/_native/__init__.py loads only the version it was written for. */
+int klm_abi_version(void) { return 2; }
+
+/* sha256 of the moments.c this library was built from (setup.py defines it), so that a
+ * library left from an older source is not used with a newer loader. */
+#ifndef KLM_SOURCE_SHA256
+#define KLM_SOURCE_SHA256 ""
+#endif
+const char* klm_source_sha256(void) { return KLM_SOURCE_SHA256; }
+
+/* 1 where klm_fold splits over OpenMP threads itself (built with -fopenmp). */
+int klm_openmp(void) {
+#ifdef _OPENMP
     return 1;
 #else
     return 0;
