@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, settings
 # No test may reach a tracker's servers.
 os.environ.setdefault("WANDB_MODE", "offline")
 
-# The first KLStats call may compile the native kernel (about a second): no per-example
+# The first KLStats call loads and self-tests the native kernel: no per-example
 # deadline. `derandomize` keeps CI runs reproducible; set HYPOTHESIS_PROFILE=explore locally
 # to search with fresh seeds and more examples.
 settings.register_profile(
