@@ -9,6 +9,7 @@ with no host sync: no ``.item()``, no boolean indexing, no Python branch on a te
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -133,18 +134,191 @@ def token_chunk(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) ->
     return from_shifted_sums(diag[0], shift, torch.stack(s1), torch.stack(s2), diag)
 
 
-def token_moments_torch(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
-    """Moments vector over the valid tokens of flat tensors, in plain torch ops.
+# Elements per chunk of the eager path. A chunk needs five rows of the compute dtype and two
+# bool masks (22 bytes per float32 element, ~17 MiB here) whatever the input's length: 4M
+# float32 tokens (36 MB with a bool mask) go in five chunks, with temporaries below half the
+# inputs and under 200 aten ops per update (benchmarks/bench_eager_ops.py).
+_EAGER_CHUNK = 819_200
+_FLOAT32_CLAMP = 30.0
+# The Taylor branch (|l| < 0.1): k3 = l**2 / 2 + T and k2 - k3 = -T with T = l**3 H(l),
+# H = 1/6 + l/24 + l**2/120 + l**3/720 (+ l**4/5040 in float64; in float32 that term is below
+# 2 ulp of T and 1e-8 of k3 on the branch).
+_H32 = est._K3_COEFFS[1:5]
+_H64 = est._K3_COEFFS[1:]
+# The eager path's workspace rows: [k3 - k2, l**2, r - 1, k3, l]; group A is the first two
+# (reduced first), then -kl_pq replaces l**2 and group B is the last four. In that order of
+# rows ("Q rows": A then B), _ROW_MAP gives, per quantity (QUANTITIES order), its row and
+# factor.
+_ROW_MAP = ((5, -1.0), (1, 0.5), (4, 1.0), (2, -1.0), (3, 1.0), (0, -1.0))
+# Each chunk leaves 17 numbers (its stats row): min and max of its log-ratios (invalid ones
+# read 0); the counts [valid, clamped, valid and finite]; var and mean of group A's rows;
+# var and mean of group B's rows. The shift has a row of its own, in the mean columns.
+_STATS = 17
+_MEAN_COL = (7, 8, 13, 14, 15, 16)
+_VAR_COL = (5, 6, 9, 10, 11, 12)
+_consts_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, ...]] = {}
 
-    Eager torch materialises ~30 temporaries per element, so long inputs go in chunks.
+
+def _consts(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Constants of the eager path, made once per device and dtype.
+
+    Made on the device by fills (no host-to-device copy, which would synchronise): zero and
+    the Horner coefficients (0-d), the zero pads of the shift row, and three float64 maps:
+    ``spread`` [34, 12] takes the chunks' summed ``[stats - shift, (stats - shift)**2]`` to the
+    shifted sums ``[S1, S2]`` of the six quantities; ``pick`` [6, 17] takes the shift row to
+    the quantities' shifts; ``to_diag`` [3, 3] takes the counts ``[valid, clamped, finite]``
+    to ``[tokens, nonfinite, clamped]``.
     """
-    out = empty(logp.device)
+    key = (device, dtype)
+    if key not in _consts_cache:
+        f64 = {"dtype": torch.float64, "device": device}
+        coeffs = _H64 if dtype == torch.float64 else _H32
+        consts = [torch.zeros((), dtype=dtype, device=device)]
+        consts += [torch.full((), c, dtype=dtype, device=device) for c in coeffs[:-1]]
+        spread = torch.zeros(2 * _STATS, 2 * NQ, **f64)
+        pick = torch.zeros(NQ, _STATS, **f64)
+        for j, (row, f) in enumerate(_ROW_MAP):
+            spread[_MEAN_COL[row], j] = f  # S1 += f (mean - shift)
+            spread[_VAR_COL[row], NQ + j] = f * f  # S2 += f**2 (var + (mean - shift)**2)
+            spread[_STATS + _MEAN_COL[row], NQ + j] = f * f
+            pick[j, _MEAN_COL[row]] = f
+        to_diag = torch.zeros(3, 3, **f64)
+        to_diag[0, 2] = to_diag[1, 0] = to_diag[2, 1] = 1.0
+        to_diag[1, 2] = -1.0
+        pads = (torch.zeros(7, 1, dtype=dtype, device=device), torch.zeros(4, 1, dtype=dtype, device=device))
+        _consts_cache[key] = (*consts, *pads, spread, pick, to_diag)
+    return _consts_cache[key]
+
+
+def _workspace(q: Tensor) -> tuple[Tensor, ...]:
+    """Views of a ``[5, n]`` workspace: its rows, its groups, the count rows, x as [1, n]."""
+    return (*q.unbind(0), q[0:2], q[1:5], q[0:3], q[1:2])
+
+
+def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
+    """``acc`` merged with the moments of the valid tokens of flat tensors, in eager torch ops.
+
+    Lean in ops and memory, for GPUs without the fused kernel: the input goes in chunks of at
+    most ``_EAGER_CHUNK`` elements through one ``[5, chunk]`` workspace, every elementwise op
+    writes into it in place, and the six quantities are reduced by two ``var_mean`` calls per
+    chunk; counts are sums of float rows (a bool tensor's ``sum`` would copy it to int64).
+    Invalid tokens (masked or non-finite) get l = 0, where all six quantities are 0; before
+    each reduction they are given the shift's value (the quantities' mean over the first
+    chunk's valid tokens), and the combination takes them out again exactly, which is well
+    conditioned since the shift is close to the mean. No host sync, no host-to-device copy.
+    """
     n = logp.numel()
-    for lo in range(0, max(n, 1), _CHUNK):
-        hi = min(lo + _CHUNK, n)
-        m = mask[lo:hi] if mask is not None else None
-        out = merge(out, token_chunk(logp[lo:hi], ref[lo:hi], m, clamp))
-    return out
+    if n == 0:
+        return acc
+    # float64 rows for float64 inputs, and above a clamp of 30, where float32 squares of
+    # l e**l (the variances) overflow.
+    ratio_dtype = torch.float64 if torch.float64 in (logp.dtype, ref.dtype) else torch.float32
+    dtype = torch.float64 if clamp > _FLOAT32_CLAMP else ratio_dtype
+    zero, *h, pad7, pad4, spread, pick, to_diag = _consts(logp.device, dtype)
+    top = (_H64 if dtype == torch.float64 else _H32)[-1]  # the last coefficient, a Python float
+    k = -(-n // _EAGER_CHUNK)
+    size = -(-n // k)  # balanced chunks: k - 1 of this size, the last at most this long
+    if k == 1:
+        lps, rps, masks = (logp,), (ref,), (mask,)
+    else:
+        lps, rps = logp.split(size), ref.split(size)
+        masks = mask.split(size) if mask is not None else (None,) * k
+    space = torch.empty(5, size, dtype=dtype, device=logp.device)
+    work = _workspace(space)
+    direct = logp.dtype == ratio_dtype and ref.dtype == ratio_dtype
+    stats: list[Tensor] = []
+    shift_a = shift_b = zero
+    for c in range(k):
+        lp, rp, valid = lps[c], rps[c], masks[c]
+        rows = work if lp.shape[0] == size else _workspace(space.narrow(1, 0, lp.shape[0]))
+        y, x, em1, k3, lr, group_a, group_b, count_rows, x_2d = rows
+        # x: the log-ratio, set to 0 where invalid; lr: clamped.
+        # The log-ratio in float32 at least (estimators.log_ratio), then in the rows' dtype.
+        if direct:
+            torch.sub(rp, lp, out=x)
+        elif dtype == ratio_dtype:  # e.g. bf16: upcast, then subtract
+            x.copy_(rp)
+            x.sub_(lp)
+        else:  # bf16 or mixed inputs, float64 rows (clamp > 30): a float32 copy of each
+            torch.sub(rp.float(), lp.float(), out=x)
+        good = torch.lt(torch.abs(x, out=y), math.inf)  # finite
+        if valid is not None:
+            y.copy_(valid)
+            good.logical_and_(valid)
+        else:
+            y.fill_(1.0)
+        torch.where(good, x, zero, out=x)
+        stats += torch.aminmax(x_2d, dim=1, keepdim=True)
+        torch.clamp(x, -clamp, clamp, out=lr)
+        torch.ne(x, lr, out=x)
+        em1.copy_(good)
+        stats.append(count_rows.sum(1, keepdim=True))  # [valid, clamped, finite]: exact sums
+        torch.mul(lr, lr, out=x)  # l**2
+        large = torch.ge(x, est._TAYLOR_BELOW**2)  # |l| >= 0.1: off the Taylor branch
+        # y = T = l**3 H(l) (Horner's rule): k3 - k2 on the Taylor branch
+        torch.add(h[-1], lr, alpha=top, out=y)
+        for coeff in reversed(h[:-1]):
+            torch.addcmul(coeff, y, lr, out=y)
+        y.mul_(lr).mul_(x)
+        torch.expm1(lr, out=em1)
+        em1.sub_(lr)  # k3 off the branch: (r - 1) - l
+        torch.add(y, x, alpha=0.5, out=k3)  # k3 on the branch: T + l**2 / 2
+        torch.where(large, em1, k3, out=k3)  # k3
+        torch.where(large, em1, y, out=y)
+        y.addcmul_(x, large, value=-0.5)  # k3 - k2: T, or (r - 1 - l) - l**2 / 2 off the branch
+        torch.expm1(lr, out=em1)  # r - 1
+        del large
+        # Reduce group A = [k3 - k2, l**2] (shifted; invalid entries 0), then -kl_pq takes
+        # the place of l**2 and group B = [-kl_pq, r - 1, k3, l] follows.
+        if c == 0:
+            count0 = stats[2][2].clamp_min(1.0)
+            shift_a = group_a.sum(1, keepdim=True) / count0
+        torch.where(good, group_a, shift_a, out=group_a).sub_(shift_a)
+        stats += torch.var_mean(group_a, 1, correction=0, keepdim=True)
+        torch.addcmul(k3, em1, lr, value=-1.0, out=x)  # -kl_pq = k3 - (r - 1) l
+        if c == 0:
+            shift_b = group_b.sum(1, keepdim=True) / count0
+        torch.where(good, group_b, shift_b, out=group_b).sub_(shift_b)
+        stats += torch.var_mean(group_b, 1, correction=0, keepdim=True)
+        del good
+    stats += [pad7, shift_a, pad4, shift_b]  # all [m, 1]
+    table = torch.cat(stats).view(k + 1, _STATS).double()  # a row per chunk, then the shift
+    dev = table[:k]  # the chunks' means are of the shifted values already
+    weights = torch.full((1, k), float(size), dtype=torch.float64, device=table.device)
+    if lps[-1].shape[0] != size:
+        weights[0, k - 1] = float(lps[-1].shape[0])
+    # Shifted sums S1, S2 of the six quantities over all positions (the invalid ones, which
+    # hold the shift, add nothing), the counts, and max |l| (min and max of each chunk).
+    s1, s2 = ((weights @ torch.cat([dev, dev * dev], 1)) @ spread).view(2, NQ).unbind(0)
+    counts = dev[:, 2:5].sum(0)
+    max_abs = torch.linalg.vector_norm(dev[:, :2], math.inf)
+    return _fold_shifted(acc, torch.mv(pick, table[k]), s1, s2, counts, max_abs, to_diag)
+
+
+def _fold_shifted(
+    acc: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, counts: Tensor, max_abs: Tensor, to_diag: Tensor
+) -> Tensor:
+    """Merge a batch's shifted sums (float64, about ``shift``) into the moments vector ``acc``.
+
+    ``counts``: the batch's ``[valid, clamped, finite]`` token counts. The accumulator's own
+    sums about the same shift are ``n (mean - shift)`` and ``M2 + n (mean - shift)**2``;
+    adding them and taking the moments back is exact, and float64 keeps it precise unless the
+    window's mean is ~1e6 spreads away from the shift.
+    """
+    n_a, mean_a, m2_a, diag_a, max_a = acc.split([1, NQ, NQ, 3, 1])
+    d_a = mean_a - shift
+    s1 = torch.addcmul(s1, n_a, d_a)
+    s2 = torch.addcmul(s2 + m2_a, n_a * d_a, d_a)
+    diag = torch.addmv(diag_a, to_diag, counts)  # tokens, nonfinite, clamped
+    total = diag[:1]  # at token level the count is the token count
+    q = s1 / total.clamp_min(1.0)
+    m2 = torch.addcmul(s2, s1, q, value=-1.0).clamp_min_(0.0)
+    return torch.cat([total, shift + q, m2, diag, torch.maximum(max_a, max_abs)])
+
+
+def token_moments_torch(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
+    """Moments vector over the valid tokens of flat tensors, in eager torch ops."""
+    return token_fold_torch(empty(logp.device), logp, ref, mask, clamp)
 
 
 _compiled: Any = None

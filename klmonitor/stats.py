@@ -324,9 +324,18 @@ class KLStats(Metric):
             ValueError: mismatched shapes or devices, or a non-2-D input at sequence level.
         """
         valid = self._check(logprobs, ref_logprobs, mask)
+        if self._acc.device != logprobs.device:
+            self.to(logprobs.device)
+        if self.level == "token" and self._use_eager(logprobs, ref_logprobs):
+            # GPUs without the fused kernel, backend="torch": eager ops in bounded chunks, folded
+            # into the state directly (under no_grad: no detach ops, no graph).
+            with torch.no_grad():
+                flat_mask = valid.reshape(-1) if valid is not None else None
+                self._acc = mom.token_fold_torch(
+                    self._acc, logprobs.reshape(-1), ref_logprobs.reshape(-1), flat_mask, self.clamp
+                )
+            return
         logp, ref = logprobs.detach(), ref_logprobs.detach()
-        if self._acc.device != logp.device:
-            self.to(logp.device)
         if self.level == "sequence":
             chunk = mom.sequence_moments(logp, ref, valid, self.clamp)
         elif self._use_native(logp, ref):
@@ -336,10 +345,9 @@ class KLStats(Metric):
                 self._acc = self._acc.clone()
             self._native_fold(logp, ref, valid)
             return
-        else:
+        else:  # backend="compile"
             flat_mask = valid.reshape(-1) if valid is not None else None
-            fn = mom.token_moments_compiled if self.backend == "compile" else mom.token_moments_torch
-            chunk = fn(logp.reshape(-1), ref.reshape(-1), flat_mask, self.clamp)
+            chunk = mom.token_moments_compiled(logp.reshape(-1), ref.reshape(-1), flat_mask, self.clamp)
         self._acc = mom.merge(self._acc, chunk)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -347,6 +355,10 @@ class KLStats(Metric):
         # Spawn launchers (ddp_spawn, torch.multiprocessing) move CPU tensors into shared
         # memory; the host fast path merges in place, so each process needs its own state.
         self._acc = self._acc.clone()
+
+    def _use_eager(self, logp: Tensor, ref: Tensor) -> bool:
+        # The eager torch path: wherever neither compile nor a fused kernel runs.
+        return self.backend != "compile" and not self._use_native(logp, ref)
 
     def _use_native(self, logp: Tensor, ref: Tensor) -> bool:
         # float64 in either input keeps the float64 torch path (as log_ratio would promote).
