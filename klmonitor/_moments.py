@@ -150,12 +150,15 @@ _H64 = est._K3_COEFFS[1:]
 # rows ("Q rows": A then B), _ROW_MAP gives, per quantity (QUANTITIES order), its row and
 # factor.
 _ROW_MAP = ((5, -1.0), (1, 0.5), (4, 1.0), (2, -1.0), (3, 1.0), (0, -1.0))
-# Each chunk leaves 17 numbers (its stats row): min and max of its log-ratios (invalid ones
-# read 0); the counts [valid, clamped, valid and finite]; var and mean of group A's rows;
-# var and mean of group B's rows. The shift has a row of its own, in the mean columns.
-_STATS = 17
+# Each chunk leaves a row of 23 numbers ("stats row"): min and max of its log-ratios (invalid
+# ones read 0); the counts [valid, clamped, valid and finite]; var and mean of group A's rows;
+# var and mean of group B's rows (of the shifted values); 6 zeros. The shift has a row of its
+# own: 17 zeros, then the shifts of group A's and group B's rows.
+_STATS = 23
 _MEAN_COL = (7, 8, 13, 14, 15, 16)
 _VAR_COL = (5, 6, 9, 10, 11, 12)
+_COUNT_COL = (2, 3, 4)
+_SHIFT_COL = (17, 18, 19, 20, 21, 22)
 _consts_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, ...]] = {}
 
 
@@ -163,30 +166,34 @@ def _consts(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
     """Constants of the eager path, made once per device and dtype.
 
     Made on the device by fills (no host-to-device copy, which would synchronise): zero and
-    the Horner coefficients (0-d), the zero pads of the shift row, and three float64 maps:
-    ``spread`` [34, 12] takes the chunks' summed ``[stats - shift, (stats - shift)**2]`` to the
-    shifted sums ``[S1, S2]`` of the six quantities; ``pick`` [6, 17] takes the shift row to
-    the quantities' shifts; ``to_diag`` [3, 3] takes the counts ``[valid, clamped, finite]``
-    to ``[tokens, nonfinite, clamped]``.
+    the Horner coefficients (0-d), zero pads of the stats rows, and float64 maps. ``spread``
+    [21, 46] takes the column sums of ``[table, table**2]`` (chunk rows and shift row) to
+    ``[S1 / size, S2 / size, counts, shift]``: the shifted sums of the six quantities (per
+    chunk length), the counts ``[valid, clamped, finite]`` and the shifts, in QUANTITIES
+    order. ``last`` marks the columns a shorter last chunk scales. ``to_diag`` [3, 3] takes
+    the counts to ``[tokens, nonfinite, clamped]``.
     """
     key = (device, dtype)
     if key not in _consts_cache:
         f64 = {"dtype": torch.float64, "device": device}
         coeffs = _H64 if dtype == torch.float64 else _H32
-        consts = [torch.zeros((), dtype=dtype, device=device)]
-        consts += [torch.full((), c, dtype=dtype, device=device) for c in coeffs[:-1]]
-        spread = torch.zeros(2 * _STATS, 2 * NQ, **f64)
-        pick = torch.zeros(NQ, _STATS, **f64)
+        consts = [torch.full((), c, dtype=dtype, device=device) for c in (0.0, *coeffs[:-1])]
+        spread = torch.zeros(3 * NQ + 3, 2 * _STATS, **f64)
         for j, (row, f) in enumerate(_ROW_MAP):
-            spread[_MEAN_COL[row], j] = f  # S1 += f (mean - shift)
-            spread[_VAR_COL[row], NQ + j] = f * f  # S2 += f**2 (var + (mean - shift)**2)
-            spread[_STATS + _MEAN_COL[row], NQ + j] = f * f
-            pick[j, _MEAN_COL[row]] = f
+            spread[j, _MEAN_COL[row]] = f  # S1 += f (mean - shift)
+            spread[NQ + j, _VAR_COL[row]] = f * f  # S2 += f**2 (var + (mean - shift)**2)
+            spread[NQ + j, _STATS + _MEAN_COL[row]] = f * f
+            spread[2 * NQ + 3 + j, _SHIFT_COL[row]] = f
+        for i, col in enumerate(_COUNT_COL):
+            spread[2 * NQ + i, col] = 1.0
+        last = torch.zeros(2 * _STATS, **f64)
+        for col in _MEAN_COL + _VAR_COL:
+            last[col] = last[_STATS + col] = 1.0
         to_diag = torch.zeros(3, 3, **f64)
         to_diag[0, 2] = to_diag[1, 0] = to_diag[2, 1] = 1.0
         to_diag[1, 2] = -1.0
-        pads = (torch.zeros(7, 1, dtype=dtype, device=device), torch.zeros(4, 1, dtype=dtype, device=device))
-        _consts_cache[key] = (*consts, *pads, spread, pick, to_diag)
+        pads = (torch.zeros(6, 1, dtype=dtype, device=device), torch.zeros(17, 1, dtype=dtype, device=device))
+        _consts_cache[key] = (*consts, *pads, spread, last, to_diag)
     return _consts_cache[key]
 
 
@@ -202,10 +209,11 @@ def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None
     most ``_EAGER_CHUNK`` elements through one ``[5, chunk]`` workspace, every elementwise op
     writes into it in place, and the six quantities are reduced by two ``var_mean`` calls per
     chunk; counts are sums of float rows (a bool tensor's ``sum`` would copy it to int64).
-    Invalid tokens (masked or non-finite) get l = 0, where all six quantities are 0; before
-    each reduction they are given the shift's value (the quantities' mean over the first
-    chunk's valid tokens), and the combination takes them out again exactly, which is well
-    conditioned since the shift is close to the mean. No host sync, no host-to-device copy.
+    Invalid tokens (masked or non-finite) get l = 0, where all six quantities are 0. Before
+    each reduction the shift (the quantities' mean over the first chunk's valid tokens) is
+    taken off the valid entries, so the reductions see deviations (0 for invalid entries):
+    float32 reductions keep the precision of the mean and variance when the mean dwarfs the
+    spread. No host sync, no host-to-device copy.
     """
     n = logp.numel()
     if n == 0:
@@ -214,7 +222,7 @@ def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None
     # l e**l (the variances) overflow.
     ratio_dtype = torch.float64 if torch.float64 in (logp.dtype, ref.dtype) else torch.float32
     dtype = torch.float64 if clamp > _FLOAT32_CLAMP else ratio_dtype
-    zero, *h, pad7, pad4, spread, pick, to_diag = _consts(logp.device, dtype)
+    zero, *h, pad6, pad17, spread, last_cols, to_diag = _consts(logp.device, dtype)
     top = (_H64 if dtype == torch.float64 else _H32)[-1]  # the last coefficient, a Python float
     k = -(-n // _EAGER_CHUNK)
     size = -(-n // k)  # balanced chunks: k - 1 of this size, the last at most this long
@@ -227,13 +235,12 @@ def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None
     work = _workspace(space)
     direct = logp.dtype == ratio_dtype and ref.dtype == ratio_dtype
     stats: list[Tensor] = []
-    shift_a = shift_b = zero
+    shift_a = shift_b = pad6
     for c in range(k):
         lp, rp, valid = lps[c], rps[c], masks[c]
         rows = work if lp.shape[0] == size else _workspace(space.narrow(1, 0, lp.shape[0]))
         y, x, em1, k3, lr, group_a, group_b, count_rows, x_2d = rows
-        # x: the log-ratio, set to 0 where invalid; lr: clamped.
-        # The log-ratio in float32 at least (estimators.log_ratio), then in the rows' dtype.
+        # x: the log-ratio in float32 at least (estimators.log_ratio), 0 where invalid.
         if direct:
             torch.sub(rp, lp, out=x)
         elif dtype == ratio_dtype:  # e.g. bf16: upcast, then subtract
@@ -249,13 +256,13 @@ def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None
             y.fill_(1.0)
         torch.where(good, x, zero, out=x)
         stats += torch.aminmax(x_2d, dim=1, keepdim=True)
-        torch.clamp(x, -clamp, clamp, out=lr)
+        torch.clamp(x, -clamp, clamp, out=lr)  # l
         torch.ne(x, lr, out=x)
         em1.copy_(good)
         stats.append(count_rows.sum(1, keepdim=True))  # [valid, clamped, finite]: exact sums
         torch.mul(lr, lr, out=x)  # l**2
         large = torch.ge(x, est._TAYLOR_BELOW**2)  # |l| >= 0.1: off the Taylor branch
-        # y = T = l**3 H(l) (Horner's rule): k3 - k2 on the Taylor branch
+        # y = T = l**3 H(l) (Horner's rule), k3 - k2 on the Taylor branch
         torch.add(h[-1], lr, alpha=top, out=y)
         for coeff in reversed(h[:-1]):
             torch.addcmul(coeff, y, lr, out=y)
@@ -268,37 +275,41 @@ def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None
         y.addcmul_(x, large, value=-0.5)  # k3 - k2: T, or (r - 1 - l) - l**2 / 2 off the branch
         torch.expm1(lr, out=em1)  # r - 1
         del large
-        # Reduce group A = [k3 - k2, l**2] (shifted; invalid entries 0), then -kl_pq takes
-        # the place of l**2 and group B = [-kl_pq, r - 1, k3, l] follows.
+        # Group A = [k3 - k2, l**2], then -kl_pq takes the place of l**2 and group B =
+        # [-kl_pq, r - 1, k3, l]: each is 0 at invalid entries, and loses the shift at valid ones.
         if c == 0:
             count0 = stats[2][2].clamp_min(1.0)
             shift_a = group_a.sum(1, keepdim=True) / count0
-        torch.where(good, group_a, shift_a, out=group_a).sub_(shift_a)
+        group_a.addcmul_(good, shift_a, value=-1.0)
         stats += torch.var_mean(group_a, 1, correction=0, keepdim=True)
         torch.addcmul(k3, em1, lr, value=-1.0, out=x)  # -kl_pq = k3 - (r - 1) l
         if c == 0:
             shift_b = group_b.sum(1, keepdim=True) / count0
-        torch.where(good, group_b, shift_b, out=group_b).sub_(shift_b)
+        group_b.addcmul_(good, shift_b, value=-1.0)
         stats += torch.var_mean(group_b, 1, correction=0, keepdim=True)
+        stats.append(pad6)
         del good
-    stats += [pad7, shift_a, pad4, shift_b]  # all [m, 1]
+    stats += [pad17, shift_a, shift_b]  # all [m, 1]
     table = torch.cat(stats).view(k + 1, _STATS).double()  # a row per chunk, then the shift
-    dev = table[:k]  # the chunks' means are of the shifted values already
-    weights = torch.full((1, k), float(size), dtype=torch.float64, device=table.device)
-    if lps[-1].shape[0] != size:
-        weights[0, k - 1] = float(lps[-1].shape[0])
-    # Shifted sums S1, S2 of the six quantities over all positions (the invalid ones, which
-    # hold the shift, add nothing), the counts, and max |l| (min and max of each chunk).
-    s1, s2 = ((weights @ torch.cat([dev, dev * dev], 1)) @ spread).view(2, NQ).unbind(0)
-    counts = dev[:, 2:5].sum(0)
-    max_abs = torch.linalg.vector_norm(dev[:, :2], math.inf)
-    return _fold_shifted(acc, torch.mv(pick, table[k]), s1, s2, counts, max_abs, to_diag)
+    both = torch.cat([table, table * table], 1)
+    if lps[-1].shape[0] != size:  # the shorter last chunk's sums weigh less
+        both[k - 1].addcmul_(both[k - 1], last_cols, value=lps[-1].shape[0] / size - 1.0)
+    s1, s2, counts, shift = torch.mv(spread, both.sum(0)).split([NQ, NQ, 3, NQ])
+    max_abs = torch.linalg.vector_norm(table[:, :2], math.inf)
+    return _fold_shifted(acc, shift, s1, s2, float(size), counts, max_abs, to_diag)
 
 
 def _fold_shifted(
-    acc: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, counts: Tensor, max_abs: Tensor, to_diag: Tensor
+    acc: Tensor,
+    shift: Tensor,
+    s1: Tensor,
+    s2: Tensor,
+    scale: float,
+    counts: Tensor,
+    max_abs: Tensor,
+    to_diag: Tensor,
 ) -> Tensor:
-    """Merge a batch's shifted sums (float64, about ``shift``) into the moments vector ``acc``.
+    """Merge a batch's shifted sums ``scale * s1``, ``scale * s2`` (float64) into ``acc``.
 
     ``counts``: the batch's ``[valid, clamped, finite]`` token counts. The accumulator's own
     sums about the same shift are ``n (mean - shift)`` and ``M2 + n (mean - shift)**2``;
@@ -307,8 +318,9 @@ def _fold_shifted(
     """
     n_a, mean_a, m2_a, diag_a, max_a = acc.split([1, NQ, NQ, 3, 1])
     d_a = mean_a - shift
-    s1 = torch.addcmul(s1, n_a, d_a)
-    s2 = torch.addcmul(s2 + m2_a, n_a * d_a, d_a)
+    t = n_a * d_a
+    s1 = torch.add(t, s1, alpha=scale)
+    s2 = torch.add(m2_a, s2, alpha=scale).addcmul_(t, d_a)
     diag = torch.addmv(diag_a, to_diag, counts)  # tokens, nonfinite, clamped
     total = diag[:1]  # at token level the count is the token count
     q = s1 / total.clamp_min(1.0)
