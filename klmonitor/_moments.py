@@ -175,10 +175,9 @@ def _consts(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
     """
     key = (device, dtype)
     if key not in _consts_cache:
-        f64 = {"dtype": torch.float64, "device": device}
         coeffs = _H64 if dtype == torch.float64 else _H32
         consts = [torch.full((), c, dtype=dtype, device=device) for c in (0.0, *coeffs[:-1])]
-        spread = torch.zeros(3 * NQ + 3, 2 * _STATS, **f64)
+        spread = torch.zeros(3 * NQ + 3, 2 * _STATS, dtype=torch.float64, device=device)
         for j, (row, f) in enumerate(_ROW_MAP):
             spread[j, _MEAN_COL[row]] = f  # S1 += f (mean - shift)
             spread[NQ + j, _VAR_COL[row]] = f * f  # S2 += f**2 (var + (mean - shift)**2)
@@ -186,10 +185,10 @@ def _consts(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
             spread[2 * NQ + 3 + j, _SHIFT_COL[row]] = f
         for i, col in enumerate(_COUNT_COL):
             spread[2 * NQ + i, col] = 1.0
-        last = torch.zeros(2 * _STATS, **f64)
+        last = torch.zeros(2 * _STATS, dtype=torch.float64, device=device)
         for col in _MEAN_COL + _VAR_COL:
             last[col] = last[_STATS + col] = 1.0
-        to_diag = torch.zeros(3, 3, **f64)
+        to_diag = torch.zeros(3, 3, dtype=torch.float64, device=device)
         to_diag[0, 2] = to_diag[1, 0] = to_diag[2, 1] = 1.0
         to_diag[1, 2] = -1.0
         pads = (torch.zeros(6, 1, dtype=dtype, device=device), torch.zeros(17, 1, dtype=dtype, device=device))
@@ -226,6 +225,7 @@ def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None
     top = (_H64 if dtype == torch.float64 else _H32)[-1]  # the last coefficient, a Python float
     k = -(-n // _EAGER_CHUNK)
     size = -(-n // k)  # balanced chunks: k - 1 of this size, the last at most this long
+    masks: tuple[Tensor | None, ...]
     if k == 1:
         lps, rps, masks = (logp,), (ref,), (mask,)
     else:
