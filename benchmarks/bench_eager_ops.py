@@ -121,6 +121,7 @@ def measure(
         "ops": tracer.total_ops,
         "distinct_ops": len(tracer.ops),
         "top_ops": dict(tracer.ops.most_common(8)),
+        "all_ops": dict(tracer.ops),
         "peak_temp_bytes": tracer.peak,
         "input_bytes": in_bytes,
         "peak_temp_over_input": tracer.peak / in_bytes,
