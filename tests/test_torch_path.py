@@ -66,7 +66,11 @@ def test_wide_log_ratios_and_the_taylor_boundary(chunk) -> None:
     g = torch.Generator().manual_seed(5)
     logp = -torch.rand(30_000, generator=g)
     l = torch.cat(
-        [torch.linspace(-0.2, 0.2, 10_000), 8 * torch.randn(10_000, generator=g), 1e-6 * torch.randn(10_000)]
+        [
+            torch.linspace(-0.2, 0.2, 10_000),
+            8 * torch.randn(10_000, generator=g),
+            1e-6 * torch.randn(10_000, generator=g),
+        ]
     )
     ref = logp + l
     assert_moments_close(_fold(logp, ref, None), moments(logp, ref, None), rtol=4e-6)

@@ -49,7 +49,11 @@ def cases() -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, 
     g = torch.Generator().manual_seed(3)
     logp = -torch.rand(6000, generator=g)
     l = torch.cat(
-        [torch.linspace(-0.2, 0.2, 2000), 6 * torch.randn(2000, generator=g), 1e-6 * torch.randn(2000)]
+        [
+            torch.linspace(-0.2, 0.2, 2000),
+            6 * torch.randn(2000, generator=g),
+            1e-6 * torch.randn(2000, generator=g),
+        ]
     )
     out["wide_and_taylor_boundary"] = (logp, logp + l, None, 20.0)
     rng = np.random.default_rng(0)
