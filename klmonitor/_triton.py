@@ -173,6 +173,8 @@ def partials(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, inter
     """The kernel's ``[tiles, 22]`` float32 rows for flat inputs (see the module docstring)."""
     n = logp.numel()
     tiles = -(-n // BLOCK)
+    logp, ref = logp.contiguous(), ref.contiguous()  # the kernel reads with stride 1
+    mask = mask.contiguous() if mask is not None else None
     out = torch.empty(tiles, _ROW, dtype=torch.float32, device=logp.device)
     has_mask = mask is not None
     mask_arg = mask.view(torch.uint8) if mask is not None else logp  # any pointer when unused

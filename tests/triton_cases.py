@@ -63,6 +63,8 @@ def cases() -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, 
     out["all_masked"] = (torch.zeros(3000), torch.ones(3000), torch.zeros(3000, dtype=torch.bool), 20.0)
     out["all_nonfinite"] = (torch.tensor([NAN, -INF, 0.0]), torch.tensor([0.0, 1.0, INF]), None, 20.0)
     out["single_token"] = (torch.tensor([-1.0]), torch.tensor([-1.5]), torch.tensor([True]), 20.0)
+    logp, ref, mask = _batch(6000, 8)
+    out["strided_views"] = (logp[::2], ref[1::2], mask[1::2], 20.0)
     return out
 
 
