@@ -171,7 +171,8 @@ def _consts(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
     ``[S1 / size, S2 / size, counts, shift]``: the shifted sums of the six quantities (per
     chunk length), the counts ``[valid, clamped, finite]`` and the shifts, in QUANTITIES
     order. ``last`` marks the columns a shorter last chunk scales. ``to_diag`` [3, 3] takes
-    the counts to ``[tokens, nonfinite, clamped]``.
+    the counts to ``[tokens, nonfinite, clamped]``; ``to_q`` [6, 6] takes the rows' order to
+    QUANTITIES order (signs and the 1/2 of k2 included).
     """
     key = (device, dtype)
     if key not in _consts_cache:
@@ -191,14 +192,89 @@ def _consts(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
         to_diag = torch.zeros(3, 3, dtype=torch.float64, device=device)
         to_diag[0, 2] = to_diag[1, 0] = to_diag[2, 1] = 1.0
         to_diag[1, 2] = -1.0
+        to_q = torch.zeros(NQ, NQ, dtype=torch.float64, device=device)
+        for j, (row, f) in enumerate(_ROW_MAP):
+            to_q[j, row] = f
         pads = (torch.zeros(6, 1, dtype=dtype, device=device), torch.zeros(17, 1, dtype=dtype, device=device))
-        _consts_cache[key] = (*consts, *pads, spread, last, to_diag)
+        _consts_cache[key] = (*consts, *pads, spread, last, to_diag, to_q)
     return _consts_cache[key]
 
 
 def _workspace(q: Tensor) -> tuple[Tensor, ...]:
     """Views of a ``[5, n]`` workspace: its rows, its groups, the count rows, x as [1, n]."""
     return (*q.unbind(0), q[0:2], q[1:5], q[0:3], q[1:2])
+
+
+class _Consts:
+    """What one chunk's elementwise work needs besides its inputs (see _chunk_rows)."""
+
+    def __init__(
+        self,
+        zero: Tensor,
+        h: list[Tensor],
+        top: float,
+        dtype: torch.dtype,
+        ratio_dtype: torch.dtype,
+        direct: bool,
+    ) -> None:
+        self.zero, self.h, self.top = zero, h, top
+        self.dtype, self.ratio_dtype, self.direct = dtype, ratio_dtype, direct
+
+
+def _chunk_rows(
+    rows: tuple[Tensor, ...],
+    lp: Tensor,
+    rp: Tensor,
+    valid: Tensor | None,
+    clamp: float,
+    k: _Consts,
+    stats: list[Tensor],
+    dim: int | tuple[int, ...],
+) -> Tensor:
+    """Fill a chunk's workspace rows in place; append min, max and counts to ``stats``.
+
+    Afterwards ``y = k3 - k2``, ``x = l**2``, ``em1 = r - 1``, ``k3`` and ``lr = l``, all 0
+    where the token is invalid; returns ``good`` (valid and finite). ``stats`` gets the min
+    and max of the log-ratio (``x_2d``'s reduction over ``dim``) and the sums over ``dim`` of
+    the count rows ``[valid, clamped, good]`` (exact float sums below 2**24 per chunk).
+    """
+    y, x, em1, k3, lr, _, _, count_rows, x_2d = rows
+    # x: the log-ratio in float32 at least (estimators.log_ratio), then 0 where invalid.
+    if k.direct:
+        torch.sub(rp, lp, out=x)
+    elif k.dtype == k.ratio_dtype:  # e.g. bf16: upcast, then subtract
+        x.copy_(rp)
+        x.sub_(lp)
+    else:  # bf16 or mixed inputs, float64 rows (clamp > 30): a float32 copy of each
+        torch.sub(rp.float(), lp.float(), out=x)
+    good = torch.lt(torch.abs(x, out=y), math.inf)  # finite
+    if valid is not None:
+        y.copy_(valid)
+        good.logical_and_(valid)
+    else:
+        y.fill_(1.0)
+    torch.where(good, x, k.zero, out=x)
+    stats += torch.aminmax(x_2d, dim=1, keepdim=True)
+    torch.clamp(x, -clamp, clamp, out=lr)  # l
+    torch.ne(x, lr, out=x)
+    em1.copy_(good)
+    stats.append(count_rows.sum(dim, keepdim=True))  # [valid, clamped, good]
+    torch.mul(lr, lr, out=x)  # l**2
+    large = torch.ge(x, est._TAYLOR_BELOW**2)  # |l| >= 0.1: off the Taylor branch
+    # y = T = l**3 H(l) (Horner's rule), k3 - k2 on the Taylor branch
+    h = k.h
+    torch.add(h[-1], lr, alpha=k.top, out=y)
+    for coeff in reversed(h[:-1]):
+        torch.addcmul(coeff, y, lr, out=y)
+    y.mul_(lr).mul_(x)
+    torch.expm1(lr, out=em1)
+    em1.sub_(lr)  # k3 off the branch: (r - 1) - l
+    torch.add(y, x, alpha=0.5, out=k3)  # k3 on the branch: T + l**2 / 2
+    torch.where(large, em1, k3, out=k3)  # k3
+    torch.where(large, em1, y, out=y)
+    y.addcmul_(x, large, value=-0.5)  # k3 - k2: T, or (r - 1 - l) - l**2 / 2 off the branch
+    torch.expm1(lr, out=em1)  # r - 1
+    return good
 
 
 def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
@@ -221,7 +297,7 @@ def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None
     # l e**l (the variances) overflow.
     ratio_dtype = torch.float64 if torch.float64 in (logp.dtype, ref.dtype) else torch.float32
     dtype = torch.float64 if clamp > _FLOAT32_CLAMP else ratio_dtype
-    zero, *h, pad6, pad17, spread, last_cols, to_diag = _consts(logp.device, dtype)
+    zero, *h, pad6, pad17, spread, last_cols, to_diag, _ = _consts(logp.device, dtype)
     top = (_H64 if dtype == torch.float64 else _H32)[-1]  # the last coefficient, a Python float
     k = -(-n // _EAGER_CHUNK)
     size = -(-n // k)  # balanced chunks: k - 1 of this size, the last at most this long
@@ -234,47 +310,14 @@ def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None
     space = torch.empty(5, size, dtype=dtype, device=logp.device)
     work = _workspace(space)
     direct = logp.dtype == ratio_dtype and ref.dtype == ratio_dtype
+    consts = _Consts(zero, h, top, dtype, ratio_dtype, direct)
     stats: list[Tensor] = []
     shift_a = shift_b = pad6
     for c in range(k):
         lp, rp, valid = lps[c], rps[c], masks[c]
         rows = work if lp.shape[0] == size else _workspace(space.narrow(1, 0, lp.shape[0]))
         y, x, em1, k3, lr, group_a, group_b, count_rows, x_2d = rows
-        # x: the log-ratio in float32 at least (estimators.log_ratio), 0 where invalid.
-        if direct:
-            torch.sub(rp, lp, out=x)
-        elif dtype == ratio_dtype:  # e.g. bf16: upcast, then subtract
-            x.copy_(rp)
-            x.sub_(lp)
-        else:  # bf16 or mixed inputs, float64 rows (clamp > 30): a float32 copy of each
-            torch.sub(rp.float(), lp.float(), out=x)
-        good = torch.lt(torch.abs(x, out=y), math.inf)  # finite
-        if valid is not None:
-            y.copy_(valid)
-            good.logical_and_(valid)
-        else:
-            y.fill_(1.0)
-        torch.where(good, x, zero, out=x)
-        stats += torch.aminmax(x_2d, dim=1, keepdim=True)
-        torch.clamp(x, -clamp, clamp, out=lr)  # l
-        torch.ne(x, lr, out=x)
-        em1.copy_(good)
-        stats.append(count_rows.sum(1, keepdim=True))  # [valid, clamped, finite]: exact sums
-        torch.mul(lr, lr, out=x)  # l**2
-        large = torch.ge(x, est._TAYLOR_BELOW**2)  # |l| >= 0.1: off the Taylor branch
-        # y = T = l**3 H(l) (Horner's rule), k3 - k2 on the Taylor branch
-        torch.add(h[-1], lr, alpha=top, out=y)
-        for coeff in reversed(h[:-1]):
-            torch.addcmul(coeff, y, lr, out=y)
-        y.mul_(lr).mul_(x)
-        torch.expm1(lr, out=em1)
-        em1.sub_(lr)  # k3 off the branch: (r - 1) - l
-        torch.add(y, x, alpha=0.5, out=k3)  # k3 on the branch: T + l**2 / 2
-        torch.where(large, em1, k3, out=k3)  # k3
-        torch.where(large, em1, y, out=y)
-        y.addcmul_(x, large, value=-0.5)  # k3 - k2: T, or (r - 1 - l) - l**2 / 2 off the branch
-        torch.expm1(lr, out=em1)  # r - 1
-        del large
+        good = _chunk_rows(rows, lp, rp, valid, clamp, consts, stats, (1,))
         # Group A = [k3 - k2, l**2], then -kl_pq takes the place of l**2 and group B =
         # [-kl_pq, r - 1, k3, l]: each is 0 at invalid entries, and loses the shift at valid ones.
         if c == 0:
@@ -326,6 +369,78 @@ def _fold_shifted(
     q = s1 / total.clamp_min(1.0)
     m2 = torch.addcmul(s2, s1, q, value=-1.0).clamp_min_(0.0)
     return torch.cat([total, shift + q, m2, diag, torch.maximum(max_a, max_abs)])
+
+
+def sequence_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
+    """``acc`` merged with the moments over the sequences (rows) of ``[B, T]`` inputs, eagerly.
+
+    As :func:`token_fold_torch`, in blocks of whole rows through one workspace: each row's six
+    quantities are summed over its valid tokens (float32 sums of the values minus the shift,
+    plus the row's count times the shift in float64); a row without a valid token is not a
+    sample; the diagnostics count tokens. Then Chan's merge with ``acc``. No host sync.
+    """
+    rows_total, length = logp.shape
+    if logp.numel() == 0:
+        return acc
+    ratio_dtype = torch.float64 if torch.float64 in (logp.dtype, ref.dtype) else torch.float32
+    dtype = torch.float64 if clamp > _FLOAT32_CLAMP else ratio_dtype
+    zero, *h, _, _, _, _, to_diag, to_q = _consts(logp.device, dtype)
+    top = (_H64 if dtype == torch.float64 else _H32)[-1]
+    k = -(-rows_total // max(1, _EAGER_CHUNK // length))
+    block = -(-rows_total // k)  # rows per block; the last may have fewer
+    masks: tuple[Tensor | None, ...]
+    if k == 1:
+        lps, rps, masks = (logp,), (ref,), (mask,)
+    else:
+        lps, rps = logp.split(block), ref.split(block)
+        masks = mask.split(block) if mask is not None else (None,) * k
+    space = torch.empty(5, block, length, dtype=dtype, device=logp.device)
+    work = _seq_workspace(space)
+    consts = _Consts(zero, h, top, dtype, ratio_dtype, logp.dtype == ratio_dtype and ref.dtype == ratio_dtype)
+    stats: list[Tensor] = []
+    sums_a: list[Tensor] = []
+    sums_b: list[Tensor] = []
+    shift_a = shift_b = zero
+    for c in range(k):
+        lp, rp, valid = lps[c], rps[c], masks[c]
+        rows = work if lp.shape[0] == block else _seq_workspace(space.narrow(1, 0, lp.shape[0]))
+        _, x, em1, k3, lr, group_a, group_b, _, _ = rows
+        good = _chunk_rows(rows, lp, rp, valid, clamp, consts, stats, -1)
+        if c == 0:  # the shift: the quantities' mean over the first block's valid tokens
+            count0 = stats[2][2].sum().clamp_min(1.0)
+            shift_a = group_a.sum((1, 2), keepdim=True) / count0
+        group_a.addcmul_(good, shift_a, value=-1.0)
+        sums_a.append(group_a.sum(-1))
+        torch.addcmul(k3, em1, lr, value=-1.0, out=x)  # -kl_pq
+        if c == 0:
+            shift_b = group_b.sum((1, 2), keepdim=True) / count0
+        group_b.addcmul_(good, shift_b, value=-1.0)
+        sums_b.append(group_b.sum(-1))
+        del good
+    counts = torch.cat(stats[2::3], 1).view(3, rows_total).double()  # valid, clamped, good per row
+    shift = torch.cat([shift_a, shift_b]).view(NQ, 1).double()
+    per_row = torch.cat([torch.cat(sums_a, 1), torch.cat(sums_b, 1)]).double()  # [6, B] minus shift
+    per_row = to_q @ per_row.addcmul_(shift, counts[2:3])  # each row's sums, QUANTITIES order
+    has = (counts[2] > 0).double()
+    count = has.sum().view(1)
+    mean = (per_row * has).sum(1) / count.clamp_min(1.0)
+    dev = (per_row - mean[:, None]) * has
+    m2 = (dev * dev).sum(1)
+    max_abs = torch.stack([*stats[0::3], *stats[1::3]]).abs().amax().double()
+    # Chan's merge with acc (at sequence level the count is of sequences, not tokens)
+    n_a, mean_a, m2_a, diag_a, max_a = acc.split([1, NQ, NQ, 3, 1])
+    total = n_a + count
+    frac = count / total.clamp_min(1.0)
+    delta = mean - mean_a
+    new_mean = torch.addcmul(mean_a, delta, frac)
+    new_m2 = (m2_a + m2).addcmul_(delta * delta, n_a * frac)
+    diag = torch.addmv(diag_a, to_diag, counts.sum(1))
+    return torch.cat([total, new_mean, new_m2, diag, torch.maximum(max_a, max_abs)])
+
+
+def _seq_workspace(q: Tensor) -> tuple[Tensor, ...]:
+    """Views of a ``[5, b, T]`` workspace: rows, groups, count rows, x as [1, b T]."""
+    return (*q.unbind(0), q[0:2], q[1:5], q[0:3], q[1:2].view(1, -1))
 
 
 def token_moments_torch(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:

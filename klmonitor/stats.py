@@ -363,6 +363,10 @@ class KLStats(Metric):
                     "the eager torch path from now on (backend='torch' skips the kernel)",
                     UserWarning,
                 )
+        if self.level == "sequence" and self.backend != "compile":
+            with torch.no_grad():  # eager ops in blocks of rows, folded into the state
+                self._acc = mom.sequence_fold_torch(self._acc, logprobs, ref_logprobs, valid, self.clamp)
+            return
         if self.level == "token" and self._use_eager(logprobs, ref_logprobs):
             # GPUs without the fused kernel, backend="torch": eager ops in bounded chunks, folded
             # into the state directly (under no_grad: no detach ops, no graph).

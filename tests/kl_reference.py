@@ -69,7 +69,7 @@ def assert_moments_close(
 ) -> None:
     """Counts exact; means within ``rtol`` of the quantity's RMS; M2 within ``var_rtol``."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    n = want[0]
+    n = want[0]  # samples: tokens, or sequences
     assert got[0] == n, f"count {got[0]} != {n}"
     assert list(got[13:16]) == list(want[13:16]), f"tokens/nonfinite/clamped {got[13:16]} != {want[13:16]}"
     assert got[16] == want[16] or abs(got[16] - want[16]) <= 1e-6 * abs(want[16]), (
@@ -85,3 +85,28 @@ def assert_moments_close(
         # M2 = n var: a per-sample error d moves it by ~2 n std d (see test_stats.assert_stats_close)
         tol = var_rtol * m2 + 2 * n * math.sqrt(m2 / n) * rtol * rms + n * (rtol * rms) ** 2
         assert abs(got[7 + j] - m2) <= tol + 1e-30, f"M2[{j}] {got[7 + j]!r} vs {m2!r}"
+
+
+def sequence_moments(
+    logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None, clamp: float = 20.0
+) -> np.ndarray:
+    """The moments vector over the rows of ``[B, T]`` inputs: each row's quantities summed over
+    its valid, finite tokens; rows without one are not samples; diagnostics count tokens."""
+    rows, length = logp.shape
+    lr = log_ratio(logp, ref).reshape(rows, length)
+    valid = np.ones(lr.shape, bool) if mask is None else mask.numpy() != 0
+    good = valid & np.isfinite(lr)
+    sums, tokens = [], 0
+    for i in range(rows):
+        lz = lr[i][good[i]]
+        tokens += len(lz)
+        if len(lz):
+            sums.append(quantities(np.clip(lz, -clamp, clamp)).sum(0))
+    q = np.array(sums).reshape(-1, 6)
+    n = len(q)
+    mean = q.mean(0) if n else np.zeros(6)
+    m2 = ((q - mean) ** 2).sum(0) if n else np.zeros(6)
+    lz = lr[good]
+    nonfinite = int((valid & ~np.isfinite(lr)).sum())
+    diag = [tokens, nonfinite, int((np.abs(lz) > clamp).sum()), float(np.abs(lz).max()) if len(lz) else 0.0]
+    return np.concatenate([[n], mean, m2, diag])

@@ -15,7 +15,7 @@ from klmonitor import _moments as mom
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_eager_ops  # noqa: E402
-from kl_reference import assert_moments_close, moments  # noqa: E402
+from kl_reference import assert_moments_close, moments, sequence_moments  # noqa: E402
 
 NAN, INF = float("nan"), float("inf")
 
@@ -152,3 +152,36 @@ def test_tracer_counts_what_it_claims() -> None:
     assert t.total_ops == 4
     assert t.peak == 8000 + 4  # y, the freed (y + 1), and the 0-d sum alive together
     assert t.current == 4000
+
+
+# -- sequence level ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5000), (37, 100), (300, 129)])
+@pytest.mark.parametrize("mask_density", [None, 0.8, 0.02])
+def test_sequence_level_matches_float64_reference(chunk, shape, mask_density) -> None:
+    rows, length = shape
+    logp, ref, mask = _batch(rows * length, rows + length, mask_density=mask_density)
+    logp, ref = logp.reshape(shape), ref.reshape(shape)
+    mask = mask.reshape(shape) if mask is not None else None
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        lp, rp = logp.to(dtype), ref.to(dtype)
+        got = mom.sequence_fold_torch(mom.empty(), lp, rp, mask, 20.0).numpy()
+        assert_moments_close(got, sequence_moments(lp, rp, mask), rtol=4e-6)
+
+
+def test_sequence_level_folds_and_clamps(chunk) -> None:
+    logp, ref, mask = _batch(40 * 300, 11, scale=3.0)
+    logp, ref, mask = logp.reshape(40, 300), ref.reshape(40, 300), mask.reshape(40, 300)
+    mask[3] = False  # a row without a valid token is not a sample
+    for clamp in (1.0, 20.0, 31.0):
+        acc = mom.empty()
+        for lo, hi in ((0, 1), (1, 25), (25, 40)):
+            acc = mom.sequence_fold_torch(acc, logp[lo:hi], ref[lo:hi], mask[lo:hi], clamp)
+        assert_moments_close(acc.numpy(), sequence_moments(logp, ref, mask, clamp), rtol=4e-6)
+    empty = mom.sequence_fold_torch(mom.empty(), logp[:0], ref[:0], None, 20.0)
+    assert np.array_equal(empty.numpy(), mom.empty().numpy())
+
+
+def test_sequence_level_ops_and_peak_at_4m_tokens() -> None:
+    row = bench_eager_ops.measure(4_000_000, torch.float32, True, level="sequence")
+    assert row["peak_temp_over_input"] <= 0.5, row
+    assert "aten._local_scalar_dense" not in row["all_ops"]
