@@ -1,4 +1,9 @@
-"""Window moments: the state vector KLStats accumulates, and the two ways to fill it.
+"""Window moments: the state vector KLStats accumulates, and how torch ops fill it.
+
+The eager folds (:func:`token_fold_torch`, :func:`sequence_fold_torch`: the path on GPUs
+without the fused Triton kernel of ``klmonitor._triton``, and wherever ``backend="torch"``) work
+in bounded chunks through one in-place workspace; :func:`token_chunk` is one torch expression
+for ``torch.compile`` (``backend="compile"``).
 
 A *moments vector* is a float64 tensor of ``SIZE`` entries (layout below) describing a set of
 samples: their count, the mean and M2 (sum of squared deviations) of each of the six
@@ -30,8 +35,6 @@ CLAMPED = TOKENS + 2
 MAX_ABS = TOKENS + 3
 SIZE = TOKENS + 4
 
-# Elements per eager chunk: bounds the temporaries of the torch path (~30 arrays this long).
-_CHUNK = 1 << 20
 _SAMPLE = 256
 
 
