@@ -4,11 +4,12 @@ batch shapes change (DESIGN.md, "Performance targets"; issue "Performance", the 
 
     python benchmarks/bench_cuda.py                # a CUDA device: ~1-3 min, most of it compiling
     python benchmarks/bench_cuda.py --json         # the results as JSON on stdout
-    python benchmarks/bench_cuda.py --device cpu --backends torch --quick   # the logic, on CPU
+    python benchmarks/bench_cuda.py --device cpu --backends torch,triton --quick   # the logic, on CPU
 
 Per size (float32 ``[B, 1000]`` log-probs, bool mask of density 0.8, as ``bench_stats.py``):
-the eager code peers write (``naive``), ``KLStats`` with each backend (``torch``: the default
-on GPU, eager ops in 1M-token chunks; ``compile``: the same through ``torch.compile`` with
+the eager code peers write (``naive``), ``KLStats`` with each backend (``triton``: the fused
+Triton kernel, the default on GPU; ``torch``: the eager fallback, in-place ops on bounded
+chunks; ``compile``: the torch path of ``_moments.token_chunk`` through ``torch.compile`` with
 dynamic shapes, one fused pass), and one read of the inputs (``floor``). Before every timed
 call a 256 MiB buffer is written on the device, so the inputs are not served from L2.
 
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's klmonitor
 import bench_stats as bs  # noqa: E402  (the naive code, the floor, agreement and timing helpers)
 
 import klmonitor as klm  # noqa: E402
@@ -270,7 +272,7 @@ def format_table(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu to run the logic on CPU")
-    ap.add_argument("--backends", default="torch,compile", help="KLStats backends, comma-separated")
+    ap.add_argument("--backends", default="torch,triton,compile", help="KLStats backends, comma-separated")
     ap.add_argument("--sizes", type=bs.parse_sizes, help="token counts, e.g. 1e6,1e8")
     ap.add_argument("--quick", action="store_true", help="small sizes and few rounds (a smoke run)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")

@@ -154,7 +154,7 @@ class Monitor:
         histogram_samples: int = 4096,
         strict: bool = False,
         clamp: float = 20.0,
-        backend: Literal["auto", "torch", "native", "compile"] = "auto",
+        backend: Literal["auto", "torch", "native", "triton", "compile"] = "auto",
         alert_history_size: int = 1000,
         wandb_alert_wait_s: float = 300.0,
         rank: int | None = None,

@@ -25,6 +25,14 @@ __all__ = ["EstimatorStats", "KLStats", "KLSummary", "Level"]
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLOAT_DTYPES = (*_NATIVE_DTYPES, torch.float64)
+_BACKENDS = ("auto", "torch", "native", "triton", "compile")
+
+
+def _fused() -> Any:
+    """The Triton kernel's module, imported on first use (it imports Triton if installed)."""
+    from klmonitor import _triton
+
+    return _triton
 
 
 def _gather_fixed(result: Tensor, group: Any = None) -> list[Tensor]:
@@ -52,11 +60,13 @@ class KLStats(Metric):
             values (inputs must be ``[B, T]``) and takes statistics over sequences.
         clamp: log-ratios are clamped to ``[-clamp, clamp]`` before the estimators (``exp``
             overflows float32 above 88); clamped tokens are counted in ``summary.clamped``.
-        backend: ``"auto"`` uses the fused CPU kernel for float32/bf16/fp16 CPU tensors when a
-            C compiler is available and plain torch otherwise (e.g. on GPU); ``"torch"``
+        backend: ``"auto"`` uses the fused CPU kernel for float32/bf16/fp16 CPU tensors when it
+            was built at install time, the fused Triton kernel for float32/bf16/fp16 CUDA tensors
+            (clamp at most 30) when Triton is installed, and plain torch otherwise; ``"torch"``
             forces plain torch; ``"native"`` requires the fused kernel for CPU inputs;
-            ``"compile"`` runs the torch path through ``torch.compile`` (one fused pass on
-            GPU; compiled once, with dynamic shapes, on first use).
+            ``"triton"`` requires Triton and uses its kernel wherever it runs (CUDA; CPU
+            tensors under ``TRITON_INTERPRET=1``); ``"compile"`` runs the torch path through
+            ``torch.compile`` (compiled once, with dynamic shapes, on first use).
         **kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``process_group``).
 
     >>> stats = KLStats()
@@ -78,7 +88,7 @@ class KLStats(Metric):
         self,
         level: Level = "token",
         clamp: float = 20.0,
-        backend: Literal["auto", "torch", "native", "compile"] = "auto",
+        backend: Literal["auto", "torch", "native", "triton", "compile"] = "auto",
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("dist_sync_fn", _gather_fixed)
@@ -89,8 +99,13 @@ class KLStats(Metric):
             raise ValueError(
                 f"clamp must be a number in (0, 80] (exp overflows float32 above ~88), got {clamp!r}"
             )
-        if backend not in ("auto", "torch", "native", "compile"):
-            raise ValueError(f"backend must be 'auto', 'torch', 'native' or 'compile', got {backend!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if backend == "triton" and not _fused().available():
+            raise RuntimeError(
+                "backend='triton' needs Triton, which could not be imported: pip install triton "
+                "(it comes with CUDA builds of torch on Linux) or use backend='auto'"
+            )
         if backend == "native" and not _native.available():
             raise RuntimeError(
                 f"backend='native' needs the fused CPU kernel, which is not available: "
@@ -100,6 +115,7 @@ class KLStats(Metric):
         self.level: Level = level
         self.clamp = float(clamp)
         self.backend = backend
+        self._triton_failed = False
         self.add_state("_acc", default=mom.empty(), dist_reduce_fx=mom.merge_rows)
 
     # -- validation (shapes and dtypes; mask values on device, never on the host) -----------
@@ -190,9 +206,43 @@ class KLStats(Metric):
             ValueError: mismatched shapes or devices, or a non-2-D input at sequence level.
         """
         valid = self._check(logprobs, ref_logprobs, mask)
+        if self._acc.device != logprobs.device:
+            self.to(logprobs.device)
+        if self.level == "token" and self._use_triton(logprobs, ref_logprobs):
+            # CUDA tensors: the fused Triton kernel, one pass, folded into the state.
+            try:
+                with torch.no_grad():
+                    flat_mask = valid.reshape(-1) if valid is not None else None
+                    self._acc = _fused().fold(
+                        self._acc,
+                        logprobs.reshape(-1),
+                        ref_logprobs.reshape(-1),
+                        flat_mask,
+                        self.clamp,
+                        interpret=logprobs.device.type == "cpu",
+                    )
+                return
+            except Exception as err:  # e.g. a GPU Triton cannot compile for: never crash training
+                self._triton_failed = True
+                rank_zero_warn(
+                    f"KLStats: the fused Triton kernel failed ({type(err).__name__}: {err}); using "
+                    "the eager torch path from now on (backend='torch' skips the kernel)",
+                    UserWarning,
+                )
+        if self.level == "sequence" and self.backend != "compile":
+            with torch.no_grad():  # eager ops in blocks of rows, folded into the state
+                self._acc = mom.sequence_fold_torch(self._acc, logprobs, ref_logprobs, valid, self.clamp)
+            return
+        if self.level == "token" and self._use_eager(logprobs, ref_logprobs):
+            # GPUs without the fused kernel, backend="torch": eager ops in bounded chunks, folded
+            # into the state directly (under no_grad: no detach ops, no graph).
+            with torch.no_grad():
+                flat_mask = valid.reshape(-1) if valid is not None else None
+                self._acc = mom.token_fold_torch(
+                    self._acc, logprobs.reshape(-1), ref_logprobs.reshape(-1), flat_mask, self.clamp
+                )
+            return
         logp, ref = logprobs.detach(), ref_logprobs.detach()
-        if self._acc.device != logp.device:
-            self.to(logp.device)
         if self.level == "sequence":
             chunk = mom.sequence_moments(logp, ref, valid, self.clamp)
         elif self._use_native(logp, ref):
@@ -202,10 +252,9 @@ class KLStats(Metric):
                 self._acc = self._acc.clone()
             self._native_fold(logp, ref, valid)
             return
-        else:
+        else:  # backend="compile"
             flat_mask = valid.reshape(-1) if valid is not None else None
-            fn = mom.token_moments_compiled if self.backend == "compile" else mom.token_moments_torch
-            chunk = fn(logp.reshape(-1), ref.reshape(-1), flat_mask, self.clamp)
+            chunk = mom.token_moments_compiled(logp.reshape(-1), ref.reshape(-1), flat_mask, self.clamp)
         self._acc = mom.merge(self._acc, chunk)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -213,6 +262,19 @@ class KLStats(Metric):
         # Spawn launchers (ddp_spawn, torch.multiprocessing) move CPU tensors into shared
         # memory; the host fast path merges in place, so each process needs its own state.
         self._acc = self._acc.clone()
+
+    def _use_triton(self, logp: Tensor, ref: Tensor) -> bool:
+        # The fused Triton kernel: CUDA float32/bf16/fp16 inputs (or CPU tensors under Triton's
+        # interpreter, for backend="triton"), clamp <= 30; not after a failure.
+        if self.backend not in ("auto", "triton") or self._triton_failed:
+            return False
+        if logp.device.type != "cuda" and self.backend != "triton":
+            return False
+        return bool(_fused().supports(logp, ref, self.clamp))
+
+    def _use_eager(self, logp: Tensor, ref: Tensor) -> bool:
+        # The eager torch path: wherever neither compile nor a fused kernel runs.
+        return self.backend != "compile" and not self._use_native(logp, ref)
 
     def _use_native(self, logp: Tensor, ref: Tensor) -> bool:
         # float64 in either input keeps the float64 torch path (as log_ratio would promote).
