@@ -99,7 +99,7 @@ class LightningAdapter:
         clamp: float = 20.0,
         alert_history_size: int = 1000,
         wandb_alert_wait_s: float = 300.0,
-        by_position: bool = True,
+        by_position: bool = False,
         position_buckets: int = 12,
         top_sequences: int = 0,
         top_sequences_max_len: int = 256,

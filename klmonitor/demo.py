@@ -413,7 +413,7 @@ def _run(
     with _quiet_lightning():
         pl.seed_everything(seed, verbose=False)
         module = DemoRLHF(kl_coef, lr, batch_size, max_len, seed)
-        monitor = KLMonitor(log_every_n_steps=log_every_n_steps, max_kl=max_kl)
+        monitor = KLMonitor(log_every_n_steps=log_every_n_steps, max_kl=max_kl, by_position=True)
         history = _History(monitor)
         lg, offline = _make_logger(logger, root)
         trainer = pl.Trainer(

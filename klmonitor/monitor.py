@@ -109,7 +109,9 @@ class Monitor:
         rank: this process's global rank; ``None`` reads it from ``torch.distributed`` (0
             when it is not initialised). Only rank 0 writes to sinks.
         by_position: keep the mean k3 per position bucket (``[B, T]`` inputs):
-            ``summary.by_position`` and ``kl/by_position/<bucket>/k3``.
+            ``summary.by_position`` and ``kl/by_position/<bucket>/k3``. Off by default: its
+            ~20 small torch ops cost a fixed ~0.2 ms per update on CPU, half of what the fused
+            kernel takes for 1M tokens (``benchmarks/bench_diagnostics.py``).
         position_buckets: buckets of token positions: 0-1, 2-3, 4-7, ..., the last open-ended.
         position_rows: rows of each batch the position profile reads (an evenly strided sample
             at a random offset, so its cost stays small whatever the batch; an unbiased
@@ -158,7 +160,7 @@ class Monitor:
         alert_history_size: int = 1000,
         wandb_alert_wait_s: float = 300.0,
         rank: int | None = None,
-        by_position: bool = True,
+        by_position: bool = False,
         position_buckets: int = 12,
         position_rows: int | None = 16,
         top_sequences: int = 0,

@@ -49,7 +49,7 @@ def _k3(batch: dict[str, torch.Tensor]) -> np.ndarray:
 
 def _mon(**kw: Any) -> Monitor:
     kw.setdefault("log_every_n_steps", 3)
-    return Monitor(top_sequences=3, top_tokens=4, vocab_size=VOCAB, **kw)
+    return Monitor(by_position=True, top_sequences=3, top_tokens=4, vocab_size=VOCAB, **kw)
 
 
 def test_planted_sequence_comes_out_first_with_its_step_and_row() -> None:
@@ -109,7 +109,7 @@ def test_planted_token_id_tops_top_tokens_with_exact_sums() -> None:
 
 def test_early_positions_show_in_the_first_buckets_with_exact_means() -> None:
     g = torch.Generator().manual_seed(2)
-    mon = Monitor(log_every_n_steps=2, position_buckets=4)  # 0-1, 2-3, 4-7, 8+
+    mon = Monitor(log_every_n_steps=2, by_position=True, position_buckets=4)  # 0-1, 2-3, 4-7, 8+
     fed = []
     for step in (1, 2):
         b = _batch(g, b=8, t=13, scale=0.01)

@@ -103,7 +103,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Logged]:
         mp.setenv("WANDB_DIR", str(root))
         model = ToyPolicy(lr=2.0, pull=3.0)
         # The KL budget fires: alerts to read back. The position profile is planted below instead.
-        mon = KLMonitor(log_every_n_steps=5, max_kl=1e-3, by_position=False)
+        mon = KLMonitor(log_every_n_steps=5, max_kl=1e-3)
         tb = TensorBoardLogger(str(root), name="tb")
         csv_logger = CSVLogger(str(root), name="csv")
         wb = WandbLogger(offline=True, save_dir=str(root), project="klmonitor-test")
@@ -164,7 +164,7 @@ def test_load_run_reads_scalars_alerts_and_histograms(demo_run: DemoResult) -> N
     assert len(data.histograms) == 8
     h = data.histograms[-1]
     assert h.edges.size == h.counts.size + 1 and h.counts.sum() > 0
-    assert panels(data) == ["estimators", "drift", "log_ratio", "by_position"]  # by_position is on by default
+    assert panels(data) == ["estimators", "drift", "log_ratio", "by_position"]  # the demo turns by_position on
 
 
 @pytest.mark.parametrize("fmt", ["tensorboard", "csv", "wandb"])

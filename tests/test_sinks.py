@@ -167,6 +167,7 @@ def test_readme_table_lists_exactly_what_is_logged(tmp_path: Path) -> None:
             sinks=writer,
             level=level,
             rules=[KLBudgetRule(1e-6)],
+            by_position=True,
             top_sequences=2,
             top_tokens=2,
             vocab_size=50,
