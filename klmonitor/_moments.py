@@ -89,10 +89,10 @@ def quantities(lc: Tensor) -> list[Tensor]:
     k2 = est.k2(lc)
     em1 = torch.expm1(lc)
     # r - 1 = l + k3 holds exactly; near 0 it is more precise than expm1 in low precision.
-    small = lc.abs() < est._TAYLOR_BELOW
+    small = lc.abs() < est.TAYLOR_BELOW
     em1 = torch.where(small, lc + k3, em1)
     # k2 - k3 = -l**3 (1/6 + l/24 + ...)
-    diff = torch.where(small, -(lc * lc * lc) * est._horner(lc, est._K3_COEFFS[1:]), k2 - k3)
+    diff = torch.where(small, -(lc * lc * lc) * est.horner(lc, est.K3_SERIES[1:]), k2 - k3)
     kl_pq = (em1 * lc - k3).clamp_min(0.0)
     return [-lc, k2, k3, kl_pq, em1, diff]
 
@@ -145,8 +145,8 @@ _FLOAT32_CLAMP = 30.0
 # The Taylor branch (|l| < 0.1): k3 = l**2 / 2 + T and k2 - k3 = -T with T = l**3 H(l),
 # H = 1/6 + l/24 + l**2/120 + l**3/720 (+ l**4/5040 in float64; in float32 that term is below
 # 2 ulp of T and 1e-8 of k3 on the branch).
-_H32 = est._K3_COEFFS[1:5]
-_H64 = est._K3_COEFFS[1:]
+_H32 = est.K3_SERIES[1:5]
+_H64 = est.K3_SERIES[1:]
 # The eager path's workspace rows: [k3 - k2, l**2, r - 1, k3, l]; group A is the first two
 # (reduced first), then -kl_pq replaces l**2 and group B is the last four. In that order of
 # rows ("Q rows": A then B), _ROW_MAP gives, per quantity (QUANTITIES order), its row and
@@ -262,7 +262,7 @@ def _chunk_rows(
     em1.copy_(good)
     stats.append(count_rows.sum(dim, keepdim=True))  # [valid, clamped, good]
     torch.mul(lr, lr, out=x)  # l**2
-    large = torch.ge(x, est._TAYLOR_BELOW**2)  # |l| >= 0.1: off the Taylor branch
+    large = torch.ge(x, est.TAYLOR_BELOW**2)  # |l| >= 0.1: off the Taylor branch
     # y = T = l**3 H(l) (Horner's rule), k3 - k2 on the Taylor branch
     h = k.h
     torch.add(h[-1], lr, alpha=k.top, out=y)

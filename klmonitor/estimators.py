@@ -28,7 +28,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ESTIMATORS", "compute_dtype", "k1", "k2", "k3", "kl_pq", "log_ratio", "ratio_minus_one"]
+__all__ = [
+    "ESTIMATORS",
+    "K3_SERIES",
+    "KLPQ_SERIES",
+    "TAYLOR_BELOW",
+    "compute_dtype",
+    "horner",
+    "k1",
+    "k2",
+    "k3",
+    "kl_pq",
+    "log_ratio",
+    "ratio_minus_one",
+]
 
 #: The estimator names, in the order they are reported.
 ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "kl_pq")
@@ -36,7 +49,7 @@ ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "kl_pq")
 # Below this |l| the Taylor series is used for k3 and kl_pq. With terms up to l**7 the
 # truncation error relative to the leading l**2/2 term is below 1e-10 here, and above it
 # expm1-based formulas lose less than 1e-6 relative precision in float32.
-_TAYLOR_BELOW = 0.1
+TAYLOR_BELOW = 0.1
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,8 +111,12 @@ def k2(log_ratio: Tensor) -> Tensor:
     return 0.5 * lr * lr
 
 
-def _horner(lr: Tensor, coeffs: tuple[float, ...]) -> Tensor:
-    """``c0 + l*(c1 + l*(c2 + ...))`` by Horner's rule."""
+def horner(lr: Tensor, coeffs: tuple[float, ...]) -> Tensor:
+    """``c0 + l*(c1 + l*(c2 + ...))`` by Horner's rule (the series of :func:`k3` and :func:`kl_pq`).
+
+    >>> horner(torch.tensor([2.0]), (1.0, 3.0))
+    tensor([7.])
+    """
     acc = torch.full_like(lr, coeffs[-1])
     for c in reversed(coeffs[:-1]):
         acc = acc * lr + c
@@ -108,12 +125,13 @@ def _horner(lr: Tensor, coeffs: tuple[float, ...]) -> Tensor:
 
 def _small_series(lr: Tensor, coeffs: tuple[float, ...]) -> Tensor:
     """``l**2 * (c2 + l*(c3 + l*(...)))``, the Taylor branch of k3 and kl_pq."""
-    return _horner(lr, coeffs) * lr * lr
+    return horner(lr, coeffs) * lr * lr
 
 
-# Coefficients of l**n for n = 2..7: 1/n! for k3 and (n-1)/n! for kl_pq.
-_K3_COEFFS = (1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040)
-_KLPQ_COEFFS = (1 / 2, 1 / 3, 1 / 8, 1 / 30, 1 / 144, 1 / 840)
+#: Taylor coefficients of l**n for n = 2..7: 1/n! for k3 and (n-1)/n! for kl_pq (the kernels
+#: evaluate the same series).
+K3_SERIES = (1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040)
+KLPQ_SERIES = (1 / 2, 1 / 3, 1 / 8, 1 / 30, 1 / 144, 1 / 840)
 
 
 def k3(log_ratio: Tensor) -> Tensor:
@@ -127,8 +145,8 @@ def k3(log_ratio: Tensor) -> Tensor:
     tensor([0.0000e+00, 5.0000e-13, 7.1828e-01])
     """
     lr = _as_float(log_ratio)
-    small = lr.abs() < _TAYLOR_BELOW
-    series = _small_series(lr, _K3_COEFFS)
+    small = lr.abs() < TAYLOR_BELOW
+    series = _small_series(lr, K3_SERIES)
     direct = torch.expm1(lr) - lr
     return torch.where(small, series, direct).clamp_min(0.0)
 
@@ -143,8 +161,8 @@ def kl_pq(log_ratio: Tensor) -> Tensor:
     tensor([0.0000e+00, 5.0000e-13, 1.0000e+00])
     """
     lr = _as_float(log_ratio)
-    small = lr.abs() < _TAYLOR_BELOW
-    series = _small_series(lr, _KLPQ_COEFFS)
+    small = lr.abs() < TAYLOR_BELOW
+    series = _small_series(lr, KLPQ_SERIES)
     direct = torch.exp(lr) * lr - torch.expm1(lr)
     return torch.where(small, series, direct).clamp_min(0.0)
 

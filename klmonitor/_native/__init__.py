@@ -61,6 +61,7 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 _reason: str | None = None
 _pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
 # Where the library and its moments.c are looked for (tests point it at a copy).
 _library_dir = Path(__file__).parent
 
@@ -391,9 +392,10 @@ def reads_dtype(dtype: torch.dtype, clamp: float) -> bool:
 
 
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None or _pool._max_workers < workers:
+    global _pool, _pool_workers
+    if _pool is None or _pool_workers < workers:
         _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="klmonitor")
+        _pool_workers = workers
     return _pool
 
 
