@@ -353,13 +353,18 @@ class Monitor:
             )
             return
         logp, ref = logprobs.detach(), ref_logprobs.detach()
-        valid = None if mask is None else (mask if mask.dtype == torch.bool else mask == 1).to(logp.device)
-        if rollout_logprobs is not None:
-            self._update_rollout(logp, rollout_logprobs, mask, valid)
         ids = self._checked_ids(token_ids, logp) if token_ids is not None else None
         wants_rows = (self.positions is not None or self.sequences is not None) and logp.dim() == 2
-        if wants_rows or (self.tokens is not None and ids is not None):
-            self._diagnose(logp, ref, valid, ids, wants_rows)
+        diagnose = wants_rows or (self.tokens is not None and ids is not None)
+        if rollout_logprobs is not None or diagnose:
+            # The tokens KLStats counted (a numeric mask counts where it is exactly 1).
+            valid = (
+                None if mask is None else (mask if mask.dtype == torch.bool else mask == 1).to(logp.device)
+            )
+            if rollout_logprobs is not None:
+                self._update_rollout(logp, rollout_logprobs, mask, valid)
+            if diagnose:
+                self._diagnose(logp, ref, valid, ids, wants_rows)
         if self.histogram:
             try:
                 self._sample_histogram(logp, ref, mask)
