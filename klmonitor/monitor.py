@@ -353,7 +353,8 @@ class Monitor:
             )
             return
         logp, ref = logprobs.detach(), ref_logprobs.detach()
-        ids = self._checked_ids(token_ids, logp) if token_ids is not None else None
+        uses_ids = self.sequences is not None or self.tokens is not None
+        ids = self._checked_ids(token_ids, logp) if token_ids is not None and uses_ids else None
         wants_rows = (self.positions is not None or self.sequences is not None) and logp.dim() == 2
         diagnose = wants_rows or (self.tokens is not None and ids is not None)
         if rollout_logprobs is not None or diagnose:
