@@ -40,8 +40,6 @@ def _model(package: str, **kw: Any) -> Any:
     return (lightning_toy_policy() if package == "lightning" else ToyPolicy)(**kw)
 
 
-
-
 @pytest.mark.parametrize("package", PACKAGES)
 def test_is_a_callback_of_its_own_package_and_imports_only_it(package: str) -> None:
     pl = _pl(package)
@@ -192,3 +190,36 @@ def test_alert_reaches_on_alert_and_stops_training(tmp_path: Path, package: str)
     trainer.fit(_model(package, lr=0.5))
     assert trainer.global_step == 2 and [a.rule for a in got] == ["kl_budget"]
     assert math.isfinite(got[0].value) and got[0].value > 1e-6
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_rollout_log_probs_and_token_ids_through_the_callback(tmp_path: Path, package: str) -> None:
+    # training_step returns the rollout engine's log-probs and the token ids: the rollout check
+    # and the diagnostics come out of the same window as the main statistics.
+    base = lightning_toy_policy() if package == "lightning" else ToyPolicy
+
+    class WithRollout(base):  # type: ignore[misc, valid-type]
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            out = super().training_step(batch, batch_idx)
+            g = torch.Generator().manual_seed(int(self.global_step))
+            out["rollout_logprobs"] = out["logprobs"].detach() + 0.3 * torch.randn(
+                out["logprobs"].shape, generator=g
+            )
+            out["token_ids"] = torch.randint(0, 12, out["logprobs"].shape, generator=g)
+            return out
+
+    pl = _pl(package)
+    mon = _monitor_cls(package)(
+        log_every_n_steps=3, by_position=True, top_sequences=2, top_tokens=3, vocab_size=12, decode=str
+    )
+    model = WithRollout()
+    make_trainer(
+        tmp_path, 3, loggers=[pl.loggers.TensorBoardLogger(str(tmp_path))], callbacks=[mon], package=package
+    ).fit(model)
+    s = mon.last_summary
+    assert s is not None and s.rollout is not None and s.by_position and len(s.top_sequences) == 2
+    assert s.rollout.kl.tokens == window_reference(model.seen, 0, 3)["tokens"]
+    assert s.rollout.kl.k3.mean > 0.01 and s.top_tokens and s.top_sequences[0].text is not None
+    tags = events(tmp_path).Tags()
+    assert "kl/rollout/k3/mean" in tags["scalars"] and "kl/by_position/0-1/k3" in tags["scalars"]
+    assert {"kl/top_sequences/text_summary", "kl/top_tokens/text_summary"} <= set(tags["tensors"])
