@@ -16,6 +16,6 @@ MEAN = slice(1, 1 + NQ)
 M2 = slice(1 + NQ, 1 + 2 * NQ)
 TOKENS = 1 + 2 * NQ
 NONFINITE = TOKENS + 1
-CLAMPED = TOKENS + 2
+EXTREME = TOKENS + 2  # valid tokens with |l| above the extreme threshold
 MAX_ABS = TOKENS + 3
 SIZE = TOKENS + 4

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from klmonitor import estimators as est
 from klmonitor._layout import (  # noqa: F401  (re-exported: the layout is read through this module)
-    CLAMPED,
     COUNT,
+    EXTREME,
     M2,
     MAX_ABS,
     MEAN,

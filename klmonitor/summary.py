@@ -230,7 +230,7 @@ class KLSummary:
             drift_z=diff.z,
             ess=ess,
             nonfinite=int(v[lay.NONFINITE]),
-            clamped=int(v[lay.CLAMPED]),
+            clamped=int(v[lay.EXTREME]),
             max_abs_log_ratio=v[lay.MAX_ABS],
         )
 
