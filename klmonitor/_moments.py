@@ -35,6 +35,9 @@ from klmonitor._layout import (  # noqa: F401  (re-exported: the layout is read 
 )
 
 _SAMPLE = 256
+# Above this |l| (or clamp), float32 is not enough: exp overflows float32 above 88.7, and the
+# float32 squares of l e**l (the variances) above ~44. The torch paths then compute in float64.
+FLOAT32_CLAMP = 30.0
 
 
 def empty(device: torch.device | str | None = None) -> Tensor:
@@ -49,7 +52,9 @@ def merge(a: Tensor, b: Tensor) -> Tensor:
     inv = 1.0 / n.clamp_min(1.0)
     delta = b[MEAN] - a[MEAN]
     mean = a[MEAN] + delta * (nb * inv)
-    m2 = a[M2] + b[M2] + delta * delta * (na * nb * inv)
+    # delta * (delta * f), not (delta * delta) * f: with an empty side f = 0, and a delta near
+    # 1e300 (tokens of l in the hundreds) must give 0 there, not inf * 0 = NaN.
+    m2 = a[M2] + b[M2] + delta * (delta * (na * nb * inv))
     counts = a[TOKENS:MAX_ABS] + b[TOKENS:MAX_ABS]
     mx = torch.maximum(a[MAX_ABS], b[MAX_ABS])
     return torch.cat([n.reshape(1), mean, m2, counts, mx.reshape(1)])
@@ -67,16 +72,27 @@ def merge_rows(rows: Tensor) -> Tensor:
 def from_shifted_sums(count: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, diagnostics: Tensor) -> Tensor:
     """Build a moments vector from ``S1 = sum(x - shift)`` and ``S2 = sum((x - shift)**2)``.
 
-    ``diagnostics`` holds tokens, nonfinite, clamped, max|l| (float64, same device).
+    ``diagnostics`` holds tokens, nonfinite, extreme, max|l| (float64, same device).
     """
     count = count.to(torch.float64)
     inv = 1.0 / count.clamp_min(1.0)
     s1 = s1.to(torch.float64)
-    mean = shift.to(torch.float64) + s1 * inv
-    m2 = (s2.to(torch.float64) - s1 * s1 * inv).clamp_min(0.0)
+    q = s1 * inv
+    mean = shift.to(torch.float64) + q
+    m2 = _m2(s2.to(torch.float64), s1, q)
     # With no samples the mean is meaningless; 0 keeps merges and reports clean.
     mean = torch.where(count > 0, mean, torch.zeros_like(mean))
     return torch.cat([count.reshape(1), mean, m2, diagnostics.to(torch.float64)])
+
+
+def _m2(s2: Tensor, s1: Tensor, q: Tensor) -> Tensor:
+    """``M2 = S2 - S1 q`` (``q = S1 / n``), at least 0; ``inf`` where ``S2`` overflowed float64.
+
+    A token of ``l`` near 700 has ``r - 1`` near 1e304, whose square is beyond float64: the
+    variance is then reported as ``inf``, never as the NaN of ``inf - inf``.
+    """
+    m2 = torch.addcmul(s2, s1, q, value=-1.0).clamp_min_(0.0)
+    return torch.where(torch.isinf(s2), s2, m2)
 
 
 def quantities(lc: Tensor) -> list[Tensor]:
@@ -98,10 +114,17 @@ def quantities(lc: Tensor) -> list[Tensor]:
 
 
 def _prepare(
-    logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float
+    logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, threshold: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Log-ratio, validity weights, clamped log-ratio and the per-token diagnostics."""
+    """Log-ratio, validity weights, clamped log-ratio and the per-token diagnostics.
+
+    The log-ratio (float32 at least) is widened to float64 where float32 could overflow
+    (``clamp`` above 30, e.g. no clamp: ``exp`` overflows float32 above 88.7 and float32 squares
+    of ``l e**l`` above ~44); the extreme count is of valid, finite tokens with ``|l| > threshold``.
+    """
     lr = est.log_ratio(logp, ref)
+    if clamp > FLOAT32_CLAMP:
+        lr = lr.double()
     finite = torch.isfinite(lr)
     valid = mask if mask is not None else torch.ones_like(finite)
     good = valid & finite
@@ -109,18 +132,18 @@ def _prepare(
     lc = lz.clamp(-clamp, clamp)
     w = good.to(lr.dtype)
     nonfinite = (valid & ~finite).sum(-1, dtype=torch.float64)
-    clamped = (lz.abs() > clamp).sum(-1, dtype=torch.float64)
+    extreme = (lz.abs() > threshold).sum(-1, dtype=torch.float64)
     max_abs = lz.abs().amax(-1).to(torch.float64) if lz.numel() else lz.new_zeros(lz.shape[:-1])
-    diag = torch.stack([w.sum(-1, dtype=torch.float64), nonfinite, clamped, max_abs.double()], -1)
+    diag = torch.stack([w.sum(-1, dtype=torch.float64), nonfinite, extreme, max_abs.double()], -1)
     return lc, w, good, diag
 
 
-def token_chunk(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
+def token_chunk(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, threshold: float) -> Tensor:
     """Moments vector over the valid tokens of one flat chunk, in one torch expression.
 
     Written so ``torch.compile`` can fuse it into a single pass (``backend="compile"``).
     """
-    lc, w, _, diag = _prepare(logp, ref, mask, clamp)
+    lc, w, _, diag = _prepare(logp, ref, mask, clamp, threshold)
     # Shifts: the quantities' mean over a few evenly spread valid tokens, so the sums of
     # squares below stay well conditioned when the mean dwarfs the spread.
     stride = max(1, logp.shape[0] // _SAMPLE)
@@ -141,7 +164,6 @@ def token_chunk(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) ->
 # float32 tokens (36 MB with a bool mask) go in five chunks, with temporaries below half the
 # inputs and under 200 aten ops per update (benchmarks/bench_eager_ops.py).
 _EAGER_CHUNK = 819_200
-_FLOAT32_CLAMP = 30.0
 # The Taylor branch (|l| < 0.1): k3 = l**2 / 2 + T and k2 - k3 = -T with T = l**3 H(l),
 # H = 1/6 + l/24 + l**2/120 + l**3/720 (+ l**4/5040 in float64; in float32 that term is below
 # 2 ulp of T and 1e-8 of k3 on the branch).
@@ -153,7 +175,7 @@ _H64 = est.K3_SERIES[1:]
 # factor.
 _ROW_MAP = ((5, -1.0), (1, 0.5), (4, 1.0), (2, -1.0), (3, 1.0), (0, -1.0))
 # Each chunk leaves a row of 23 numbers ("stats row"): min and max of its log-ratios (invalid
-# ones read 0); the counts [valid, clamped, valid and finite]; var and mean of group A's rows;
+# ones read 0); the counts [valid, extreme, valid and finite]; var and mean of group A's rows;
 # var and mean of group B's rows (of the shifted values); 6 zeros. The shift has a row of its
 # own: 17 zeros, then the shifts of group A's and group B's rows.
 _STATS = 23
@@ -165,15 +187,15 @@ _consts_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, ...]] = {}
 
 
 def _consts(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """Constants of the eager path, made once per device and dtype.
+    """Constants of the eager path, made once per device and dtype (``spread_nz``: where ``spread`` is not 0).
 
     Made on the device by fills (no host-to-device copy, which would synchronise): zero and
     the Horner coefficients (0-d), zero pads of the stats rows, and float64 maps. ``spread``
     [21, 46] takes the column sums of ``[table, table**2]`` (chunk rows and shift row) to
     ``[S1 / size, S2 / size, counts, shift]``: the shifted sums of the six quantities (per
-    chunk length), the counts ``[valid, clamped, finite]`` and the shifts, in QUANTITIES
+    chunk length), the counts ``[valid, extreme, finite]`` and the shifts, in QUANTITIES
     order. ``last`` marks the columns a shorter last chunk scales. ``to_diag`` [3, 3] takes
-    the counts to ``[tokens, nonfinite, clamped]``; ``to_q`` [6, 6] takes the rows' order to
+    the counts to ``[tokens, nonfinite, extreme]``; ``to_q`` [6, 6] takes the rows' order to
     QUANTITIES order (signs and the 1/2 of k2 included).
     """
     key = (device, dtype)
@@ -198,7 +220,8 @@ def _consts(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
         for j, (row, f) in enumerate(_ROW_MAP):
             to_q[j, row] = f
         pads = (torch.zeros(6, 1, dtype=dtype, device=device), torch.zeros(17, 1, dtype=dtype, device=device))
-        _consts_cache[key] = (*consts, *pads, spread, last, to_diag, to_q)
+        spread_nz = (spread != 0).double()
+        _consts_cache[key] = (*consts, *pads, spread, last, to_diag, to_q, spread_nz)
     return _consts_cache[key]
 
 
@@ -229,6 +252,7 @@ def _chunk_rows(
     rp: Tensor,
     valid: Tensor | None,
     clamp: float,
+    threshold: float,
     k: _Consts,
     stats: list[Tensor],
     dim: int | tuple[int, ...],
@@ -238,29 +262,37 @@ def _chunk_rows(
     Afterwards ``y = k3 - k2``, ``x = l**2``, ``em1 = r - 1``, ``k3`` and ``lr = l``, all 0
     where the token is invalid; returns ``good`` (valid and finite). ``stats`` gets the min
     and max of the log-ratio (``x_2d``'s reduction over ``dim``) and the sums over ``dim`` of
-    the count rows ``[valid, clamped, good]`` (exact float sums below 2**24 per chunk).
+    the count rows ``[valid, extreme, good]`` (exact float sums below 2**24 per chunk).
     """
     y, x, em1, k3, lr, _, _, count_rows, x_2d = rows
     # x: the log-ratio in float32 at least (estimators.log_ratio), then 0 where invalid.
-    if k.direct:
+    if k.direct:  # float32 (float64) inputs: l in float32 (float64), written to the rows
         torch.sub(rp, lp, out=x)
-    elif k.dtype == k.ratio_dtype:  # e.g. bf16: upcast, then subtract
+    else:  # bf16, fp16 or mixed: upcast, then subtract in the rows' dtype (no copies)
         x.copy_(rp)
         x.sub_(lp)
-    else:  # bf16 or mixed inputs, float64 rows (clamp > 30): a float32 copy of each
-        torch.sub(rp.float(), lp.float(), out=x)
     good = torch.lt(torch.abs(x, out=y), math.inf)  # finite
     if valid is not None:
         y.copy_(valid)
         good.logical_and_(valid)
     else:
         y.fill_(1.0)
-    torch.where(good, x, k.zero, out=x)
-    stats += torch.aminmax(x_2d, dim=1, keepdim=True)
-    torch.clamp(x, -clamp, clamp, out=lr)  # l
-    torch.ne(x, lr, out=x)
+    if math.isinf(clamp):  # no clamp (the default): l as it is
+        torch.where(good, x, k.zero, out=lr)
+        torch.abs(lr, out=x)
+        stats += torch.aminmax(x_2d, dim=1, keepdim=True)  # of |l|: the max is max |l|
+        torch.gt(x, threshold, out=x)  # extreme: |l| > threshold
+    else:
+        torch.where(good, x, k.zero, out=x)
+        stats += torch.aminmax(x_2d, dim=1, keepdim=True)
+        torch.clamp(x, -clamp, clamp, out=lr)  # l
+        if threshold == clamp:
+            torch.ne(x, lr, out=x)  # clamped = extreme
+        else:
+            torch.abs(x, out=x)
+            torch.gt(x, threshold, out=x)  # extreme: |l| > threshold
     em1.copy_(good)
-    stats.append(count_rows.sum(dim, keepdim=True))  # [valid, clamped, good]
+    stats.append(count_rows.sum(dim, keepdim=True))  # [valid, extreme, good]
     torch.mul(lr, lr, out=x)  # l**2
     large = torch.ge(x, est.TAYLOR_BELOW**2)  # |l| >= 0.1: off the Taylor branch
     # y = T = l**3 H(l) (Horner's rule), k3 - k2 on the Taylor branch
@@ -279,7 +311,9 @@ def _chunk_rows(
     return good
 
 
-def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
+def token_fold_torch(
+    acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, threshold: float
+) -> Tensor:
     """``acc`` merged with the moments of the valid tokens of flat tensors, in eager torch ops.
 
     Lean in ops and memory, for GPUs without the fused kernel: the input goes in chunks of at
@@ -291,15 +325,18 @@ def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None
     taken off the valid entries, so the reductions see deviations (0 for invalid entries):
     float32 reductions keep the precision of the mean and variance when the mean dwarfs the
     spread. No host sync, no host-to-device copy.
+
+    ``clamp`` may be ``math.inf`` (no clamp); above 30 the rows are float64 (exact values to
+    |l| = 700); ``threshold``: tokens with ``|l|`` above it are counted as extreme.
     """
     n = logp.numel()
     if n == 0:
         return acc
-    # float64 rows for float64 inputs, and above a clamp of 30, where float32 squares of
-    # l e**l (the variances) overflow.
+    # float64 rows for float64 inputs, and above a clamp of 30 (no clamp, by default), where
+    # float32's exp and squares of l e**l (the variances) overflow.
     ratio_dtype = torch.float64 if torch.float64 in (logp.dtype, ref.dtype) else torch.float32
-    dtype = torch.float64 if clamp > _FLOAT32_CLAMP else ratio_dtype
-    zero, *h, pad6, pad17, spread, last_cols, to_diag, _ = _consts(logp.device, dtype)
+    dtype = torch.float64 if clamp > FLOAT32_CLAMP else ratio_dtype
+    zero, *h, pad6, pad17, spread, last_cols, to_diag, _, spread_nz = _consts(logp.device, dtype)
     top = (_H64 if dtype == torch.float64 else _H32)[-1]  # the last coefficient, a Python float
     k = -(-n // _EAGER_CHUNK)
     size = -(-n // k)  # balanced chunks: k - 1 of this size, the last at most this long
@@ -319,7 +356,7 @@ def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None
         lp, rp, valid = lps[c], rps[c], masks[c]
         rows = work if lp.shape[0] == size else _workspace(space.narrow(1, 0, lp.shape[0]))
         y, x, em1, k3, lr, group_a, group_b, count_rows, x_2d = rows
-        good = _chunk_rows(rows, lp, rp, valid, clamp, consts, stats, (1,))
+        good = _chunk_rows(rows, lp, rp, valid, clamp, threshold, consts, stats, (1,))
         # Group A = [k3 - k2, l**2], then -kl_pq takes the place of l**2 and group B =
         # [-kl_pq, r - 1, k3, l]: each is 0 at invalid entries, and loses the shift at valid ones.
         if c == 0:
@@ -339,9 +376,25 @@ def token_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None
     both = torch.cat([table, table * table], 1)
     if lps[-1].shape[0] != size:  # the shorter last chunk's sums weigh less
         both[k - 1].addcmul_(both[k - 1], last_cols, value=lps[-1].shape[0] / size - 1.0)
-    s1, s2, counts, shift = torch.mv(spread, both.sum(0)).split([NQ, NQ, 3, NQ])
+    # float64 rows (no clamp) can overflow float64 (tokens of l in the hundreds); float32 rows
+    # hold values below e**30 and need no guard.
+    guard = dtype == torch.float64
+    cols = both.sum(0)
+    sums = _spread(spread, spread_nz, cols) if guard else torch.mv(spread, cols)
+    s1, s2, counts, shift = sums.split([NQ, NQ, 3, NQ])
     max_abs = torch.linalg.vector_norm(table[:, :2], math.inf)
-    return _fold_shifted(acc, shift, s1, s2, float(size), counts, max_abs, to_diag)
+    return _fold_shifted(acc, shift, s1, s2, float(size), counts, max_abs, to_diag, guard)
+
+
+def _spread(spread: Tensor, spread_nz: Tensor, cols: Tensor) -> Tensor:
+    """``spread @ cols``, with ``inf`` (not the NaN of ``0 * inf``) where an overflowed column is used.
+
+    Float64 sums overflow only for tokens of ``l`` in the hundreds (``(r - 1)**2`` beyond
+    1e308): the entries that read such a column are ``inf``, the others stay exact.
+    """
+    big = torch.isinf(cols)
+    out = torch.mv(spread, cols.masked_fill(big, 0.0))
+    return out.masked_fill(torch.mv(spread_nz, big.double()) > 0, math.inf)
 
 
 def _fold_shifted(
@@ -353,27 +406,31 @@ def _fold_shifted(
     counts: Tensor,
     max_abs: Tensor,
     to_diag: Tensor,
+    guard: bool = True,
 ) -> Tensor:
     """Merge a batch's shifted sums ``scale * s1``, ``scale * s2`` (float64) into ``acc``.
 
-    ``counts``: the batch's ``[valid, clamped, finite]`` token counts. The accumulator's own
+    ``counts``: the batch's ``[valid, extreme, finite]`` token counts. The accumulator's own
     sums about the same shift are ``n (mean - shift)`` and ``M2 + n (mean - shift)**2``;
     adding them and taking the moments back is exact, and float64 keeps it precise unless the
-    window's mean is ~1e6 spreads away from the shift.
+    window's mean is ~1e6 spreads away from the shift. ``guard``: report an overflowed S2 as
+    ``inf`` (see :func:`_m2`); not needed when nothing can overflow.
     """
     n_a, mean_a, m2_a, diag_a, max_a = acc.split([1, NQ, NQ, 3, 1])
     d_a = mean_a - shift
     t = n_a * d_a
     s1 = torch.add(t, s1, alpha=scale)
     s2 = torch.add(m2_a, s2, alpha=scale).addcmul_(t, d_a)
-    diag = torch.addmv(diag_a, to_diag, counts)  # tokens, nonfinite, clamped
+    diag = torch.addmv(diag_a, to_diag, counts)  # tokens, nonfinite, extreme
     total = diag[:1]  # at token level the count is the token count
     q = s1 / total.clamp_min(1.0)
-    m2 = torch.addcmul(s2, s1, q, value=-1.0).clamp_min_(0.0)
+    m2 = _m2(s2, s1, q) if guard else torch.addcmul(s2, s1, q, value=-1.0).clamp_min_(0.0)
     return torch.cat([total, shift + q, m2, diag, torch.maximum(max_a, max_abs)])
 
 
-def sequence_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
+def sequence_fold_torch(
+    acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, threshold: float
+) -> Tensor:
     """``acc`` merged with the moments over the sequences (rows) of ``[B, T]`` inputs, eagerly.
 
     As :func:`token_fold_torch`, in blocks of whole rows through one workspace: each row's six
@@ -385,8 +442,8 @@ def sequence_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | N
     if logp.numel() == 0:
         return acc
     ratio_dtype = torch.float64 if torch.float64 in (logp.dtype, ref.dtype) else torch.float32
-    dtype = torch.float64 if clamp > _FLOAT32_CLAMP else ratio_dtype
-    zero, *h, _, _, _, _, to_diag, to_q = _consts(logp.device, dtype)
+    dtype = torch.float64 if clamp > FLOAT32_CLAMP else ratio_dtype
+    zero, *h, _, _, _, _, to_diag, to_q, _ = _consts(logp.device, dtype)
     top = (_H64 if dtype == torch.float64 else _H32)[-1]
     k = -(-rows_total // max(1, _EAGER_CHUNK // length))
     block = -(-rows_total // k)  # rows per block; the last may have fewer
@@ -407,7 +464,7 @@ def sequence_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | N
         lp, rp, valid = lps[c], rps[c], masks[c]
         rows = work if lp.shape[0] == block else _seq_workspace(space.narrow(1, 0, lp.shape[0]))
         _, x, em1, k3, lr, group_a, group_b, _, _ = rows
-        good = _chunk_rows(rows, lp, rp, valid, clamp, consts, stats, -1)
+        good = _chunk_rows(rows, lp, rp, valid, clamp, threshold, consts, stats, -1)
         if c == 0:  # the shift: the quantities' mean over the first block's valid tokens
             count0 = stats[2][2].sum().clamp_min(1.0)
             shift_a = group_a.sum((1, 2), keepdim=True) / count0
@@ -419,7 +476,7 @@ def sequence_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | N
         group_b.addcmul_(good, shift_b, value=-1.0)
         sums_b.append(group_b.sum(-1))
         del good
-    counts = torch.cat(stats[2::3], 1).view(3, rows_total).double()  # valid, clamped, good per row
+    counts = torch.cat(stats[2::3], 1).view(3, rows_total).double()  # valid, extreme, good per row
     shift = torch.cat([shift_a, shift_b]).view(NQ, 1).double()
     per_row = torch.cat([torch.cat(sums_a, 1), torch.cat(sums_b, 1)]).double()  # [6, B] minus shift
     per_row = to_q @ per_row.addcmul_(shift, counts[2:3])  # each row's sums, QUANTITIES order
@@ -435,7 +492,7 @@ def sequence_fold_torch(acc: Tensor, logp: Tensor, ref: Tensor, mask: Tensor | N
     frac = count / total.clamp_min(1.0)
     delta = mean - mean_a
     new_mean = torch.addcmul(mean_a, delta, frac)
-    new_m2 = (m2_a + m2).addcmul_(delta * delta, n_a * frac)
+    new_m2 = (m2_a + m2).addcmul_(delta, delta * (n_a * frac))  # 0, not NaN, when acc is empty
     diag = torch.addmv(diag_a, to_diag, counts.sum(1))
     return torch.cat([total, new_mean, new_m2, diag, torch.maximum(max_a, max_abs)])
 
@@ -445,15 +502,17 @@ def _seq_workspace(q: Tensor) -> tuple[Tensor, ...]:
     return (*q.unbind(0), q[0:2], q[1:5], q[0:3], q[1:2].view(1, -1))
 
 
-def token_moments_torch(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
+def token_moments_torch(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, threshold: float) -> Tensor:
     """Moments vector over the valid tokens of flat tensors, in eager torch ops."""
-    return token_fold_torch(empty(logp.device), logp, ref, mask, clamp)
+    return token_fold_torch(empty(logp.device), logp, ref, mask, clamp, threshold)
 
 
 _compiled: Any = None
 
 
-def token_moments_compiled(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
+def token_moments_compiled(
+    logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, threshold: float
+) -> Tensor:
     """:func:`token_chunk` through ``torch.compile``: one fused pass on GPU.
 
     Dynamic shapes: compiled once per dtype, device and mask-or-not, not per batch size.
@@ -462,21 +521,21 @@ def token_moments_compiled(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp
     if _compiled is None:
         _compiled = torch.compile(token_chunk, dynamic=True)
     if logp.numel() == 0:
-        return token_chunk(logp, ref, mask, clamp)
+        return token_chunk(logp, ref, mask, clamp, threshold)
     # detach() drops the view's link to its base (the caller flattens [B, T] inputs): dynamo
     # would otherwise guard on the base's shape and recompile when B becomes 1.
     flat_mask = mask.detach() if mask is not None else None
-    result: Tensor = _compiled(logp.detach(), ref.detach(), flat_mask, clamp)
+    result: Tensor = _compiled(logp.detach(), ref.detach(), flat_mask, clamp, threshold)
     return result
 
 
-def sequence_moments(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float) -> Tensor:
+def sequence_moments(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, threshold: float) -> Tensor:
     """Moments vector over sequences of ``[B, T]`` inputs.
 
     Each row's quantities are summed over its valid tokens; a row with no valid token is not a
-    sample. The diagnostics (tokens, nonfinite, clamped, max) still count tokens.
+    sample. The diagnostics (tokens, nonfinite, extreme, max) still count tokens.
     """
-    lc, w, good, diag = _prepare(logp, ref, mask, clamp)
+    lc, w, good, diag = _prepare(logp, ref, mask, clamp, threshold)
     per_seq = torch.stack([(q * w).double().sum(-1) for q in quantities(lc)], -1)  # [B, 6]
     has = (good.sum(-1) > 0).double()  # [B]
     count = has.sum()

@@ -1,9 +1,10 @@
 """An independent float64 reference for the moments vector of a token-level window.
 
 Written from the definitions (ESTIMATORS.md) with numpy in float64, not from klmonitor's code:
-the six quantities of each clamped, finite, valid log-ratio (Taylor series near 0, where
-expm1(l) - l would cancel even in float64), then their count, mean and M2, and the token
-diagnostics, in the layout of ``klmonitor._moments``.
+the six quantities of each finite, valid log-ratio, clamped only when a clamp is given (Taylor
+series near 0, where expm1(l) - l would cancel even in float64), then their count, mean and M2,
+and the token diagnostics, in the layout of ``klmonitor._moments``. The log-ratio is klmonitor's:
+the float32 difference of the inputs (float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -42,23 +43,34 @@ def log_ratio(logp: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
     return (ref.to(dtype) - logp.to(dtype)).double().reshape(-1).numpy()
 
 
+def _limits(clamp: float | None, extreme: float) -> tuple[float, float]:
+    """(clamp as a number, the extreme-count threshold)."""
+    c = math.inf if clamp is None else clamp
+    return c, min(extreme, c)
+
+
 def moments(
-    logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None, clamp: float = 20.0
+    logp: torch.Tensor,
+    ref: torch.Tensor,
+    mask: torch.Tensor | None,
+    clamp: float | None = None,
+    extreme: float = 20.0,
 ) -> np.ndarray:
-    """The 17-float moments vector (count, 6 means, 6 M2, tokens, nonfinite, clamped, max|l|)."""
+    """The 17-float moments vector (count, 6 means, 6 M2, tokens, nonfinite, extreme, max|l|)."""
+    c, thr = _limits(clamp, extreme)
     lr = log_ratio(logp, ref)
     valid = np.ones(lr.shape, bool) if mask is None else mask.reshape(-1).numpy() != 0
     finite = np.isfinite(lr)
     good = valid & finite
     lz = lr[good]
-    q = quantities(np.clip(lz, -clamp, clamp))
+    q = quantities(np.clip(lz, -c, c))
     n = len(lz)
     mean = q.mean(0) if n else np.zeros(6)
     m2 = ((q - mean) ** 2).sum(0) if n else np.zeros(6)
     diag = [
         n,
         int((valid & ~finite).sum()),
-        int((np.abs(lz) > clamp).sum()),
+        int((np.abs(lz) > thr).sum()),
         float(np.abs(lz).max()) if n else 0.0,
     ]
     return np.concatenate([[n], mean, m2, diag])
@@ -71,7 +83,7 @@ def assert_moments_close(
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     n = want[0]  # samples: tokens, or sequences
     assert got[0] == n, f"count {got[0]} != {n}"
-    assert list(got[13:16]) == list(want[13:16]), f"tokens/nonfinite/clamped {got[13:16]} != {want[13:16]}"
+    assert list(got[13:16]) == list(want[13:16]), f"tokens/nonfinite/extreme {got[13:16]} != {want[13:16]}"
     assert got[16] == want[16] or abs(got[16] - want[16]) <= 1e-6 * abs(want[16]), (
         f"max {got[16]} != {want[16]}"
     )
@@ -88,10 +100,15 @@ def assert_moments_close(
 
 
 def sequence_moments(
-    logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None, clamp: float = 20.0
+    logp: torch.Tensor,
+    ref: torch.Tensor,
+    mask: torch.Tensor | None,
+    clamp: float | None = None,
+    extreme: float = 20.0,
 ) -> np.ndarray:
     """The moments vector over the rows of ``[B, T]`` inputs: each row's quantities summed over
     its valid, finite tokens; rows without one are not samples; diagnostics count tokens."""
+    c, thr = _limits(clamp, extreme)
     rows, length = logp.shape
     lr = log_ratio(logp, ref).reshape(rows, length)
     valid = np.ones(lr.shape, bool) if mask is None else mask.numpy() != 0
@@ -101,12 +118,12 @@ def sequence_moments(
         lz = lr[i][good[i]]
         tokens += len(lz)
         if len(lz):
-            sums.append(quantities(np.clip(lz, -clamp, clamp)).sum(0))
+            sums.append(quantities(np.clip(lz, -c, c)).sum(0))
     q = np.array(sums).reshape(-1, 6)
     n = len(q)
     mean = q.mean(0) if n else np.zeros(6)
     m2 = ((q - mean) ** 2).sum(0) if n else np.zeros(6)
     lz = lr[good]
     nonfinite = int((valid & ~np.isfinite(lr)).sum())
-    diag = [tokens, nonfinite, int((np.abs(lz) > clamp).sum()), float(np.abs(lz).max()) if len(lz) else 0.0]
+    diag = [tokens, nonfinite, int((np.abs(lz) > thr).sum()), float(np.abs(lz).max()) if len(lz) else 0.0]
     return np.concatenate([[n], mean, m2, diag])
