@@ -41,7 +41,7 @@ class LightningAdapter:
     Logged metrics (``prefix`` defaults to ``kl/``; see :meth:`KLSummary.to_dict`):
     ``{k1,k2,k3,kl_pq}/{mean,std,var,stderr,rel_std}``, ``drift_k2_k3``, ``drift_z``,
     ``r_minus_1/{mean,stderr,z}``, ``ess_fraction``, ``tokens`` (and ``sequences`` at
-    sequence level), ``nonfinite``, ``clamped``, ``max_abs_log_ratio``. TensorBoard also gets
+    sequence level), ``nonfinite``, ``extreme``, ``max_abs_log_ratio``. TensorBoard also gets
     ``band/{k1,k3}_{lower,upper}``, a custom-scalars layout, a histogram ``log_ratio`` and
     alerts as text under ``alerts``; W&B gets the histogram and ``run.alert``.
 
@@ -70,7 +70,10 @@ class LightningAdapter:
         histogram_samples: log-ratios kept per window for the histogram.
         progress_bar: show the KL estimate (``k3`` mean) in Lightning's progress bar.
         strict: raise on bad input instead of warning once and skipping the step.
-        clamp: log-ratio clamp of :class:`~klmonitor.KLStats` (clamped tokens are counted).
+        clamp: ``None`` (default): exact values, no clamp; a number clamps log-ratios to
+            ``[-clamp, clamp]`` as peers do (biased; see :class:`~klmonitor.KLStats`).
+        extreme: tokens with ``|log-ratio|`` above this many nats (default 20) are counted in
+            ``kl/extreme`` and fire the ``extreme`` rule; their values still count exactly.
         alert_history_size: alerts kept in ``alert_history`` (oldest dropped first).
         wandb_alert_wait_s: W&B's minimum seconds between two alerts with the same title.
         by_position, position_buckets, top_sequences, top_sequences_max_len, top_tokens,
@@ -96,7 +99,8 @@ class LightningAdapter:
         histogram_samples: int = 4096,
         progress_bar: bool = True,
         strict: bool = False,
-        clamp: float = 20.0,
+        clamp: float | None = None,
+        extreme: float = 20.0,
         alert_history_size: int = 1000,
         wandb_alert_wait_s: float = 300.0,
         by_position: bool = False,
@@ -136,6 +140,7 @@ class LightningAdapter:
             histogram_samples=histogram_samples,
             strict=strict,
             clamp=clamp,
+            extreme=extreme,
             alert_history_size=alert_history_size,
             wandb_alert_wait_s=wandb_alert_wait_s,
             by_position=by_position,

@@ -18,7 +18,7 @@ name                   fires when                                       threshol
                        deviations above its recent running mean
 ``nonfinite``          NaN/inf log-ratios (and mask values other than 0  0          error
                        or 1) counted ``> threshold``
-``clamped``            clamped log-ratios counted ``> threshold``        0          warn
+``extreme``            tokens with |l| > ``extreme`` counted ``> thr.``  0          warn
 ``sampling_mismatch``  the mean of ``r`` is off 1 by ``> threshold``     5          warn
                        standard errors (low side: also beyond what the
                        tail past the window's largest ``r`` can hide),
@@ -50,8 +50,8 @@ __all__ = [
     "Alert",
     "AlertEngine",
     "AlertLevel",
-    "ClampedRule",
     "DriftRule",
+    "ExtremeRule",
     "InitialKLRule",
     "KLBudgetRule",
     "NonFiniteRule",
@@ -557,7 +557,7 @@ class SpikeRule(Rule):
     def _baseline(self) -> tuple[float, float]:
         n = len(self._history)
         mean = math.fsum(self._history) / n
-        var = math.fsum((x - mean) ** 2 for x in self._history) / (n - 1)
+        var = math.fsum((x - mean) * (x - mean) for x in self._history) / (n - 1)  # inf, not OverflowError
         scale = max(math.sqrt(var), self.rel_floor * abs(mean), self.abs_floor)
         return mean, scale
 
@@ -662,34 +662,44 @@ class NonFiniteRule(_TokenCountRule):
         )
 
 
-class ClampedRule(_TokenCountRule):
-    """Tokens whose |log-ratio| exceeded ``KLStats(clamp=...)`` and were clamped.
+class ExtremeRule(_TokenCountRule):
+    """Tokens whose |log-ratio| exceeded ``KLStats(extreme=...)`` (20 nats by default).
+
+    Such a token is one that policy and reference disagree on by a factor of e^20 (5e8) or
+    more: the mark of a policy collapsing onto text the reference finds nearly impossible, or
+    of a scoring bug. By default the estimates include it with its exact value (no clamp);
+    this rule keeps it from passing unnoticed.
 
     Args:
-        threshold: fires when more than this many tokens were clamped in a window.
+        threshold: fires when more than this many tokens were extreme in a window.
         patience, cooldown, level (default warn), stop_training, name: as in :class:`Rule`.
 
     >>> import torch; from klmonitor import KLStats
-    >>> s = KLStats(clamp=20.0); s.update(torch.zeros(2), torch.tensor([0.0, -50.0]))
-    >>> "50" in ClampedRule().evaluate(s.compute(), step=2).message
+    >>> s = KLStats(); s.update(torch.zeros(2), torch.tensor([0.0, -50.0]))
+    >>> "50" in ExtremeRule().evaluate(s.compute(), step=2).message
     True
     """
 
-    name = "clamped"
+    name = "extreme"
 
     def measure(self, summary: KLSummary) -> float | None:
-        """The number of clamped tokens."""
-        return float(summary.clamped)
+        """The number of extreme tokens."""
+        return float(summary.extreme)
 
     def message(self, value: float, summary: KLSummary) -> str:
-        """Say how many tokens, how extreme, and what it means for the estimates."""
+        """Say how many tokens, how extreme, what the estimates did with them, and the causes."""
         m = summary.max_abs_log_ratio
         return (
-            f"{int(value)} of {summary.tokens} tokens had |log p - log q| above the clamp and were "
-            f"clamped (largest: max_abs_log_ratio = {_fmt(m)} nats, a probability ratio of "
-            f"e^{_fmt(m)}), so the KL estimates of this window are too small. Policy and reference "
-            "disagree massively on some tokens: check that both score the same tokens with the same "
-            "tokenizer and inputs; raise KLStats(clamp=...) if such ratios are genuine."
+            f"{int(value)} of {summary.tokens} tokens had |log p - log q| above the extreme "
+            f"threshold (KLStats(extreme=...), 20 nats by default; largest: max_abs_log_ratio = "
+            f"{_fmt(m)} nats, a probability ratio of e^{_fmt(m)}). Without a clamp (the default) "
+            "they count in the KL estimates with their exact values, which such tokens can "
+            "dominate; with clamp=... set they were clamped and the estimates are too small. "
+            "Policy and reference disagree massively on these tokens: either the policy now emits "
+            "text the reference finds nearly impossible (reward hacking, collapse; see the top "
+            "sequences), or both do not score the same tokens (tokenizer, inputs, a one-token "
+            "shift, masked logits of -1e9 scored as tokens). Raise extreme=... if such ratios are "
+            "expected."
         )
 
 
@@ -1162,13 +1172,13 @@ def default_rules(max_kl: float | None = None) -> list[Rule]:
         max_kl: when given, adds a :class:`KLBudgetRule` with this budget on the k3 mean.
 
     >>> [r.name for r in default_rules(max_kl=0.1)]
-    ['drift', 'spike', 'nonfinite', 'clamped', 'sampling_mismatch', 'initial_kl', 'rollout_mismatch', 'kl_budget']
+    ['drift', 'spike', 'nonfinite', 'extreme', 'sampling_mismatch', 'initial_kl', 'rollout_mismatch', 'kl_budget']
     """
     rules: list[Rule] = [
         DriftRule(),
         SpikeRule(),
         NonFiniteRule(),
-        ClampedRule(),
+        ExtremeRule(),
         SamplingMismatchRule(),
         InitialKLRule(),
         RolloutMismatchRule(),

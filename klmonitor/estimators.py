@@ -19,8 +19,9 @@ keeps float64 inputs in float64. ``k3`` and ``kl_pq`` cancel catastrophically ne
 ``l = 0``, the normal regime of RL fine-tuning, so for ``|l| < 0.1`` they are evaluated with a
 Taylor series (``sum_{n>=2} l**n / n!`` and ``sum_{n>=2} (n - 1) l**n / n!``), which keeps full
 relative precision down to the smallest ``|l|``. ``exp(l)`` overflows float32 above ``l ~ 88``:
-these functions do not clamp (a monitor must not hide that); :class:`klmonitor.KLStats`
-clamps and counts.
+these functions compute in their input's dtype and do not clamp (pass float64 for ``l`` up to
+~700); :class:`klmonitor.KLStats` widens to float64 itself where float32 would overflow, and
+counts the tokens with a large ``|l|`` (``kl/extreme``).
 """
 
 from __future__ import annotations

@@ -102,7 +102,10 @@ class Monitor:
             device, filled with a contiguous run at a random offset of each batch).
         strict: raise :class:`KLMonitorInputError` on bad input or state instead of warning
             once per kind of problem and skipping it.
-        clamp: log-ratio clamp of :class:`~klmonitor.KLStats` (clamped tokens are counted).
+        clamp: ``None`` (default): exact values, no clamp; a number clamps log-ratios to
+            ``[-clamp, clamp]`` as peers do (biased; see :class:`~klmonitor.KLStats`).
+        extreme: tokens with ``|log-ratio|`` above this many nats (default 20) are counted in
+            ``kl/extreme`` and fire the ``extreme`` rule; their values still count exactly.
         backend: :class:`~klmonitor.KLStats`' backend.
         alert_history_size: alerts kept in :attr:`alert_history` (oldest dropped first).
         wandb_alert_wait_s: W&B's minimum seconds between two alerts with the same title.
@@ -155,7 +158,8 @@ class Monitor:
         histogram: bool = True,
         histogram_samples: int = 4096,
         strict: bool = False,
-        clamp: float = 20.0,
+        clamp: float | None = None,
+        extreme: float = 20.0,
         backend: Literal["auto", "torch", "native", "triton", "compile"] = "auto",
         alert_history_size: int = 1000,
         wandb_alert_wait_s: float = 300.0,
@@ -194,11 +198,13 @@ class Monitor:
         if unknown:
             raise ValueError(f"stop_on names unknown rules {unknown}; the rules are {sorted(names)}")
         self.stop_on = tuple(stop_on)
-        # Validates level, clamp and backend with KLStats' own messages.
-        self.stats = KLStats(level=level, clamp=clamp, backend=backend, sync_on_compute=False)
+        # Validates level, clamp, extreme and backend with KLStats' own messages.
+        self.stats = KLStats(level=level, clamp=clamp, extreme=extreme, backend=backend, sync_on_compute=False)
         self.level: Level = level
         # The rollout engine as the sampler, the trainer as the reference: KL(rollout || trainer).
-        self.rollout_stats = KLStats(level="token", clamp=clamp, backend=backend, sync_on_compute=False)
+        self.rollout_stats = KLStats(
+            level="token", clamp=clamp, extreme=extreme, backend=backend, sync_on_compute=False
+        )
         self._ratio = RatioRange()
         self.positions = (
             PositionProfile(check_int(position_buckets, "position_buckets", low=2))
@@ -424,9 +430,12 @@ class Monitor:
             pick = slice(start, start + stride * self.position_rows, stride)
             logp, ref = logp[pick], ref[pick]
             valid = valid[pick] if valid is not None else None
+        clamp = self.stats._clamp
+        # float64 where float32's exp could overflow (no clamp, by default): exact k3 to |l| = 700
         lr = est.log_ratio(logp, ref)
+        lr = lr.double() if clamp > mom.FLOAT32_CLAMP else lr
         ok = torch.isfinite(lr) if valid is None else torch.isfinite(lr) & valid
-        lz = torch.where(ok, lr, 0.0).clamp(-self.stats.clamp, self.stats.clamp)
+        lz = torch.where(ok, lr, 0.0).clamp(-clamp, clamp)
         k3 = torch.where(ok, est.k3(lz), 0.0)
         if rows and self.positions is not None:
             self.positions.update(k3, ok)

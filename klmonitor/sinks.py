@@ -179,7 +179,7 @@ class TensorBoardSink(LoggerSink):
                 "k1 mean ± std": ["Margin", [m("k1/mean"), m("band/k1_lower"), m("band/k1_upper")]],
                 "k2 vs k3 drift": ["Multiline", [m("drift_k2_k3")]],
                 "sampling check: r - 1 in standard errors": ["Multiline", [m("r_minus_1/z")]],
-                "bad tokens": ["Multiline", [m("nonfinite"), m("clamped")]],
+                "bad tokens": ["Multiline", [m("nonfinite"), m("extreme")]],
                 "k3 by position in the sequence (bucket of token indices)": [
                     "Multiline",
                     [re.escape(m("by_position/")) + r"[^/]+/k3$"],

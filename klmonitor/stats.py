@@ -8,6 +8,7 @@ returns a :class:`KLSummary` of plain Python numbers.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -58,11 +59,17 @@ class KLStats(Metric):
     Args:
         level: ``"token"`` pools all valid tokens; ``"sequence"`` sums each sequence's token
             values (inputs must be ``[B, T]``) and takes statistics over sequences.
-        clamp: log-ratios are clamped to ``[-clamp, clamp]`` before the estimators (``exp``
-            overflows float32 above 88); clamped tokens are counted in ``summary.clamped``.
+        clamp: ``None`` (the default): no clamp, every finite log-ratio counts with its exact
+            value (float64 wherever float32 would overflow: ``exp`` above 88.7, squares of
+            ``l e**l`` above ~44), exact to 1e-4 up to ``|l| = 700``. A number clamps
+            log-ratios to ``[-clamp, clamp]`` before the estimators, as peers do (biased: a
+            token at ``l = -30`` clamped to -20 loses a third of its k3).
+        extreme: tokens whose ``|log-ratio|`` exceeds this (default 20: a probability ratio of
+            5e8) are counted in ``summary.extreme`` (with a clamp below it, every clamped token
+            is counted); they keep their exact values in the estimates.
         backend: ``"auto"`` uses the fused CPU kernel for float32/bf16/fp16 CPU tensors when it
             was built at install time, the fused Triton kernel for float32/bf16/fp16 CUDA tensors
-            (clamp at most 30) when Triton is installed, and plain torch otherwise; ``"torch"``
+            when Triton is installed, and plain torch otherwise; ``"torch"``
             forces plain torch; ``"native"`` requires the fused kernel for CPU inputs;
             ``"triton"`` requires Triton and uses its kernel wherever it runs (CUDA; CPU
             tensors under ``TRITON_INTERPRET=1``); ``"compile"`` runs the torch path through
@@ -87,7 +94,8 @@ class KLStats(Metric):
     def __init__(
         self,
         level: Level = "token",
-        clamp: float = 20.0,
+        clamp: float | None = None,
+        extreme: float = 20.0,
         backend: Literal["auto", "torch", "native", "triton", "compile"] = "auto",
         **kwargs: Any,
     ) -> None:
@@ -95,9 +103,17 @@ class KLStats(Metric):
         super().__init__(**kwargs)
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-        if isinstance(clamp, bool) or not isinstance(clamp, int | float) or not 0 < clamp <= 80:
+        if clamp is not None and (
+            isinstance(clamp, bool) or not isinstance(clamp, int | float) or not clamp > 0
+        ):
             raise ValueError(
-                f"clamp must be a number in (0, 80] (exp overflows float32 above ~88), got {clamp!r}"
+                f"clamp must be None (no clamp: exact values, the default) or a positive number of "
+                f"nats to clamp log-ratios to, got {clamp!r}"
+            )
+        if isinstance(extreme, bool) or not isinstance(extreme, int | float) or not extreme > 0:
+            raise ValueError(
+                f"extreme must be a positive number of nats (tokens with |log-ratio| above it are "
+                f"counted in kl/extreme; default 20), got {extreme!r}"
             )
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -113,7 +129,12 @@ class KLStats(Metric):
                 "the pure-torch path where the kernel is missing)"
             )
         self.level: Level = level
-        self.clamp = float(clamp)
+        self.clamp = None if clamp is None else float(clamp)
+        self.extreme = float(extreme)
+        # What the kernels take: the clamp (inf: none) and the extreme-count threshold, which
+        # a clamp below ``extreme`` lowers so that every clamped token is counted.
+        self._clamp = math.inf if clamp is None else float(clamp)
+        self._threshold = min(self.extreme, self._clamp)
         self.backend = backend
         self._triton_failed = False
         self.add_state("_acc", default=mom.empty(), dist_reduce_fx=mom.merge_rows)
@@ -218,7 +239,8 @@ class KLStats(Metric):
                         logprobs.reshape(-1),
                         ref_logprobs.reshape(-1),
                         flat_mask,
-                        self.clamp,
+                        self._clamp,
+                        self._threshold,
                         interpret=logprobs.device.type == "cpu",
                     )
                 return
@@ -231,7 +253,9 @@ class KLStats(Metric):
                 )
         if self.level == "sequence" and self.backend != "compile":
             with torch.no_grad():  # eager ops in blocks of rows, folded into the state
-                self._acc = mom.sequence_fold_torch(self._acc, logprobs, ref_logprobs, valid, self.clamp)
+                self._acc = mom.sequence_fold_torch(
+                    self._acc, logprobs, ref_logprobs, valid, self._clamp, self._threshold
+                )
             return
         if self.level == "token" and self._use_eager(logprobs, ref_logprobs):
             # GPUs without the fused kernel, backend="torch": eager ops in bounded chunks, folded
@@ -239,12 +263,17 @@ class KLStats(Metric):
             with torch.no_grad():
                 flat_mask = valid.reshape(-1) if valid is not None else None
                 self._acc = mom.token_fold_torch(
-                    self._acc, logprobs.reshape(-1), ref_logprobs.reshape(-1), flat_mask, self.clamp
+                    self._acc,
+                    logprobs.reshape(-1),
+                    ref_logprobs.reshape(-1),
+                    flat_mask,
+                    self._clamp,
+                    self._threshold,
                 )
             return
         logp, ref = logprobs.detach(), ref_logprobs.detach()
         if self.level == "sequence":
-            chunk = mom.sequence_moments(logp, ref, valid, self.clamp)
+            chunk = mom.sequence_moments(logp, ref, valid, self._clamp, self._threshold)
         elif self._use_native(logp, ref):
             # CPU tensors: one C call computes the batch's moments and merges them into the
             # state in place (no torch ops, which cost more than the kernel on small batches).
@@ -254,7 +283,9 @@ class KLStats(Metric):
             return
         else:  # backend="compile"
             flat_mask = valid.reshape(-1) if valid is not None else None
-            chunk = mom.token_moments_compiled(logp.reshape(-1), ref.reshape(-1), flat_mask, self.clamp)
+            chunk = mom.token_moments_compiled(
+                logp.reshape(-1), ref.reshape(-1), flat_mask, self._clamp, self._threshold
+            )
         self._acc = mom.merge(self._acc, chunk)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -265,12 +296,12 @@ class KLStats(Metric):
 
     def _use_triton(self, logp: Tensor, ref: Tensor) -> bool:
         # The fused Triton kernel: CUDA float32/bf16/fp16 inputs (or CPU tensors under Triton's
-        # interpreter, for backend="triton"), clamp <= 30; not after a failure.
+        # interpreter, for backend="triton"); not after a failure.
         if self.backend not in ("auto", "triton") or self._triton_failed:
             return False
         if logp.device.type != "cuda" and self.backend != "triton":
             return False
-        return bool(_fused().supports(logp, ref, self.clamp))
+        return bool(_fused().supports(logp, ref))
 
     def _use_eager(self, logp: Tensor, ref: Tensor) -> bool:
         # The eager torch path: wherever neither compile nor a fused kernel runs.
@@ -288,13 +319,13 @@ class KLStats(Metric):
         )
 
     def _native_fold(self, logp: Tensor, ref: Tensor, valid: Tensor | None) -> None:
-        if logp.dtype == ref.dtype and _native.reads_dtype(logp.dtype, self.clamp):
+        if logp.dtype == ref.dtype and _native.reads_dtype(logp.dtype):
             lp, rp = logp.reshape(-1).contiguous(), ref.reshape(-1).contiguous()
         else:  # e.g. bf16 without AVX2, or mixed dtypes: one float32 copy of each
             lp = logp.reshape(-1).to(torch.float32).contiguous()
             rp = ref.reshape(-1).to(torch.float32).contiguous()
         mk = valid.reshape(-1).contiguous() if valid is not None else None
-        _native.fold(lp, rp, mk, self.clamp, self._acc.numpy())
+        _native.fold(lp, rp, mk, self._clamp, self._threshold, self._acc.numpy())
 
     def _wrap_compute(self, compute: Callable[[], KLSummary]) -> Callable[[], KLSummary]:
         # torchmetrics' wrapper does the same (warn, cache, sync and unsync around compute)
@@ -346,4 +377,7 @@ class KLStats(Metric):
         self._acc = vector.detach().to(device=self._acc.device, dtype=torch.float64).clone()
 
     def __repr__(self) -> str:
-        return f"KLStats(level={self.level!r}, clamp={self.clamp}, backend={self.backend!r})"
+        return (
+            f"KLStats(level={self.level!r}, clamp={self.clamp}, extreme={self.extreme}, "
+            f"backend={self.backend!r})"
+        )

@@ -107,7 +107,9 @@ class KLSummary:
             tokens, a fraction in (0, 1]; NaN without samples, at sequence level, or when
             every ratio of the window underflows float32 (all log-ratios below about -16.6).
         nonfinite: valid tokens whose log-ratio was NaN or +-inf (kept out of the stats).
-        clamped: tokens whose |log-ratio| exceeded the clamp (counted with the clamped value).
+        extreme: valid tokens whose finite |log-ratio| exceeded ``KLStats(extreme=...)`` (20
+            nats by default; with a clamp below it, every clamped token). They count in the
+            estimates with their exact values (clamped values under an opt-in clamp).
         max_abs_log_ratio: the largest finite |log-ratio| seen.
 
     >>> import torch; from klmonitor import KLStats
@@ -131,7 +133,7 @@ class KLSummary:
     drift_z: float
     ess: float
     nonfinite: int
-    clamped: int
+    extreme: int
     max_abs_log_ratio: float
     rollout: RolloutSummary | None = None
     by_position: list[PositionBucket] | None = None
@@ -159,7 +161,7 @@ class KLSummary:
         >>> import torch; from klmonitor import KLStats
         >>> s = KLStats(); s.update(torch.zeros(4), torch.full((4,), 0.1))
         >>> sorted(s.compute().to_dict())[:3]
-        ['kl/clamped', 'kl/drift_k2_k3', 'kl/ess_fraction']
+        ['kl/drift_k2_k3', 'kl/drift_z', 'kl/ess_fraction']
         """
         out: dict[str, float] = {}
         kl = self.kl
@@ -181,7 +183,7 @@ class KLSummary:
         if self.sequences is not None:
             out[f"{prefix}sequences"] = float(self.sequences)
         out[f"{prefix}nonfinite"] = float(self.nonfinite)
-        out[f"{prefix}clamped"] = float(self.clamped)
+        out[f"{prefix}extreme"] = float(self.extreme)
         out[f"{prefix}max_abs_log_ratio"] = self.max_abs_log_ratio
         if self.rollout is not None:
             out.update(self.rollout.to_dict(f"{prefix}rollout/"))
@@ -212,9 +214,14 @@ class KLSummary:
         # ESS from the mean and M2 of r - 1 (sum r = n (1 + m), sum r^2 = n (1 + m)^2 + M2).
         # Token level only: a sequence's sum of r_t - 1 is not its importance weight. NaN when
         # every ratio of the window underflows float32 (r - 1 rounds to -1: all l < ~-16.6).
+        # As 1 / (1 + cv**2), cv = std(r) / mean(r): no overflow when a token of l ~ 700 makes
+        # M2 infinite (ESS -> 0, as one token then carries all the weight).
         m, m2 = rm1.mean, v[lay.M2.start + 4]
-        denom = (1 + m) ** 2 + m2 / n if n > 0 else 0.0
-        ess = (1 + m) ** 2 / denom if level == "token" and denom > 0 else math.nan
+        if level == "token" and n > 0 and 1 + m > 0:
+            cv = math.sqrt(m2 / n) / (1 + m)
+            ess = 1.0 / (1.0 + cv * cv)
+        else:
+            ess = math.nan
         return cls(
             level=level,
             count=int(n),
@@ -230,7 +237,7 @@ class KLSummary:
             drift_z=diff.z,
             ess=ess,
             nonfinite=int(v[lay.NONFINITE]),
-            clamped=int(v[lay.EXTREME]),
+            extreme=int(v[lay.EXTREME]),
             max_abs_log_ratio=v[lay.MAX_ABS],
         )
 

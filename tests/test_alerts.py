@@ -15,8 +15,8 @@ from klmonitor.alerts import (
     Alert,
     AlertEngine,
     AlertLevel,
-    ClampedRule,
     DriftRule,
+    ExtremeRule,
     InitialKLRule,
     KLBudgetRule,
     NonFiniteRule,
@@ -173,7 +173,7 @@ def test_drift_needs_significance() -> None:
     assert DriftRule(patience=1).evaluate(empty_window(), 0) is None
 
 
-# -- nonfinite and clamped -------------------------------------------------------------------
+# -- nonfinite and extreme -------------------------------------------------------------------
 
 
 def test_nonfinite_fires_on_nan_and_inf() -> None:
@@ -192,15 +192,21 @@ def test_nonfinite_fires_on_nan_and_inf() -> None:
     assert NonFiniteRule(threshold=5).evaluate(s, 0) is None
 
 
-def test_clamped_fires_on_huge_log_ratios() -> None:
+def test_extreme_fires_on_huge_log_ratios_whose_values_stay_exact() -> None:
     logq = torch.full((100,), -1.0)
     logp = logq.clone()
-    logp[:2] = -51.0  # |log-ratio| 50 > clamp 20
-    s = from_logprobs(logq, logp, clamp=20.0)
-    assert s.clamped == 2 and s.max_abs_log_ratio == pytest.approx(50.0)
-    alerts = AlertEngine([ClampedRule(), NonFiniteRule()]).evaluate(s, 3)
-    assert names(alerts) == ["clamped"]
+    logp[:2] = -51.0  # |log-ratio| 50 > the extreme threshold 20
+    s = from_logprobs(logq, logp)
+    assert s.extreme == 2 and s.max_abs_log_ratio == pytest.approx(50.0)
+    assert s.k3.mean == pytest.approx(2 * 49.0 / 100, rel=1e-6)  # k3 = 50 - 1 + e^-50, unclamped
+    alerts = AlertEngine([ExtremeRule(), NonFiniteRule()]).evaluate(s, 3)
+    assert names(alerts) == ["extreme"]
     assert alerts[0].level is AlertLevel.WARN and "max_abs_log_ratio = 50" in alerts[0].message
+    assert "exact values" in alerts[0].message and "extreme=" in alerts[0].message
+    # with the peers' clamp opted in, the clamped tokens are counted and the message says so
+    clamped = from_logprobs(logq, logp, clamp=20.0)
+    assert clamped.extreme == 2 and clamped.k3.mean < s.k3.mean
+    assert "clamped" in ExtremeRule().evaluate(clamped, 3).message
 
 
 # -- spike -----------------------------------------------------------------------------------
@@ -416,7 +422,7 @@ def test_state_dict_layout() -> None:
         "drift",
         "spike",
         "nonfinite",
-        "clamped",
+        "extreme",
         "sampling_mismatch",
         "initial_kl",
         "rollout_mismatch",
@@ -462,7 +468,7 @@ def test_default_rules() -> None:
         "drift",
         "spike",
         "nonfinite",
-        "clamped",
+        "extreme",
         "sampling_mismatch",
         "initial_kl",
         "rollout_mismatch",
@@ -474,7 +480,7 @@ def test_default_rules() -> None:
         "drift": AlertLevel.WARN,
         "spike": AlertLevel.WARN,
         "nonfinite": AlertLevel.ERROR,
-        "clamped": AlertLevel.WARN,
+        "extreme": AlertLevel.WARN,
         "sampling_mismatch": AlertLevel.WARN,
         "initial_kl": AlertLevel.WARN,
         "rollout_mismatch": AlertLevel.WARN,
@@ -548,7 +554,7 @@ def test_alert_dict_round_trip() -> None:
         (lambda: SpikeRule(rel_floor=-0.1), ValueError, "rel_floor must be >= 0"),
         (lambda: SpikeRule(abs_floor=0), ValueError, "abs_floor must be > 0"),
         (lambda: NonFiniteRule(-1), ValueError, "threshold must be >= 0"),
-        (lambda: ClampedRule(-1), ValueError, "threshold must be >= 0"),
+        (lambda: ExtremeRule(-1), ValueError, "threshold must be >= 0"),
         (lambda: SamplingMismatchRule(0), ValueError, "threshold must be > 0"),
         (lambda: SamplingMismatchRule(min_samples=1), ValueError, "min_samples must be an int >= 2"),
         (lambda: SamplingMismatchRule(tail_factor=-1), ValueError, "tail_factor must be >= 0"),

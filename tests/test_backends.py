@@ -17,12 +17,12 @@ def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mask = torch.rand(n, generator=g) < 0.8
     ref[:: max(1, n // 7)] = float("nan")
     ref[1 :: max(1, n // 5)] = float("-inf")
-    ref[2 :: max(1, n // 3)] = logp[2 :: max(1, n // 3)] + 30.0  # clamped
+    ref[2 :: max(1, n // 3)] = logp[2 :: max(1, n // 3)] + 30.0  # extreme
     return logp, ref, mask
 
 
 def _fields(s: KLSummary) -> dict[str, float]:
-    out = {"tokens": s.tokens, "nonfinite": s.nonfinite, "clamped": s.clamped, "max": s.max_abs_log_ratio}
+    out = {"tokens": s.tokens, "nonfinite": s.nonfinite, "extreme": s.extreme, "max": s.max_abs_log_ratio}
     for name in ("k1", "k2", "k3", "kl_pq", "r_minus_1", "k2_minus_k3"):
         st = getattr(s, name)
         out[f"{name}.mean"], out[f"{name}.var"] = st.mean, st.var
@@ -32,7 +32,7 @@ def _fields(s: KLSummary) -> dict[str, float]:
 def _close(a: dict[str, float], b: dict[str, float]) -> None:
     for key, va in a.items():
         vb = b[key]
-        if key in ("tokens", "nonfinite", "clamped"):
+        if key in ("tokens", "nonfinite", "extreme"):
             assert va == vb, key
         elif math.isnan(va):
             assert math.isnan(vb), key
@@ -85,7 +85,7 @@ def test_compile_backend_does_not_recompile_as_batch_shapes_change() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_backends_match_cpu_reference(backend: str, dtype: torch.dtype) -> None:
     # The GPU paths (eager chunks, and the fused compiled pass) give the CPU reference's
-    # numbers, non-finite, clamped and masked tokens included.
+    # numbers, non-finite, extreme and masked tokens included.
     for n, seed in ((37, 0), (5000, 1), (2_000_003, 2)):
         logp, ref, mask = _data(n, seed)
         logp, ref = logp.to(dtype), ref.to(dtype)

@@ -130,7 +130,7 @@ def test_nonnegative_estimators_vanish_at_zero(name: str, l: float) -> None:
     )
 )
 def test_nonnegative_and_finite_property(values: np.ndarray) -> None:
-    # Up to |l| = 80 (the largest clamp KLStats accepts) exp does not overflow float32.
+    # Up to |l| = 80 exp does not overflow float32 (KLStats widens to float64 above 30).
     x = torch.from_numpy(values)
     for name in NONNEG:
         got = FUNCS[name](x)
@@ -189,8 +189,8 @@ def test_log_ratio_integer_input_raises_type_error(which: str) -> None:
 
 
 def test_estimators_do_not_clamp_overflow() -> None:
-    # The estimators are pure math: exp overflows float32 above ~88.7 and that shows (KLStats
-    # clamps and counts; these functions must not hide it).
+    # The estimators are pure math in the input's dtype: exp overflows float32 above ~88.7 and
+    # that shows (KLStats computes in float64 there; these functions must not hide it).
     assert torch.isinf(est.k3(torch.tensor([100.0]))).all()
     assert torch.isfinite(est.k3(torch.tensor([100.0], dtype=torch.float64))).all()
 

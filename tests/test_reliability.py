@@ -109,7 +109,7 @@ def reference(logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None, 
         "valid": int(valid.sum()),
         "tokens": int(good.sum()),
         "nonfinite": int((valid & ~finite).sum()),
-        "clamped": int((np.abs(lz) > CLAMP).sum()),
+        "extreme": int((np.abs(lz) > CLAMP).sum()),
         "max_abs": float(np.abs(lz).max()) if lz.size else 0.0,
         "count": int(samples["k1"].size),
         "samples": samples,
@@ -188,7 +188,7 @@ def _assert_matches_reference(s: Any, want: dict[str, Any], dtype: torch.dtype) 
     assert s.tokens == want["tokens"]
     assert s.nonfinite == want["nonfinite"]
     assert s.tokens + s.nonfinite == want["valid"]
-    assert s.clamped == want["clamped"]
+    assert s.extreme == want["extreme"]
     assert s.count == want["count"]
     assert s.max_abs_log_ratio == pytest.approx(want["max_abs"], rel=1e-6, abs=1e-30)
     rtol = 1e-9 if dtype == torch.float64 else 2e-5
@@ -221,7 +221,7 @@ def test_property_hostile_inputs_give_the_statistics_of_the_finite_valid_tokens(
     d = s.to_dict()
     assert all(math.isfinite(v) for v in d.values()), d
     assert d["kl/tokens"] == want["tokens"] and d["kl/nonfinite"] == want["nonfinite"]
-    assert d["kl/clamped"] == want["clamped"]
+    assert d["kl/extreme"] == want["extreme"]
     assert ("kl/k3/mean" in d) == (want["count"] > 0)
     assert ("kl/k3/std" in d) == (want["count"] > 1)
     if want["count"]:

@@ -49,11 +49,12 @@ def np_quantities(l: np.ndarray) -> dict[str, np.ndarray]:
     return {"k1": -l, "k2": k2, "k3": k3, "kl_pq": kl_pq, "r_minus_1": em1, "k2_minus_k3": diff}
 
 
-def fed_log_ratio(logp: torch.Tensor, ref: torch.Tensor, clamp: float = 20.0) -> np.ndarray:
-    """The log-ratio KLStats sees: ``ref - logp`` in the compute dtype, clamped, as float64."""
+def fed_log_ratio(logp: torch.Tensor, ref: torch.Tensor, clamp: float | None = None) -> np.ndarray:
+    """The log-ratio KLStats sees: ``ref - logp`` in the compute dtype, clamped if asked, as float64."""
     dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
     lr = ref.to(dtype).numpy() - logp.to(dtype).numpy()
-    return np.clip(lr, -clamp, clamp).astype(np.float64)
+    c = math.inf if clamp is None else clamp
+    return np.clip(lr, -c, c).astype(np.float64)
 
 
 def np_summary_stats(values: np.ndarray) -> tuple[float, float]:
@@ -71,8 +72,8 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def summary(logp, ref, mask=None, *, backend="auto", level="token", clamp=20.0) -> KLSummary:
-    s = KLStats(backend=backend, level=level, clamp=clamp)
+def summary(logp, ref, mask=None, *, backend="auto", level="token", clamp=None, extreme=20.0) -> KLSummary:
+    s = KLStats(backend=backend, level=level, clamp=clamp, extreme=extreme)
     s.update(logp, ref, mask)
     return s.compute()
 
@@ -158,7 +159,7 @@ def assert_consistent(s: KLSummary) -> None:
         else:  # every r underflowed in float32: see test_ess_when_every_ratio_underflows
             assert math.isnan(s.ess)
     assert (s.drift_z == s.k2_minus_k3.z) or (math.isnan(s.drift_z) and math.isnan(s.k2_minus_k3.z))
-    assert s.nonfinite >= 0 and s.clamped >= 0
+    assert s.nonfinite >= 0 and s.extreme >= 0
     assert s.max_abs_log_ratio >= 0 and math.isfinite(s.max_abs_log_ratio)
 
 
@@ -170,7 +171,7 @@ def assert_summaries_match(
     drift_z, ess) through the consistency of each summary with its own statistics, plus a
     direct comparison where they are well conditioned."""
     tols = rtol if isinstance(rtol, dict) else dict.fromkeys(QUANTITIES, rtol)
-    for field in ("level", "count", "tokens", "sequences", "nonfinite", "clamped"):
+    for field in ("level", "count", "tokens", "sequences", "nonfinite", "extreme"):
         assert getattr(a, field) == getattr(b, field), f"{field}: {getattr(a, field)} vs {getattr(b, field)}"
     if max_exact:
         assert a.max_abs_log_ratio == b.max_abs_log_ratio
@@ -283,7 +284,7 @@ def test_means_match_exact_categorical_kl(kind: str, seed: int, backend: str) ->
         mask = torch.cat([torch.ones(500, 100, dtype=torch.bool), torch.zeros(500, 7, dtype=torch.bool)], 1)
         stats.update(logp, ref, mask)
     s = stats.compute()
-    assert s.tokens == n and s.nonfinite == 0 and s.clamped == 0
+    assert s.tokens == n and s.nonfinite == 0 and s.extreme == 0
 
     for name, target in exact.items():
         est = getattr(s, name)
@@ -601,7 +602,7 @@ def test_variance_of_nearly_constant_log_ratios(backend: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 6. non-finite, clamped and max |l|
+# 6. non-finite, extreme, the opt-in clamp and max |l|
 # --------------------------------------------------------------------------------------------
 NAN, INF = float("nan"), float("inf")
 
@@ -635,17 +636,17 @@ def test_masked_out_nonfinite_tokens_are_not_counted(backend: str) -> None:
     assert s.nonfinite == 0 and s.tokens == 1
 
 
-@pytest.mark.parametrize("clamp", [20.0, 5.0, 80.0])
+@pytest.mark.parametrize("clamp", [20.0, 5.0, 80.0, 300.0])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_clamped_counted_and_valued_at_the_clamp(backend: str, clamp: float) -> None:
+def test_opt_in_clamp_counted_and_valued_at_the_clamp(backend: str, clamp: float) -> None:
     lr = torch.tensor([clamp + 5, -(clamp + 10), 1.5, clamp + 1, -clamp, clamp, 0.3, clamp + 30, -0.2])
     mask = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0, 1], dtype=torch.bool)
     logp = torch.full_like(lr, -3.0)
-    s = summary(logp, logp + lr, mask, backend=backend, clamp=clamp)
+    s = summary(logp, logp + lr, mask, backend=backend, clamp=clamp, extreme=clamp)
     # |l| > clamp among valid tokens: indices 0, 1, 3 (exactly +-clamp is not clamped).
-    assert s.clamped == 3
-    expected = summary(logp, logp + lr.clamp(-clamp, clamp), mask, backend=backend, clamp=clamp)
-    assert expected.clamped == 0
+    assert s.extreme == 3
+    expected = summary(logp, logp + lr.clamp(-clamp, clamp), mask, backend=backend, clamp=clamp, extreme=clamp)
+    assert expected.extreme == 0
     for name in QUANTITIES:
         assert_stats_close(getattr(s, name), getattr(expected, name), 1e-6, name)
     # The largest finite |l| among valid tokens, before clamping; the masked 30 beyond is not.
@@ -664,18 +665,26 @@ def test_max_abs_log_ratio_ignores_masked_and_nonfinite(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_clamp_default_is_20(backend: str) -> None:
+def test_extreme_threshold_default_is_20_and_values_stay_exact(backend: str) -> None:
     logp = torch.zeros(4)
-    s = summary(logp, torch.tensor([19.9, 20.0, 20.5, -21.0]), backend=backend)
-    assert s.clamped == 2
+    l = torch.tensor([19.9, 20.0, 20.5, -21.0])
+    s = summary(logp, l, backend=backend)
+    assert s.extreme == 2
     assert s.max_abs_log_ratio == 21.0
     assert all(math.isfinite(v) for v in s.to_dict().values())
+    # no clamp by default: each token counts with its own value
+    want = np_quantities(l.double().numpy())
+    for name in QUANTITIES:
+        assert getattr(s, name).mean == pytest.approx(float(want[name].mean()), rel=1e-5), name
+    # a clamp below the threshold lowers it: every clamped token is counted
+    assert summary(logp, l, backend=backend, clamp=10.0).extreme == 4
+    assert summary(logp, l, backend=backend, extreme=20.2).extreme == 1
 
 
 # --------------------------------------------------------------------------------------------
 # 7. sequence level
 # --------------------------------------------------------------------------------------------
-def _sequence_reference(batches_, clamp: float = 20.0) -> tuple[dict[str, np.ndarray], int, int]:
+def _sequence_reference(batches_, clamp: float = math.inf) -> tuple[dict[str, np.ndarray], int, int]:
     """Per-sequence sums (float64 numpy) over valid finite tokens, rows with none dropped."""
     per_seq: dict[str, list[float]] = {k: [] for k in QUANTITIES}
     tokens = nonfinite = 0
@@ -719,7 +728,7 @@ def test_sequence_level_matches_numpy(dtype: torch.dtype) -> None:
     assert s.level == "sequence"
     assert s.sequences == s.count == n
     assert s.tokens == tokens and s.nonfinite == nonfinite == 3
-    assert s.clamped >= 3
+    assert s.extreme == 3
     assert_consistent(s)
     for name in QUANTITIES:
         mean, var = np_summary_stats(per_seq[name])
@@ -802,11 +811,14 @@ def test_scalar_input_raises_value_error() -> None:
         {"level": None},
         {"clamp": 0},
         {"clamp": -1.0},
-        {"clamp": 80.5},
         {"clamp": float("nan")},
-        {"clamp": float("inf")},
         {"clamp": True},
         {"clamp": "20"},
+        {"extreme": 0},
+        {"extreme": -1.0},
+        {"extreme": float("nan")},
+        {"extreme": None},
+        {"extreme": "20"},
         {"backend": "cuda"},
         {"backend": None},
     ],
@@ -820,6 +832,9 @@ def test_bad_constructor_arguments(kwargs: dict) -> None:
 def test_valid_constructor_arguments() -> None:
     KLStats(level="sequence", clamp=80, backend="torch")
     KLStats(clamp=1e-3)
+    KLStats(clamp=700.5, extreme=1e-3)
+    assert KLStats(clamp=float("inf"))._clamp == math.inf
+    assert KLStats().clamp is None and KLStats().extreme == 20.0
     assert "sequence" in repr(KLStats(level="sequence"))
 
 
@@ -900,7 +915,7 @@ def test_to_dict_names_and_prefix() -> None:
     for name in ESTIMATORS:
         for stat in ("mean", "std", "var", "stderr"):
             assert f"kl/{name}/{stat}" in d
-    for key in ("kl/drift_k2_k3", "kl/tokens", "kl/nonfinite", "kl/clamped", "kl/max_abs_log_ratio"):
+    for key in ("kl/drift_k2_k3", "kl/tokens", "kl/nonfinite", "kl/extreme", "kl/max_abs_log_ratio"):
         assert key in d
     assert d["kl/k3/mean"] == s.k3.mean and d["kl/tokens"] == 1000.0
     assert set(s.to_dict(prefix="x/")) == {k.replace("kl/", "x/", 1) for k in d}

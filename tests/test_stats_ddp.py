@@ -1,6 +1,6 @@
 """KLStats under torch.distributed: 2 CPU processes (gloo) equal one process over the union.
 
-Each rank feeds different data (different sizes, mask densities, non-finite and clamped
+Each rank feeds different data (different sizes, mask densities, non-finite and extreme
 tokens); in some scenarios one rank's window is entirely masked or it never calls ``update``.
 ``compute()`` on every rank must give the same summary, equal (to float64 rounding) to a single
 ``KLStats`` fed every rank's batches; then ``reset`` and a second window must work the same.
@@ -55,7 +55,7 @@ def _batches(scenario: str, rank: int, window: int) -> list[tuple[torch.Tensor, 
         mask = torch.rand(rows, cols, generator=g) < density
         ref[0, 0] = float("nan")  # non-finite, counted where valid
         mask[0, 0] = True
-        ref[-1, -1] = logp[-1, -1] + 25.0  # clamped
+        ref[-1, -1] = logp[-1, -1] + 25.0  # extreme
         mask[-1, -1] = True
         if level == "sequence":
             mask[1] = False  # a row that is no sample
@@ -145,7 +145,7 @@ def test_every_rank_equals_single_process_over_union(
     expected = _single_process(scenario, window)
     for rank in range(WORLD):
         _assert_same(ddp_results[rank][scenario][window]["summary"], expected)
-    assert expected["tokens"] > 0 and expected["nonfinite"] > 0 and expected["clamped"] > 0
+    assert expected["tokens"] > 0 and expected["nonfinite"] > 0 and expected["extreme"] > 0
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
