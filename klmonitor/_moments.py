@@ -38,6 +38,11 @@ _SAMPLE = 256
 # Above this |l| (or clamp), float32 is not enough: exp overflows float32 above 88.7, and the
 # float32 squares of l e**l (the variances) above ~44. The torch paths then compute in float64.
 FLOAT32_CLAMP = 30.0
+# Above this l, a token's values near float64's limit: r = e**700 = 1e304, and r l (kl_pq)
+# overflows at l = 703.2, e**l at 709.8. Without a clamp below it, such a token counts as
+# non-finite (as l = +inf does: a token the policy gives zero probability to float64's
+# precision) and is kept out of the statistics. Negative l has no such limit (r -> 0).
+LOG_MAX = 700.0
 
 
 def empty(device: torch.device | str | None = None) -> Tensor:
@@ -126,6 +131,8 @@ def _prepare(
     if clamp > FLOAT32_CLAMP:
         lr = lr.double()
     finite = torch.isfinite(lr)
+    if clamp > LOG_MAX:  # e**l finite in float64 too (see LOG_MAX)
+        finite = finite & (lr <= LOG_MAX)
     valid = mask if mask is not None else torch.ones_like(finite)
     good = valid & finite
     lz = torch.where(good, lr, torch.zeros_like(lr))
@@ -272,6 +279,8 @@ def _chunk_rows(
         x.copy_(rp)
         x.sub_(lp)
     good = torch.lt(torch.abs(x, out=y), math.inf)  # finite
+    if clamp > LOG_MAX:  # and e**l finite in float64 (see LOG_MAX)
+        good.logical_and_(torch.le(x, LOG_MAX))
     if valid is not None:
         y.copy_(valid)
         good.logical_and_(valid)
@@ -390,9 +399,10 @@ def _spread(spread: Tensor, spread_nz: Tensor, cols: Tensor) -> Tensor:
     """``spread @ cols``, with ``inf`` (not the NaN of ``0 * inf``) where an overflowed column is used.
 
     Float64 sums overflow only for tokens of ``l`` in the hundreds (``(r - 1)**2`` beyond
-    1e308): the entries that read such a column are ``inf``, the others stay exact.
+    1e308, or the sum of many ``r`` near 1e304): the entries that read such a column are
+    ``inf``, the others (the counts among them) stay exact.
     """
-    big = torch.isinf(cols)
+    big = ~torch.isfinite(cols)  # inf, or the NaN var_mean gives for a row summing to inf
     out = torch.mv(spread, cols.masked_fill(big, 0.0))
     return out.masked_fill(torch.mv(spread_nz, big.double()) > 0, math.inf)
 

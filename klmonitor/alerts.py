@@ -652,9 +652,10 @@ class NonFiniteRule(_TokenCountRule):
         """Say how many tokens, that they were excluded, and the usual causes."""
         total = summary.tokens + summary.nonfinite
         return (
-            f"{int(value)} of {total} tokens had a NaN or infinite log-ratio log p - log q and were "
-            "excluded from the KL statistics (the true KL is infinite if a token is impossible under "
-            "the reference). -inf usually means the reference gives a sampled token zero probability: "
+            f"{int(value)} of {total} tokens had a NaN or infinite log-ratio log p - log q (or one "
+            "above +700, whose ratio e^l is at float64's limit) and were excluded from the KL "
+            "statistics (the true KL is infinite if a token is impossible under the reference). "
+            "-inf usually means the reference gives a sampled token zero probability: "
             "a different tokenizer or vocabulary, or top-k/top-p masking applied to one model's "
             "logits; +inf the same for the policy; NaN means a bug upstream (NaN logits or log-probs). "
             "A numeric mask value other than 0 or 1 (0.5, -1, NaN) is counted here too: pass a bool "

@@ -434,7 +434,8 @@ class Monitor:
         # float64 where float32's exp could overflow (no clamp, by default): exact k3 to |l| = 700
         lr = est.log_ratio(logp, ref)
         lr = lr.double() if clamp > mom.FLOAT32_CLAMP else lr
-        ok = torch.isfinite(lr) if valid is None else torch.isfinite(lr) & valid
+        ok = torch.isfinite(lr) if clamp <= mom.LOG_MAX else torch.isfinite(lr) & (lr <= mom.LOG_MAX)
+        ok = ok if valid is None else ok & valid
         lz = torch.where(ok, lr, 0.0).clamp(-clamp, clamp)
         k3 = torch.where(ok, est.k3(lz), 0.0)
         if rows and self.positions is not None:

@@ -106,7 +106,8 @@ class KLSummary:
         ess: importance-sampling effective sample size ``(sum r)**2 / (n sum r**2)`` over
             tokens, a fraction in (0, 1]; NaN without samples, at sequence level, or when
             every ratio of the window underflows float32 (all log-ratios below about -16.6).
-        nonfinite: valid tokens whose log-ratio was NaN or +-inf (kept out of the stats).
+        nonfinite: valid tokens whose log-ratio was NaN or +-inf, or above +700 without a clamp
+            (``e**l`` at float64's limit), kept out of the stats; and mask values other than 0/1.
         extreme: valid tokens whose finite |log-ratio| exceeded ``KLStats(extreme=...)`` (20
             nats by default; with a clamp below it, every clamped token). They count in the
             estimates with their exact values (clamped values under an opt-in clamp).
