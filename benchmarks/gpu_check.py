@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 "no:cacheprovider",
                 "tests/test_gpu_kernel.py",
                 "tests/test_torch_path.py",
+                "tests/test_exact_values.py",
             ],
             400,
         ),
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
         report[name] = fn()
         print(f"[gpu_check] {name}: {'ok' if report[name]['ok'] else 'FAILED'}", file=sys.stderr, flush=True)
+        if args.out:  # after each part: what was measured survives a run cut short
+            Path(args.out).write_text(json.dumps(report, indent=1))
     bench = report.get("bench", {}).get("result")
     if bench:
         copy = bench["copy_gb_per_s"]
