@@ -288,13 +288,14 @@ class KLStats(Metric):
         )
 
     def _native_fold(self, logp: Tensor, ref: Tensor, valid: Tensor | None) -> None:
-        if logp.dtype == ref.dtype and _native.reads_dtype(logp.dtype, self.clamp):
+        if logp.dtype == ref.dtype and _native.reads_dtype(logp.dtype):
             lp, rp = logp.reshape(-1).contiguous(), ref.reshape(-1).contiguous()
         else:  # e.g. bf16 without AVX2, or mixed dtypes: one float32 copy of each
             lp = logp.reshape(-1).to(torch.float32).contiguous()
             rp = ref.reshape(-1).to(torch.float32).contiguous()
         mk = valid.reshape(-1).contiguous() if valid is not None else None
-        _native.fold(lp, rp, mk, self.clamp, self._acc.numpy())
+        # The extreme threshold is min(extreme, clamp); until KLStats takes extreme=, the clamp.
+        _native.fold(lp, rp, mk, self.clamp, self.clamp, self._acc.numpy())
 
     def _wrap_compute(self, compute: Callable[[], KLSummary]) -> Callable[[], KLSummary]:
         # torchmetrics' wrapper does the same (warn, cache, sync and unsync around compute)
