@@ -902,6 +902,12 @@ def _fault_cases(root: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, 
         assert wrong.count("1.01f") == 3
         bad = _build_test_library(root / "wrong.so", wrong, right_hash)
         add("wrong_numbers", _native_copy(root, "wrong_numbers", bad.read_bytes()), False, "wrong numbers")
+        # Right in the float bodies, wrong only for |l| > 30 (exp for expm1: r - 1 of l = -61
+        # is 0 instead of -1): the self-test's tokens beyond 30 catch it.
+        wrong = source.replace("const double em1 = expm1(l);", "const double em1 = exp(l);")
+        assert wrong != source
+        bad = _build_test_library(root / "wrong_exact.so", wrong, right_hash)
+        add("wrong_exact_numbers", _native_copy(root, "wrong_exact", bad.read_bytes()), False, "wrong numbers")
     return cases, expect
 
 
@@ -929,7 +935,7 @@ FAULTS = [
     "not_elf", "no_symbols", "other_machine", "stale", "writable_666", "writable_664",
     "directory", "dangling_link", "other_owner", "unwritable_cache_and_home", "compiler_on_path",
     "no_compiler_on_path", "planted_in_old_cache", "planted_other_owner", "planted_control",
-    "wrong_numbers",
+    "wrong_numbers", "wrong_exact_numbers",
 ]  # fmt: skip
 
 

@@ -248,9 +248,10 @@ def _self_test(lib: ctypes.CDLL) -> str | None:
 
     203 tokens (every branch of the float body's math, masked, NaN and inf tokens, a few with
     |l| above the extreme threshold and above 30), as float32 and, where the body reads it
-    directly, bf16; with no clamp and with a clamp of 5: exact counts, and means and M2
-    within 1e-4 of the samples' scale (the kernel agrees to ~1e-6; a broken build is off by
-    far more).
+    directly, bf16; with no clamp and with a clamp of 5, and with no clamp where every large
+    |l| is negative (a positive one's e^l would hide their errors): exact counts, and means
+    and M2 within 1e-4 of the samples' scale (the kernel agrees to ~1e-6; a broken build is
+    off by far more).
     """
     if lib.klm_vector_size() != _layout.SIZE:
         return f"its moments vector has {lib.klm_vector_size()} entries, not {_layout.SIZE}"
@@ -259,19 +260,21 @@ def _self_test(lib: ctypes.CDLL) -> str | None:
     logp = -8.0 * rng.random(n)
     ref = logp + 2.5 * rng.standard_normal(n)
     ref[:40] = logp[:40] + 0.3 * rng.standard_normal(40)  # the series branch
-    ref[60:64] = logp[60:64] + np.array([25.0, -24.0, 44.0, -61.0])  # above 20, above 30
     ref[7], ref[50], logp[90] = np.nan, np.inf, -np.inf
     mask = rng.random(n) < 0.8
     mask[60:64] = True
     checks = [_layout.COUNT, _layout.TOKENS, _layout.NONFINITE, _layout.EXTREME]
+    large = {"mixed": [25.0, -24.0, 44.0, -61.0], "negative": [-25.0, -24.0, -44.0, -61.0]}
+    runs = [("mixed", float("inf"), 20.0), ("negative", float("inf"), 20.0), ("mixed", 5.0, 5.0)]
     for dtype in (torch.float32, torch.bfloat16):
         if not lib.klm_reads_dtype(_DTYPE_CODES[dtype]):
             continue
-        lp = torch.from_numpy(logp.astype(np.float32)).to(dtype)
-        rp = torch.from_numpy(ref.astype(np.float32)).to(dtype)
-        mk = torch.from_numpy(mask)
-        lp64, rp64 = lp.double().numpy(), rp.double().numpy()
-        for clamp, threshold in ((float("inf"), 20.0), (5.0, 5.0)):
+        for signs, clamp, threshold in runs:
+            ref[60:64] = logp[60:64] + np.array(large[signs])  # above 20, above 30
+            lp = torch.from_numpy(logp.astype(np.float32)).to(dtype)
+            rp = torch.from_numpy(ref.astype(np.float32)).to(dtype)
+            mk = torch.from_numpy(mask)
+            lp64, rp64 = lp.double().numpy(), rp.double().numpy()
             want = _reference_moments(lp64, rp64, mask, clamp, threshold)
             got = np.zeros(_layout.SIZE, dtype=np.float64)
             code = _DTYPE_CODES[dtype]
@@ -288,7 +291,7 @@ def _self_test(lib: ctypes.CDLL) -> str | None:
             )
             if not ok:
                 return (
-                    f"it gave wrong numbers on a {dtype} self-test batch at clamp={clamp} "
+                    f"it gave wrong numbers on a {dtype} self-test batch ({signs} large |l|, clamp={clamp}) "
                     f"({got.tolist()} vs {want.tolist()})"
                 )
     return None
