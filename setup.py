@@ -122,6 +122,7 @@ setup(
             "klmonitor._native._klm_moments",
             sources=[SOURCE],
             extra_compile_args=FLAGS,
+            libraries=[] if sys.platform == "win32" else ["m"],  # expm1 (the exact double path)
             define_macros=[("KLM_SOURCE_SHA256", f'"{_source_hash()}"')],
         )
     ],

@@ -62,7 +62,8 @@ class KLStats(Metric):
         clamp: ``None`` (the default): no clamp, every finite log-ratio counts with its exact
             value (float64 wherever float32 would overflow: ``exp`` above 88.7, squares of
             ``l e**l`` above ~44), exact to 1e-4 up to ``|l| = 700``; a log-ratio above +700
-            (``e**l`` at float64's limit) is counted as non-finite, like +inf. A number clamps
+            (``e**l`` at float64's limit) is counted as non-finite, like +inf (so a clamp above
+            700 acts as none). A number clamps
             log-ratios to ``[-clamp, clamp]`` before the estimators, as peers do (biased: a
             token at ``l = -30`` clamped to -20 loses a third of its k3).
         extreme: tokens whose ``|log-ratio|`` exceeds this (default 20: a probability ratio of

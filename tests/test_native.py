@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -18,6 +19,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -34,6 +36,7 @@ from test_stats import (
 )
 
 from klmonitor import EstimatorStats, KLStats, KLSummary, _native
+from klmonitor import _layout as layout
 from klmonitor import _moments as mom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,19 +98,20 @@ def test_backends_agree(dtype: torch.dtype, size: int, variant: str, body: str) 
         native = summary(logp, ref, mask, backend="auto")
     assert_summaries_match(native, plain, rtol=BACKEND_RTOL)
     if masked and size > 1000:
-        assert native.nonfinite > 0 and native.clamped > 0
+        assert native.nonfinite > 0 and native.extreme > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("clamp", [0.25, 5.0, 30.0, 31.0, 80.0])
 def test_backends_agree_at_any_clamp(dtype: torch.dtype, clamp: float, body: str) -> None:
-    # Clamps up to 30 take float block sums (and the AVX2 body, which reads bf16/fp16 as
-    # they are); above 30, double sums over float32 copies. 0.25 clamps most tokens.
+    # Up to a clamp of 30 every token takes the float body; above, tokens with |l| > 30 are
+    # computed in double in the rescan. The AVX2 body reads bf16/fp16 as they are at every
+    # clamp. 0.25 clamps most tokens.
     logp, ref, mask = random_batch(20_003, seed=11, dtype=dtype, scale=3.0, mask_density=0.7, bad=True)
     plain = summary(logp, ref, mask, backend="torch", clamp=clamp)
     native = summary(logp, ref, mask, backend="native", clamp=clamp)
-    assert native.clamped == plain.clamped
-    assert plain.clamped > 0 or clamp > plain.max_abs_log_ratio  # |l| reach ~55 here
+    assert native.extreme == plain.extreme
+    assert plain.extreme > 0 or clamp > plain.max_abs_log_ratio  # |l| reach ~55 here
     assert native.nonfinite == plain.nonfinite > 0
     assert_summaries_match(native, plain, rtol=BACKEND_RTOL)
 
@@ -139,7 +143,7 @@ def test_native_backend_is_used_for_float32_cpu_inputs(monkeypatch: pytest.Monke
     summary(logp, ref, backend="auto")
     summary(logp.bfloat16(), ref.bfloat16(), backend="native")
     # bf16 goes to the kernel as it is where the kernel reads it (AVX2), else as float32.
-    direct = _native.reads_dtype(torch.bfloat16, 20.0)
+    direct = _native.reads_dtype(torch.bfloat16)
     assert calls == [torch.float32, torch.bfloat16 if direct else torch.float32]
     summary(logp, ref, backend="torch")
     summary(logp.double(), ref.double(), backend="auto")  # float64 stays on the torch path
@@ -211,6 +215,333 @@ def test_backends_agree_on_mixed_precision_inputs(swap: bool, body: str) -> None
 
 
 # --------------------------------------------------------------------------------------------
+# 1b. exact values at any |log-ratio| (no clamp): tokens with |l| > 30 computed in double
+# --------------------------------------------------------------------------------------------
+# These call the kernel directly (KLStats' own arguments are the lead's), with the layout of
+# klmonitor/_layout.py, and compare with 50-digit values of the inputs as the dtype stores them.
+INF = math.inf
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+_MAGNITUDES = (1e-6, 0.05, 0.3, 1.0, 10.0, 20.0, 29.9, 30.5, 31.0, 40.0, 88.0, 89.0, 100.0, 300.0, 700.0)
+L_VALUES = [0.0, *(s * v for v in _MAGNITUDES for s in (1.0, -1.0))]
+# Quantities that hold e^l: their squares exceed float64 from l ~ 354 (and e^l itself from 709.78).
+HOLD_EXP = ("k3", "kl_pq", "r_minus_1", "k2_minus_k3")
+
+
+def _fold(
+    logp: torch.Tensor,
+    ref: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    clamp: float = INF,
+    threshold: float = 20.0,
+    acc: np.ndarray | None = None,
+) -> np.ndarray:
+    """The moments vector the kernel folds these tokens into (a fresh one, or ``acc``)."""
+    out = np.zeros(layout.SIZE, dtype=np.float64) if acc is None else acc
+    if not _native.reads_dtype(logp.dtype):  # the portable body reads float32 only
+        logp, ref = logp.float(), ref.float()
+    _native.fold(logp.contiguous(), ref.contiguous(), mask, clamp, threshold, out)
+    return out
+
+
+def _mp_token(logp: float, ref: float, clamp: float = INF) -> list[Any]:
+    """The six quantities (mpmath numbers, 50 digits) of a token whose inputs are stored as
+    these values, its log-ratio clamped to +-clamp."""
+    with mpmath.workdps(50):
+        x = mpmath.mpf(ref) - mpmath.mpf(logp)
+        if clamp != INF:
+            x = min(max(x, -mpmath.mpf(clamp)), mpmath.mpf(clamp))
+        r = mpmath.exp(x)
+        k2, k3 = x * x / 2, (r - 1) - x
+        return [-x, k2, k3, r * x - (r - 1), r - 1, k2 - k3]
+
+
+def _to_float(x: Any) -> float:
+    """An mpmath number as float64 (+-inf beyond its range)."""
+    return float(x) if abs(x) < mpmath.mpf(1.7976931348623157e308) else math.copysign(INF, float(mpmath.sign(x)))
+
+
+def _rel(got: float, want: float) -> float:
+    if want == 0:
+        return abs(got)
+    return abs(got - want) / abs(want)
+
+
+def _f32_log_ratio(logp: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
+    """The log-ratio as the kernel computes it, for its counts: float32 ref - logp."""
+    return (ref.float() - logp.float()).numpy()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_exact_per_token_values_without_clamp(dtype: torch.dtype, masked: bool, body: str) -> None:
+    # Each log-ratio as one token (the scalar tail), as 8 copies (one vector) and as 19 (two
+    # vectors and a tail); masked, each copy sits beside a masked-out NaN, -inf or l = 1000
+    # token, which must change nothing. Every quantity within 1e-4 of its 50-digit value;
+    # tokens above |l| = 20 counted as extreme, and only they.
+    junk = [(0.0, float("nan")), (0.0, -INF), (-3.0, 997.0)]  # (logp, ref), masked out
+    failures = []
+    for l in L_VALUES:
+        for base in (0.0, -3.0):
+            lp = torch.tensor([base], dtype=dtype)
+            rf = torch.tensor([base + l], dtype=torch.float64).to(dtype)
+            exact = [_to_float(v) for v in _mp_token(float(lp), float(rf))]
+            l32 = float(_f32_log_ratio(lp, rf)[0])
+            for reps in (1, 8, 19):
+                if masked:
+                    pairs = [p for k in range(reps) for p in ((base, float(rf)), junk[k % 3])]
+                    logp = torch.tensor([p[0] for p in pairs], dtype=torch.float64).to(dtype)
+                    ref = torch.tensor([p[1] for p in pairs], dtype=torch.float64).to(dtype)
+                    ref[0::2] = rf  # the token itself, as stored
+                    mask = torch.arange(2 * reps) % 2 == 0
+                else:
+                    logp, ref, mask = lp.repeat(reps), rf.repeat(reps), None
+                acc = _fold(logp, ref, mask)
+                assert not np.isnan(acc).any(), (l, base, reps, acc)
+                assert acc[layout.COUNT] == acc[layout.TOKENS] == reps and acc[layout.NONFINITE] == 0
+                assert acc[layout.EXTREME] == (reps if abs(l32) > 20 else 0), (l, acc[layout.EXTREME])
+                assert acc[layout.MAX_ABS] == abs(l32)
+                for k, name in enumerate(QUANTITIES):
+                    err = _rel(acc[layout.MEAN][k], exact[k])
+                    if not err <= 1e-4:
+                        failures.append((name, l, base, reps, acc[layout.MEAN][k], exact[k], err))
+    assert failures == []
+
+
+def _ordinary_batch(dtype: torch.dtype, n: int = 203) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` tokens of the usual regime (|l| ~ 0.05), a quarter masked out."""
+    g = torch.Generator().manual_seed(17)
+    logp = (-8.0 * torch.rand(n, generator=g, dtype=torch.float64)).to(dtype)
+    ref = (logp.double() + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)).to(dtype)
+    return logp, ref, torch.rand(n, generator=g) < 0.75
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_exact_values_mixed_into_a_batch_without_clamp(dtype: torch.dtype, masked: bool, body: str) -> None:
+    # One token of each log-ratio among 202 ordinary ones, at a vector's first lane, inside,
+    # at the last lane of the last vector and in the tail: the batch's means equal the mean of
+    # the 50-digit per-token values, and its variances theirs where float64 holds them (+inf
+    # where it does not, never NaN).
+    logp0, ref0, mask0 = _ordinary_batch(dtype)
+    n = logp0.numel()
+    per_token = [_mp_token(float(a), float(b)) for a, b in zip(logp0.tolist(), ref0.tolist(), strict=True)]
+    failures = []
+    for l in L_VALUES:
+        for pos in (0, 99, 199, 201):
+            logp, ref = logp0.clone(), ref0.clone()
+            # held exactly by every dtype: (-l, 0) or (0, l) (logp + 700 in bf16 would round past 700)
+            logp[pos], ref[pos] = (-l, 0.0) if l > 0 else (0.0, l)
+            mask = mask0.clone() if masked else torch.ones(n, dtype=torch.bool)
+            mask[pos] = True
+            values = list(per_token)
+            values[pos] = _mp_token(float(logp[pos]), float(ref[pos]))
+            acc = _fold(logp, ref, mask if masked else None)
+            assert not np.isnan(acc).any(), (l, pos, acc)
+            valid = [values[i] for i in range(n) if mask[i]]
+            m = len(valid)
+            assert acc[layout.COUNT] == m
+            assert acc[layout.EXTREME] == (abs(float(_f32_log_ratio(logp, ref)[pos])) > 20)
+            with mpmath.workdps(50):
+                for k, name in enumerate(QUANTITIES):
+                    mean = mpmath.fsum(v[k] for v in valid) / m
+                    var = mpmath.fsum((v[k] - mean) ** 2 for v in valid) / (m - 1)
+                    want_mean, want_var = _to_float(mean), _to_float(var)
+                    got_mean, got_var = acc[layout.MEAN][k], acc[layout.M2][k] / (m - 1)
+                    scale = math.sqrt(want_mean**2 + want_var) if math.isfinite(want_var) else abs(want_mean)
+                    if not abs(got_mean - want_mean) <= 1e-4 * scale:
+                        failures.append((name, "mean", l, pos, got_mean, want_mean))
+                    if math.isfinite(want_var):
+                        if not abs(got_var - want_var) <= 2e-4 * scale**2:
+                            failures.append((name, "var", l, pos, got_var, want_var))
+                    elif got_var != INF:
+                        failures.append((name, "var", l, pos, got_var, want_var))
+    assert failures == []
+
+
+def _reference(
+    logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None, clamp: float, threshold: float
+) -> np.ndarray:
+    """The moments vector in float64 numpy: quantities of the float64 log-ratio clamped to
+    +-clamp; validity, extreme count and max |l| of the float32 one (the kernel's)."""
+    l32 = _f32_log_ratio(logp, ref).astype(np.float64)
+    fin = np.isfinite(l32)
+    if clamp > 700:  # above l = 700 (e^l at float64's limit) a token counts as non-finite
+        fin &= l32 <= 700
+    valid = np.ones(l32.shape, dtype=bool) if mask is None else mask.numpy().astype(bool)
+    good = valid & fin
+    lc = np.clip((ref.double() - logp.double()).numpy()[good], -clamp, clamp)
+    with np.errstate(over="ignore", invalid="ignore"):
+        em1 = np.expm1(lc)
+        k2, k3 = 0.5 * lc * lc, em1 - lc
+        q = np.stack([-lc, k2, k3, em1 * lc - k3, em1, k2 - k3])
+        out = np.zeros(layout.SIZE, dtype=np.float64)
+        out[layout.COUNT] = out[layout.TOKENS] = good.sum()
+        out[layout.MEAN] = q.mean(axis=1)
+        out[layout.M2] = ((q - out[layout.MEAN][:, None]) ** 2).sum(axis=1)
+    out[layout.NONFINITE] = (valid & ~fin).sum()
+    out[layout.EXTREME] = (np.abs(l32[good]) > threshold).sum()
+    out[layout.MAX_ABS] = np.abs(l32[good]).max()
+    return out
+
+
+def _assert_moments_close(got: np.ndarray, want: np.ndarray, what: Any, skip: tuple[str, ...] = ()) -> None:
+    """Counts and max |l| exactly; means within 1e-5 (k2 - k3: 1e-4) of each quantity's RMS,
+    M2 likewise of count * RMS^2 (float32 per-token math against float64); not the quantities
+    in ``skip``."""
+    for i in (layout.COUNT, layout.TOKENS, layout.NONFINITE, layout.EXTREME, layout.MAX_ABS):
+        assert got[i] == want[i], (what, i, got[i], want[i])
+    n = want[layout.COUNT]
+    for k, name in enumerate(QUANTITIES):
+        if name in skip:
+            continue
+        rtol = 1e-4 if name == "k2_minus_k3" else 1e-5
+        mean, m2 = want[layout.MEAN][k], want[layout.M2][k]
+        scale2 = mean * mean + m2 / n
+        assert abs(got[layout.MEAN][k] - mean) <= rtol * math.sqrt(scale2), (what, name, got[layout.MEAN][k], mean)
+        assert abs(got[layout.M2][k] - m2) <= rtol * n * scale2, (what, name, got[layout.M2][k], m2)
+
+
+def _extreme_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """``n`` float32 tokens (|l| ~ 2, mask density 0.8) with tokens of large |l|, NaN and inf
+    at block starts and ends (blocks of 512 tokens), at every split of the range over 2, 3 or
+    7 threads, around a vector's edges and in the tail (< 8 tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    logp = -8.0 * torch.rand(n, generator=g)
+    ref = logp + 2.0 * torch.randn(n, generator=g)
+    mask = torch.rand(n, generator=g) < 0.8
+    places = {0, 1, 7, 8, 511, 512, 513, 1023, 1024, 4095, 4096, n - 1, n - 2, n - 3, n - 9}
+    for parts in (2, 3, 7):
+        for t in range(1, parts):
+            lo = n * t // parts
+            places |= {lo - 1, lo, lo + 1}
+    places |= {512 * b for b in range(0, n // 512, 37)} | {512 * b + 511 for b in range(3, n // 512, 41)}
+    values = [20.5, -21.0, 25.0, -29.99, 30.25, -31.0, 45.0, -100.0, 700.0, -700.0, 20.0, -20.0]
+    values += [float("nan"), INF, 5.0, -10.0, 10.0 + 1e-5, 88.75, -89.0]
+    placed = sorted(p for p in places if 0 <= p < n)
+    for k, i in enumerate(placed):
+        v = values[k % len(values)]
+        ref[i] = logp[i] + v if math.isfinite(v) else v
+        if k % 5 == 4:
+            mask[i] = False  # a masked-out extreme token: counted nowhere
+    return logp, ref, mask, placed
+
+
+@pytest.mark.parametrize("clamp, threshold", [(INF, 20.0), (40.0, 20.0), (30.0, 20.0), (10.0, 10.0), (5.0, 5.0)])
+@pytest.mark.parametrize("split", ["one", "openmp", "python3", "python7"])
+def test_extreme_count_at_block_and_thread_boundaries(clamp: float, threshold: float, split: str, body: str) -> None:
+    # The rescan runs on blocks whose max |l| exceeds min(threshold, 30): tokens at block
+    # starts and ends, in the tail and at each thread's first and last token must each be
+    # counted once (|l| > threshold, strictly: 20.0 is not), and above a clamp of 30 computed
+    # once, in double. Counts exactly, moments against float64 numpy.
+    n = 200_003
+    logp, ref, mask, placed = _extreme_batch(n, seed=int(threshold) + (0 if clamp == INF else int(clamp)))
+    want = _reference(logp, ref, mask, clamp, threshold)
+    assert want[layout.EXTREME] >= len(placed) // 4 and want[layout.NONFINITE] > 0
+    lib = _native.load()
+    assert lib is not None
+    if split in ("one", "openmp"):
+        with torch_threads(1 if split == "one" else 2):
+            got = _fold(logp, ref, mask, clamp=clamp, threshold=threshold)
+    else:
+        got = np.zeros(layout.SIZE, dtype=np.float64)
+        _native._fold_threads(lib, logp, ref, mask, clamp, threshold, int(split[6:]), got)
+    assert not np.isnan(got).any()
+    skip: tuple[str, ...] = ()
+    if clamp == INF:  # l = +700 is in the batch: the squares of e^l exceed float64
+        skip = HOLD_EXP
+        for k, name in enumerate(QUANTITIES):
+            assert math.isinf(got[layout.M2][k]) is (name in HOLD_EXP), (name, got[layout.M2][k])
+            if name in HOLD_EXP:  # means dominated by e^700, computed in double
+                assert _rel(got[layout.MEAN][k], want[layout.MEAN][k]) <= 1e-6, name
+    _assert_moments_close(got, want, (clamp, threshold, split), skip)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_nan_with_huge_log_ratios(dtype: torch.dtype, body: str) -> None:
+    # l = +700 (e^l = 1.0e304, its square beyond float64) among 200K ordinary tokens, split over
+    # threads, then more batches merged into the same vector: means exact, M2 +inf only for
+    # the quantities holding e^l, never NaN. l = 1000 without a clamp: non-finite, kept out.
+    n = 200_003
+    logp, ref, mask = _ordinary_batch(dtype, n)
+    for i, l in ((5, 700.0), (100_001, 700.0), (n - 1, 700.0), (777, -700.0), (150_000, -700.0)):
+        logp[i], ref[i] = (-l, 0.0) if l > 0 else (0.0, l)  # l exactly, in every dtype
+        mask[i] = True
+    acc = np.zeros(layout.SIZE, dtype=np.float64)
+    small = (logp[:5], ref[:5], mask[:5])
+    with torch_threads(2):
+        for batch in ((logp, ref, mask), small, (logp[1:], ref[1:], None)):
+            _fold(*batch, acc=acc)
+            assert not np.isnan(acc).any(), acc
+    want = _reference(torch.cat([logp, small[0], logp[1:]]), torch.cat([ref, small[1], ref[1:]]),
+                      torch.cat([mask, small[2], torch.ones(n - 1, dtype=torch.bool)]), INF, 20.0)  # fmt: skip
+    assert acc[layout.COUNT] == want[layout.COUNT] and acc[layout.EXTREME] == want[layout.EXTREME] == 10
+    for k, name in enumerate(QUANTITIES):
+        assert math.isinf(acc[layout.M2][k]) is (name in HOLD_EXP), (name, acc[layout.M2][k])
+        assert _rel(acc[layout.MEAN][k], want[layout.MEAN][k]) <= 1e-4, (name, acc[layout.MEAN][k], want[layout.MEAN][k])
+    # Above l = 700 (e^l at double's limit), without a clamp: counted as non-finite and kept
+    # out, as l = +inf is; with a clamp it is clamped like any other token.
+    beyond_lp, beyond = logp.clone(), ref.clone()
+    beyond_lp[9], beyond[9] = -1000.0, 0.0
+    out = _fold(beyond_lp, beyond, None)
+    assert not np.isnan(out).any(), out
+    assert out[layout.NONFINITE] == 1 and out[layout.COUNT] == n - 1
+    want = _reference(beyond_lp, beyond, None, INF, 20.0)
+    assert want[layout.NONFINITE] == 1 and out[layout.EXTREME] == want[layout.EXTREME]
+    for k, name in enumerate(QUANTITIES):
+        assert _rel(out[layout.MEAN][k], want[layout.MEAN][k]) <= 1e-4, (name, out[layout.MEAN][k])
+    clamped = _fold(beyond_lp, beyond, None, clamp=500.0, threshold=20.0)
+    assert clamped[layout.NONFINITE] == 0 and clamped[layout.COUNT] == n
+    assert 1e211 < clamped[layout.MEAN][2] < 1e213  # k3 of the token clamped to 500: e^500 / n
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("clamp", [5.0, 10.0, 30.5, 40.0])
+def test_opt_in_clamp_gives_the_clamped_values(dtype: torch.dtype, clamp: float, body: str) -> None:
+    # clamp= (peers' behaviour): every quantity is that of the log-ratio clamped to +-clamp,
+    # in float below 30 and in double above; tokens beyond the clamp are counted as extreme
+    # (threshold = clamp below the default threshold of 20, else 20).
+    threshold = min(clamp, 20.0)
+    values = [-700.0, -40.0, -31.0, -15.0, -10.0, -3.0, 0.2, 3.0, 10.0, 15.0, 31.0, 40.0, 100.0, 700.0]
+    failures = []
+    for l in values:
+        lp = torch.tensor([-2.0], dtype=dtype)
+        rf = torch.tensor([-2.0 + l], dtype=torch.float64).to(dtype)
+        exact = [_to_float(v) for v in _mp_token(float(lp), float(rf), clamp)]
+        for reps in (1, 8):
+            acc = _fold(lp.repeat(reps), rf.repeat(reps), clamp=clamp, threshold=threshold)
+            assert acc[layout.EXTREME] == (reps if abs(float(rf) - float(lp)) > threshold else 0), (l, acc)
+            assert acc[layout.MAX_ABS] == abs(float(rf) - float(lp))  # the unclamped |l|
+            for k, name in enumerate(QUANTITIES):
+                if not _rel(acc[layout.MEAN][k], exact[k]) <= 1e-4:
+                    failures.append((name, l, reps, acc[layout.MEAN][k], exact[k]))
+    assert failures == []
+
+
+def test_bodies_agree_without_clamp() -> None:
+    # The portable and AVX2 bodies, on a batch with every kind of token, at no clamp.
+    if not _native.available() or not _native.cpu_has_avx2():
+        pytest.skip("needs the kernel on an AVX2 CPU")
+    logp, ref, mask, _ = _extreme_batch(100_003, seed=3)
+    out = {}
+    before = _native.vector_isa()
+    try:
+        for name in ("avx2", "portable"):
+            assert _native.select_isa(name) == name
+            with torch_threads(2):
+                out[name] = _fold(logp, ref, mask)
+    finally:
+        _native.select_isa(before or "auto")
+    a, b = out["avx2"], out["portable"]
+    assert not np.isnan(a).any() and np.array_equal(np.isinf(a), np.isinf(b))
+    for k, name in enumerate(QUANTITIES):  # l = 700: M2 +inf, means dominated by e^700
+        assert math.isinf(a[layout.M2][k]) is (name in HOLD_EXP)
+        if name in HOLD_EXP:
+            assert _rel(a[layout.MEAN][k], b[layout.MEAN][k]) <= 1e-9, name
+    _assert_moments_close(a, b, "avx2 vs portable", skip=HOLD_EXP)
+
+
+# --------------------------------------------------------------------------------------------
 # 2. run-time CPU dispatch: one binary for every CPU of the architecture
 # --------------------------------------------------------------------------------------------
 @needs_native
@@ -225,7 +556,7 @@ def test_cpu_detection_matches_the_kernel_s_view_of_the_cpu() -> None:
         assert _native.select_isa("auto") == ("avx2" if expected else "portable")
         assert _native.select_isa("avx2") == ("avx2" if expected else "portable")  # never granted blindly
         assert _native.select_isa("portable") == "portable"
-        assert _native.reads_dtype(torch.float32, 20.0) and not _native.reads_dtype(torch.bfloat16, 20.0)
+        assert _native.reads_dtype(torch.float32) and not _native.reads_dtype(torch.bfloat16)
     finally:
         _native.select_isa(before or "auto")
 
@@ -298,7 +629,7 @@ def test_portable_and_avx2_bodies_agree(dtype: torch.dtype, clamp: float) -> Non
     finally:
         _native.select_isa(before or "auto")
     assert_summaries_match(out["avx2"], out["portable"], rtol=BACKEND_RTOL)
-    assert out["avx2"].clamped > 0 and out["avx2"].nonfinite > 0
+    assert out["avx2"].extreme > 0 and out["avx2"].nonfinite > 0
 
 
 _PORTABLE_SCRIPT = textwrap.dedent(
@@ -310,7 +641,7 @@ _PORTABLE_SCRIPT = textwrap.dedent(
     from klmonitor import KLStats
     sys.path.insert(0, sys.argv[1])
     from test_stats import random_batch
-    out = {"isa": nat.vector_isa(), "bf16_direct": nat.reads_dtype(torch.bfloat16, 20.0), "cases": []}
+    out = {"isa": nat.vector_isa(), "bf16_direct": nat.reads_dtype(torch.bfloat16), "cases": []}
     cases = [(7, False, torch.float32), (4097, True, torch.float32), (200_003, True, torch.float32),
              (200_003, False, torch.float32), (4097, True, torch.bfloat16), (4097, True, torch.float16)]
     for size, masked, dtype in cases:
@@ -345,7 +676,7 @@ def test_portable_body_forced_by_env_matches_torch() -> None:
     assert out["isa"] == "portable" and out["bf16_direct"] is False
     for native, plain in out["cases"]:
         a, b = KLSummary(**native), KLSummary(**plain)
-        for field in ("tokens", "nonfinite", "clamped", "max_abs_log_ratio"):
+        for field in ("tokens", "nonfinite", "extreme", "max_abs_log_ratio"):
             assert getattr(a, field) == getattr(b, field), field
         for name in QUANTITIES:
             assert_stats_close(
@@ -368,7 +699,7 @@ def test_python_thread_split_matches_the_torch_path(body: str, workers: int) -> 
     native = KLStats(backend="native")
     native.update(logp[:10], ref[:10], mask[:10])
     plain.update(logp[:10], ref[:10], mask[:10])
-    _native._fold_threads(lib, logp, ref, mask, native.clamp, workers, native._acc.numpy())
+    _native._fold_threads(lib, logp, ref, mask, native._clamp, native._threshold, workers, native._acc.numpy())
     assert_summaries_match(native.compute(), plain.compute(), rtol=BACKEND_RTOL)
 
 
@@ -450,7 +781,7 @@ def _build_test_library(out: Path, source_text: str, source_hash: str) -> Path:
     src.write_text(source_text)
     cmd = [
         _compiler() or "cc", "-O1", "-shared", "-fPIC", f'-DKLM_SOURCE_SHA256="{source_hash}"',
-        "-o", str(out), str(src),
+        "-o", str(out), str(src), "-lm",
     ]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     return out
@@ -570,10 +901,16 @@ def _fault_cases(root: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, 
         # Every symbol and the right hash, but wrong numbers: the self-test refuses it.
         wrong = source.replace("q[1] = k2;", "q[1] = k2 * 1.01f;").replace(
             "*k2o = k2;", "*k2o = _mm256_mul_ps(k2, _mm256_set1_ps(1.01f));"
-        )  # k2 1 % high in both bodies
-        assert wrong.count("1.01f") == 2
+        )  # k2 1 % high in both bodies and in the double path of |l| > 30
+        assert wrong.count("1.01f") == 3
         bad = _build_test_library(root / "wrong.so", wrong, right_hash)
         add("wrong_numbers", _native_copy(root, "wrong_numbers", bad.read_bytes()), False, "wrong numbers")
+        # Right in the float bodies, wrong only for |l| > 30 (exp for expm1: r - 1 of l = -61
+        # is 0 instead of -1): the self-test's tokens beyond 30 catch it.
+        wrong = source.replace("const double em1 = expm1(l);", "const double em1 = exp(l);")
+        assert wrong != source
+        bad = _build_test_library(root / "wrong_exact.so", wrong, right_hash)
+        add("wrong_exact_numbers", _native_copy(root, "wrong_exact", bad.read_bytes()), False, "wrong numbers")
     return cases, expect
 
 
@@ -601,7 +938,7 @@ FAULTS = [
     "not_elf", "no_symbols", "other_machine", "stale", "writable_666", "writable_664",
     "directory", "dangling_link", "other_owner", "unwritable_cache_and_home", "compiler_on_path",
     "no_compiler_on_path", "planted_in_old_cache", "planted_other_owner", "planted_control",
-    "wrong_numbers",
+    "wrong_numbers", "wrong_exact_numbers",
 ]  # fmt: skip
 
 

@@ -16,11 +16,11 @@ Before the library is used, :func:`load` checks that it is owned by you, root or
 klmonitor's own files and no more writable than they are; that it is a complete ELF shared
 library for this machine (a truncated file would crash the process inside ``dlopen``); that
 it exports every function, with this module's interface version and a hash of the
-``moments.c`` beside it (a stale build is not used); and that it reproduces the pure-torch
-path's numbers on a small batch. Any failure, or ``KLMONITOR_NATIVE=0``, leaves :func:`load`
-returning ``None`` after one warning (naming the file and the fix), and KLStats uses its
-pure-torch path, which gives the same numbers. ``KLMONITOR_NATIVE=portable`` forces the
-portable body.
+``moments.c`` beside it (a stale build is not used); and that it reproduces a float64 numpy
+reference on a small batch (see :func:`_self_test`). Any failure, or ``KLMONITOR_NATIVE=0``,
+leaves :func:`load` returning ``None`` after one warning (naming the file and the fix), and
+KLStats uses its pure-torch path, which gives the same numbers. ``KLMONITOR_NATIVE=portable``
+forces the portable body.
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from klmonitor import _layout
+
 log = logging.getLogger("klmonitor")
 
 #: The interface this module speaks (``klm_abi_version`` in moments.c).
-ABI_VERSION = 2
+ABI_VERSION = 3
 _STEM = "_klm_moments"
 NOUT = 16
 # Element types the kernel knows (codes as in moments.c).
@@ -200,11 +202,11 @@ def _bind(lib: ctypes.CDLL) -> None:
         "klm_vector_isa": ([], cint),
         "klm_openmp": ([], cint),
         "klm_sample_shift": ([p, p, cint, p, i64, f32, p], None),
-        "klm_token_moments": ([p, p, cint, p, i64, i64, p, f32, p], None),
-        "klm_fold": ([p, p, cint, p, i64, f32, cint, p], cint),
+        "klm_token_moments": ([p, p, cint, p, i64, i64, p, f32, f32, p], None),
+        "klm_fold": ([p, p, cint, p, i64, f32, f32, cint, p], cint),
         "klm_fold_sums": ([p, p, p], None),
         "klm_vector_size": ([], cint),
-        "klm_reads_dtype": ([cint, f32], cint),
+        "klm_reads_dtype": ([cint], cint),
     }
     for name, (args, res) in signatures.items():
         fn = getattr(lib, name)
@@ -212,45 +214,86 @@ def _bind(lib: ctypes.CDLL) -> None:
         fn.restype = res
 
 
-def _self_test(lib: ctypes.CDLL) -> str | None:
-    """Why the library's numbers differ from the torch path's on a small batch, or ``None``.
+def _reference_moments(
+    logp: np.ndarray, ref: np.ndarray, mask: np.ndarray, clamp: float, threshold: float
+) -> np.ndarray:
+    """The moments vector of one batch in float64 numpy, as the kernel defines it.
 
-    203 tokens (every quantity's branches, a clamp, masked, NaN and inf tokens), as float32
-    and, where the body reads it directly, bf16: exact counts, and means and M2 within 1e-4
-    of the samples' scale (both paths agree to ~1e-6; a broken build is off by far more).
+    The self-test's reference, independent of klmonitor's torch paths.
+
+    ``logp`` and ``ref`` hold the inputs' values as float64, ``mask`` is bool. Validity, the
+    extreme count and max |l| follow the float32 log-ratio (as the kernel's); the quantities
+    follow the float64 one, clamped to +-clamp.
     """
-    from klmonitor import _moments as mom
+    l32 = ref.astype(np.float32) - logp.astype(np.float32)
+    a32 = np.abs(l32.astype(np.float64))
+    good = mask & np.isfinite(l32)
+    lc = np.clip((ref - logp)[good], -clamp, clamp)
+    em1 = np.expm1(lc)
+    k2, k3 = 0.5 * lc * lc, em1 - lc
+    q = np.stack([-lc, k2, k3, em1 * lc - k3, em1, k2 - k3])
+    out = np.zeros(_layout.SIZE, dtype=np.float64)
+    out[_layout.COUNT] = n = good.sum()
+    out[_layout.MEAN] = q.mean(axis=1)
+    out[_layout.M2] = ((q - out[_layout.MEAN][:, None]) ** 2).sum(axis=1)
+    out[_layout.TOKENS] = n
+    out[_layout.NONFINITE] = (mask & ~np.isfinite(l32)).sum()
+    out[_layout.EXTREME] = (a32[good] > threshold).sum()
+    out[_layout.MAX_ABS] = a32[good].max()
+    return out
 
-    if lib.klm_vector_size() != mom.SIZE:
-        return f"its moments vector has {lib.klm_vector_size()} entries, not {mom.SIZE}"
-    g = torch.Generator().manual_seed(20240611)
-    n, clamp = 203, 5.0
-    logp = -8.0 * torch.rand(n, generator=g)
-    ref = logp + 2.5 * torch.randn(n, generator=g)
-    ref[:40] = logp[:40] + 0.3 * torch.randn(40, generator=g)  # the series branch
-    ref[7], ref[50], logp[90] = float("nan"), float("inf"), float("-inf")
-    mask = torch.rand(n, generator=g) < 0.8
+
+def _self_test(lib: ctypes.CDLL) -> str | None:
+    """Why the library's numbers differ from a float64 numpy reference on a small batch, or ``None``.
+
+    203 tokens (every branch of the float body's math, masked, NaN and inf tokens, a few with
+    |l| above the extreme threshold and above 30), as float32 and, where the body reads it
+    directly, bf16; with no clamp and with a clamp of 5, and with no clamp where every large
+    |l| is negative (a positive one's e^l would hide their errors): exact counts, and means
+    and M2 within 1e-4 of the samples' scale (the kernel agrees to ~1e-6; a broken build is
+    off by far more).
+    """
+    if lib.klm_vector_size() != _layout.SIZE:
+        return f"its moments vector has {lib.klm_vector_size()} entries, not {_layout.SIZE}"
+    rng = np.random.default_rng(20240611)
+    n = 203
+    logp = -8.0 * rng.random(n)
+    ref = logp + 2.5 * rng.standard_normal(n)
+    ref[:40] = logp[:40] + 0.3 * rng.standard_normal(40)  # the series branch
+    ref[7], ref[50], logp[90] = np.nan, np.inf, -np.inf
+    mask = rng.random(n) < 0.8
+    mask[60:64] = True
+    checks = [_layout.COUNT, _layout.TOKENS, _layout.NONFINITE, _layout.EXTREME]
+    large = {"mixed": [25.0, -24.0, 44.0, -61.0], "negative": [-25.0, -24.0, -44.0, -61.0]}
+    runs = [("mixed", float("inf"), 20.0), ("negative", float("inf"), 20.0), ("mixed", 5.0, 5.0)]
     for dtype in (torch.float32, torch.bfloat16):
-        if not lib.klm_reads_dtype(_DTYPE_CODES[dtype], clamp):
+        if not lib.klm_reads_dtype(_DTYPE_CODES[dtype]):
             continue
-        lp, rp = logp.to(dtype), ref.to(dtype)
-        want = mom.token_moments_torch(lp, rp, mask, clamp).numpy()
-        got = np.zeros(mom.SIZE, dtype=np.float64)
-        lib.klm_fold(
-            lp.data_ptr(), rp.data_ptr(), _DTYPE_CODES[dtype], mask.data_ptr(), n, clamp, 1, got.ctypes.data
-        )
-        counts = [mom.COUNT, mom.TOKENS, mom.NONFINITE, mom.EXTREME]
-        scale = np.sqrt(want[mom.MEAN] ** 2 + want[mom.M2] / max(want[mom.COUNT], 1.0))
-        ok = (
-            np.array_equal(got[counts], want[counts])
-            and abs(got[mom.MAX_ABS] - want[mom.MAX_ABS]) <= 1e-6 * want[mom.MAX_ABS]
-            and np.all(np.abs(got[mom.MEAN] - want[mom.MEAN]) <= 1e-4 * scale)
-            and np.all(
-                np.abs(got[mom.M2] - want[mom.M2]) <= 1e-4 * (want[mom.M2] + want[mom.COUNT] * scale**2)
+        for signs, clamp, threshold in runs:
+            ref[60:64] = logp[60:64] + np.array(large[signs])  # above 20, above 30
+            lp = torch.from_numpy(logp.astype(np.float32)).to(dtype)
+            rp = torch.from_numpy(ref.astype(np.float32)).to(dtype)
+            mk = torch.from_numpy(mask)
+            lp64, rp64 = lp.double().numpy(), rp.double().numpy()
+            want = _reference_moments(lp64, rp64, mask, clamp, threshold)
+            got = np.zeros(_layout.SIZE, dtype=np.float64)
+            code = _DTYPE_CODES[dtype]
+            lib.klm_fold(
+                lp.data_ptr(), rp.data_ptr(), code, mk.data_ptr(), n, clamp, threshold, 1, got.ctypes.data
             )
-        )
-        if not ok:
-            return f"it gave wrong numbers on a {dtype} self-test batch ({got.tolist()} vs {want.tolist()})"
+            count = want[_layout.COUNT]
+            scale = np.sqrt(want[_layout.MEAN] ** 2 + want[_layout.M2] / count)
+            ok = (
+                np.array_equal(got[checks], want[checks])
+                and abs(got[_layout.MAX_ABS] - want[_layout.MAX_ABS]) <= 1e-6 * want[_layout.MAX_ABS]
+                and np.all(np.abs(got[_layout.MEAN] - want[_layout.MEAN]) <= 1e-4 * scale)
+                and np.all(np.abs(got[_layout.M2] - want[_layout.M2]) <= 1e-4 * count * scale**2)
+            )
+            if not ok:
+                return (
+                    f"it gave wrong numbers on a {dtype} self-test batch ({signs} large |l|, clamp={clamp}) "
+                    f"({got.tolist()} vs {want.tolist()})"
+                )
     return None
 
 
@@ -380,15 +423,15 @@ def openmp() -> bool:
     return lib is not None and bool(lib.klm_openmp())
 
 
-def reads_dtype(dtype: torch.dtype, clamp: float) -> bool:
+def reads_dtype(dtype: torch.dtype) -> bool:
     """Whether :func:`fold` takes inputs of ``dtype`` as they are (no float32 copy).
 
-    float32 always; bf16 and fp16 with the AVX2 body and a clamp up to 30. Other inputs must
-    be converted to float32 by the caller.
+    float32 always; bf16 and fp16 with the AVX2 body (at any clamp). Other inputs must be
+    converted to float32 by the caller.
     """
     lib = load()
     code = _DTYPE_CODES.get(dtype)
-    return lib is not None and code is not None and bool(lib.klm_reads_dtype(code, clamp))
+    return lib is not None and code is not None and bool(lib.klm_reads_dtype(code))
 
 
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
@@ -399,25 +442,33 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
     return _pool
 
 
-def fold(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, acc: np.ndarray) -> None:
+def fold(
+    logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, threshold: float, acc: np.ndarray
+) -> None:
     """Fold contiguous 1-D CPU tensors of one dtype into the moments vector ``acc``, in place.
 
-    ``acc`` is a float64 array in ``klmonitor._moments``' layout; the dtype must pass
+    ``acc`` is a float64 array in ``klmonitor._layout``'s layout; the dtype must pass
     :func:`reads_dtype` (float32 always does); ``mask`` is a contiguous bool/uint8 tensor or
-    ``None``. One C call does the shift sample, the shifted sums (split over torch's thread
-    count from 64K tokens) and Chan's merge.
+    ``None``. ``clamp`` (> 0, ``math.inf`` for none) bounds each log-ratio before the
+    estimators; values are exact at any clamp (float64 where float32 would overflow).
+    ``threshold`` (> 0) is the |log-ratio| above which a valid token counts as extreme
+    (callers pass ``min(extreme, clamp)``). One C call does the shift sample, the shifted sums
+    (split over torch's thread count from 64K tokens) and Chan's merge.
     """
     lib = load()
     assert lib is not None, "fold called without the native kernel"
-    assert logp.dtype == ref.dtype and reads_dtype(logp.dtype, clamp), (logp.dtype, ref.dtype, clamp)
+    assert logp.dtype == ref.dtype and reads_dtype(logp.dtype), (logp.dtype, ref.dtype)
+    assert clamp > 0 and threshold > 0, (clamp, threshold)
     assert acc.dtype == np.float64 and acc.flags.c_contiguous and acc.size == lib.klm_vector_size()
     n = logp.numel()
     workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
     mp = mask.data_ptr() if mask is not None else None
     dt = _DTYPE_CODES[logp.dtype]
-    if not lib.klm_fold(logp.data_ptr(), ref.data_ptr(), dt, mp, n, clamp, workers, acc.ctypes.data):
+    if not lib.klm_fold(
+        logp.data_ptr(), ref.data_ptr(), dt, mp, n, clamp, threshold, workers, acc.ctypes.data
+    ):
         # Built without OpenMP: ctypes releases the GIL, so Python threads split the range.
-        _fold_threads(lib, logp, ref, mask, clamp, workers, acc)
+        _fold_threads(lib, logp, ref, mask, clamp, threshold, workers, acc)
 
 
 def _fold_threads(
@@ -426,6 +477,7 @@ def _fold_threads(
     ref: Tensor,
     mask: Tensor | None,
     clamp: float,
+    threshold: float,
     workers: int,
     acc: np.ndarray,
 ) -> None:
@@ -441,7 +493,9 @@ def _fold_threads(
     sp = shift.ctypes.data
 
     def run(k: int) -> None:
-        lib.klm_token_moments(lp, rp, dt, mp, bounds[k], bounds[k + 1], sp, clamp, parts[k].ctypes.data)
+        lib.klm_token_moments(
+            lp, rp, dt, mp, bounds[k], bounds[k + 1], sp, clamp, threshold, parts[k].ctypes.data
+        )
 
     list(_thread_pool(workers).map(run, range(workers)))
     sums = parts.sum(axis=0)

@@ -1,6 +1,7 @@
 /* klmonitor: one fused pass over float32 log-probs computing the shifted first and second
  * moments of the six per-token quantities KLStats reports (k1, k2, k3, kl_pq, r - 1, k2 - k3),
- * plus the counts of valid, non-finite and clamped tokens and the largest |log-ratio|.
+ * plus the counts of valid, non-finite and extreme tokens (|log-ratio| above a threshold) and
+ * the largest |log-ratio|.
  *
  * Two implementations of the same math, both in every x86-64 build, chosen at run time:
  *  - portable C written for gcc/clang auto-vectorisation (no calls inside the loop: exp is a
@@ -8,7 +9,7 @@
  *    the max reduction runs on the integer bit pattern of non-negative floats, which orders
  *    like the floats themselves). It is compiled for the baseline of the target (SSE2 on
  *    x86-64) and serves CPUs without AVX2, the last < 8 tokens of a range and the shift
- *    sample; its double-accumulator form (clamps above 30) also has an AVX2+FMA copy;
+ *    sample;
  *  - AVX2+FMA+F16C intrinsics (x86-64 since 2013) in functions compiled for that target
  *    alone (function target attributes), run only where cpuid says the CPU and the OS
  *    support them (klm_select_isa). gcc vectorised the portable loop 32 tokens at a time and
@@ -20,6 +21,17 @@
  * Sums are shifted by a sample mean of each quantity, so variances keep their precision even
  * where the mean is far larger than the spread.
  *
+ * Exact values at any |log-ratio| (clamp above 30, +inf included): float32 holds e^l only up
+ * to l ~ 88, and float block sums of squares only up to |l| ~ 30 (see FLOAT_UP_TO). So the
+ * float body takes the tokens with |l| <= 30 and gives the others weight 0; a block in which
+ * some valid |l| exceeds min(threshold, 30) (found from the block's max, which the body keeps
+ * anyway) is scanned again, and there each token with |l| > 30 is computed in double with
+ * libm's expm1 and added to the double sums (rescan_token). Such tokens are rare: the float
+ * body pays one compare per 8 tokens for the exclusion (1-2 %), a block holding one pays a
+ * second pass over its 512 tokens (vectorised in the AVX2 body) and an expm1 per such token.
+ * With a clamp up to 30, every token takes the float body, clamped, and the rescan only
+ * counts the extreme ones.
+ *
  * The math matches klmonitor/estimators.py; tests compare the paths with each other and with
  * 50-digit values.
  * Built once, at install time, by setup.py (an optional extension; see its flags): no
@@ -27,13 +39,15 @@
  * klmonitor/_native/__init__.py, which checks it (owner, ELF structure, symbols, ABI and
  * source hash, a self-test) before use.
  */
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #define NQ 6          /* k1, k2, k3, kl_pq, r - 1, k2 - k3 */
-#define NOUT 16       /* S1[6], S2[6], count, nonfinite, clamped, max|l| */
+#define NOUT 16       /* S1[6], S2[6], count, nonfinite, extreme, max|l| */
 #define FLT_BIG 3.402823466e38f
 
 static inline float maxf(float a, float b) { return a > b ? a : b; }
@@ -107,23 +121,111 @@ static inline void quantities(float lc, float q[NQ]) {
     q[5] = small ? -r2 * r * c : k2 - k3;
 }
 
+/* Float block sums are safe while every squared quantity times BLOCK stays far below
+ * FLT_MAX: |values| <= e^30 * 30 for |l| <= 30. With a clamp above 30, the tokens with a
+ * larger |l| are left to the double rescan (rescan_token). */
+#define FLOAT_UP_TO 30.f
+
+/* The largest |l| the float body takes at this clamp (a larger one has weight 0 there):
+ * every finite one up to a clamp of 30, those up to 30 above. */
+static inline float float_bound(float clamp) { return clamp > FLOAT_UP_TO ? FLOAT_UP_TO : FLT_BIG; }
+
+/* Above l = 700 a token's r = e^l is at float64's limit (r l, its kl_pq, overflows at 703.2):
+ * without a clamp below it, such a token is not usable and counts as non-finite, as l = +inf
+ * does (klmonitor._moments.LOG_MAX). The largest usable l at this clamp: */
+#define LOG_MAX 700.f
+static inline float usable_up_to(float clamp) { return clamp > LOG_MAX ? LOG_MAX : FLT_BIG; }
+
+/* A block is scanned again where some valid |l| exceeds this: the extreme threshold, and
+ * above a clamp of 30 also 30 (the tokens the float body left out). */
+static inline float rescan_bound(float clamp, float threshold) {
+    return clamp > FLOAT_UP_TO ? minf(threshold, FLOAT_UP_TO) : threshold;
+}
+
+static inline int32_t float_bits(float x) {
+    union { float f; int32_t i; } u;
+    u.f = x;
+    return u.i;
+}
+
 /* Mean of the six quantities over up to 256 valid tokens spread evenly over [0, n): the
- * shifts that keep the accumulated second moments well conditioned. 0 if none is valid. */
+ * shifts that keep the accumulated second moments well conditioned. 0 if none is valid.
+ * Log-ratios are clamped to min(clamp, 30) here, so the shifts stay finite (and within the
+ * float body's range) at any clamp. */
 void klm_sample_shift(const void* logp, const void* ref, int dtype, const uint8_t* mask,
                       int64_t n, float clamp, float* shift) {
     double acc[NQ] = {0};
     double cnt = 0;
+    const float c = minf(clamp, FLOAT_UP_TO);
     int64_t stride = n / 256 > 1 ? n / 256 : 1;
     int64_t seen = 0;
     for (int64_t i = 0; i < n && seen < 256 * stride; i += stride, seen += stride) {
         float l = load1(ref, i, dtype) - load1(logp, i, dtype);
         if (!(absf(l) <= FLT_BIG) || (mask && !mask[i])) continue;
         float q[NQ];
-        quantities(minf(maxf(l, -clamp), clamp), q);
+        quantities(minf(maxf(l, -c), c), q);
         for (int k = 0; k < NQ; k++) acc[k] += q[k];
         cnt += 1;
     }
     for (int k = 0; k < NQ; k++) shift[k] = cnt > 0 ? (float)(acc[k] / cnt) : 0.f;
+}
+
+/* The six quantities of one log-ratio in double, for |l| > 30 (after the clamp), where
+ * nothing cancels: k1 = -l, k2 = l^2 / 2, k3 = expm1(l) - l, kl_pq = expm1(l) l - k3,
+ * r - 1 = expm1(l), k2 - k3. expm1 overflows double above l ~ 709.78; there the quantities
+ * holding e^l are set to +inf (k2 - k3 to -inf) rather than computed, since inf * l - inf
+ * would be NaN. Below that, a product may still overflow to +inf, its true value being
+ * beyond double too, and no NaN can arise. */
+static void exact_quantities(double l, double q[NQ]) {
+    const double em1 = expm1(l);
+    const double k2 = 0.5 * l * l;
+    q[0] = -l;
+    q[1] = k2;
+    if (em1 <= DBL_MAX) {
+        const double k3 = em1 - l;
+        q[2] = k3;
+        q[3] = em1 * l - k3;
+        q[4] = em1;
+        q[5] = k2 - k3;
+    } else {
+        q[2] = q[3] = q[4] = INFINITY;
+        q[5] = -INFINITY;
+    }
+}
+
+/* Token i of a block being scanned again, unless masked out: if its |l| is finite and above
+ * threshold, it is counted in out[14] (extreme); if the clamp exceeds 30 and its |l| does
+ * too (the float body gave it weight 0), its six quantities are computed in double from
+ * l = (double)ref - (double)logp clamped to +-clamp, and added to the shifted sums out[0..11]
+ * and the count out[12]. The float l, as the float body computes it, decides both, so every
+ * valid finite token lands in exactly one of the two bodies. Returns 1 for a token added. */
+static int rescan_token(const void* logp, const void* ref, int dtype, const uint8_t* mask,
+                        int64_t i, const float* shift, float clamp, float threshold, double* out) {
+    if (mask && !mask[i]) return 0;
+    const float lp = load1(logp, i, dtype), rf = load1(ref, i, dtype);
+    const float al = absf(rf - lp);
+    if (!(al <= FLT_BIG) || rf - lp > usable_up_to(clamp)) return 0;  /* non-finite */
+    if (al > threshold) out[14] += 1;
+    if (!(clamp > FLOAT_UP_TO && al > FLOAT_UP_TO)) return 0;
+    const double c = clamp;
+    double l = (double)rf - (double)lp;
+    l = l > c ? c : (l < -c ? -c : l);
+    double q[NQ];
+    exact_quantities(l, q);
+    for (int k = 0; k < NQ; k++) {
+        const double d = q[k] - (double)shift[k];
+        out[k] += d;
+        out[NQ + k] += d * d;
+    }
+    out[12] += 1;
+    return 1;
+}
+
+/* Every token of [lo, hi) through rescan_token (the portable body's rescan). */
+static void rescan_block(const void* logp, const void* ref, int dtype, const uint8_t* mask,
+                         int64_t lo, int64_t hi, const float* shift, float clamp, float threshold,
+                         double* out) {
+    for (int64_t i = lo; i < hi; i++) rescan_token(logp, ref, dtype, mask, i, shift, clamp, threshold, out);
 }
 
 /* One block of at most BLOCK tokens, accumulated in float (exact for the counts; for the
@@ -131,72 +233,71 @@ void klm_sample_shift(const void* logp, const void* ref, int dtype, const uint8_
  * statistics' own), then added to the double totals: float lanes are twice as wide as double
  * ones, and this loop is bound by arithmetic, not memory. The squares of k2 - k3, which is of
  * order l^3 and so underflows float's normal range for |l| below ~3e-7, are summed in double;
- * the other squares leave float's normal range only for variances below ~1e-38. */
+ * the other squares leave float's normal range only for variances below ~1e-38.
+ * A token is in the float sums where it is valid (masked in, finite) and |l| <= bound; the
+ * block's max |l| runs over every valid token. */
 #define BLOCK 512
-#define BODY(MASK_EXPR, ACC_T)                                                                 \
+#define BODY(MASK_EXPR)                                                                        \
     for (int64_t i = blo; i < bhi; i++) {                                                 \
         float l = ref[i] - logp[i];                                                       \
         float m = (MASK_EXPR);                                                            \
-        int finite = absf(l) <= FLT_BIG;  /* false for +-inf and NaN */                   \
-        float g = finite ? m : 0.f;                                                       \
+        float al = absf(l);                                                               \
+        int finite = al <= FLT_BIG && l <= up;  /* false for +-inf, NaN, l > 700 */       \
+        float g = al <= bound ? m : 0.f;  /* bound <= FLT_BIG: finite too */              \
         float lz = g > 0.f ? l : 0.f;                                                     \
-        float alz = absf(lz);                                                             \
+        float av = finite ? al * m : 0.f;                                                 \
         float q[NQ];                                                                      \
         quantities(minf(maxf(lz, -clamp), clamp), q);                                     \
         float d0 = (q[0] - s0) * g, d1 = (q[1] - s1) * g, d2 = (q[2] - s2) * g;           \
         float d3 = (q[3] - s3) * g, d4 = (q[4] - s4) * g, d5 = (q[5] - s5) * g;           \
-        fa0 += d0; fb0 += (ACC_T)d0 * d0;                                                 \
-        fa1 += d1; fb1 += (ACC_T)d1 * d1;                                                 \
-        fa2 += d2; fb2 += (ACC_T)d2 * d2;                                                 \
-        fa3 += d3; fb3 += (ACC_T)d3 * d3;                                                 \
-        fa4 += d4; fb4 += (ACC_T)d4 * d4;                                                 \
+        fa0 += d0; fb0 += d0 * d0;                                                        \
+        fa1 += d1; fb1 += d1 * d1;                                                        \
+        fa2 += d2; fb2 += d2 * d2;                                                        \
+        fa3 += d3; fb3 += d3 * d3;                                                        \
+        fa4 += d4; fb4 += d4 * d4;                                                        \
         fa5 += d5; fb5 += (double)d5 * d5;                                                \
         fcnt += g;                                                                        \
         fnonfinite += finite ? 0.f : m;                                                   \
-        fclamped += alz > clamp ? 1.f : 0.f;                                              \
-        union { float f; int32_t i; } bits;                                               \
-        bits.f = alz;                                                                     \
-        maxbits = maxbits > bits.i ? maxbits : bits.i;                                    \
+        int32_t bits = float_bits(av);                                                    \
+        bmax = bmax > bits ? bmax : bits;                                                 \
     }
 
-/* Shifted sums over tokens [lo, hi) with ACC_T block accumulators (see BODY); ATTR is empty
- * for the baseline target or KLM_AVX2_FN for a copy compiled for AVX2+FMA. */
-#define DEFINE_RANGE(NAME, ACC_T, ATTR)                                                       \
-static ATTR void NAME(const float* restrict logp, const float* restrict ref,                  \
-                 const uint8_t* restrict mask, int64_t lo, int64_t hi,                        \
-                 const float* shift, float clamp, double* out) {                              \
-    const float s0 = shift[0], s1 = shift[1], s2 = shift[2];                                  \
-    const float s3 = shift[3], s4 = shift[4], s5 = shift[5];                                  \
-    double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0;                                    \
-    double b0 = 0, b1 = 0, b2 = 0, b3 = 0, b4 = 0, b5 = 0;                                    \
-    double cnt = 0, nonfinite = 0, clamped = 0;                                               \
-    int32_t maxbits = 0;                                                                      \
-    for (int64_t blo = lo; blo < hi; blo += BLOCK) {                                          \
-        int64_t bhi = blo + BLOCK < hi ? blo + BLOCK : hi;                                    \
-        ACC_T fa0 = 0, fa1 = 0, fa2 = 0, fa3 = 0, fa4 = 0, fa5 = 0;                           \
-        ACC_T fb0 = 0, fb1 = 0, fb2 = 0, fb3 = 0, fb4 = 0;                                    \
-        double fb5 = 0;                                                                       \
-        float fcnt = 0, fnonfinite = 0, fclamped = 0;                                         \
-        if (mask) {                                                                           \
-            BODY((float)(mask[i] != 0), ACC_T)                                                \
-        } else {                                                                              \
-            BODY(1.f, ACC_T)                                                                  \
-        }                                                                                     \
-        a0 += fa0; a1 += fa1; a2 += fa2; a3 += fa3; a4 += fa4; a5 += fa5;                     \
-        b0 += fb0; b1 += fb1; b2 += fb2; b3 += fb3; b4 += fb4; b5 += fb5;                     \
-        cnt += fcnt; nonfinite += fnonfinite; clamped += fclamped;                            \
-    }                                                                                         \
-    out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3; out[4] = a4; out[5] = a5;             \
-    out[6] = b0; out[7] = b1; out[8] = b2; out[9] = b3; out[10] = b4; out[11] = b5;           \
-    out[12] = cnt; out[13] = nonfinite; out[14] = clamped;                                    \
-    union { int32_t i; float f; } mx;                                                         \
-    mx.i = maxbits;                                                                           \
-    out[15] = mx.f;                                                                           \
+/* Shifted sums over float32 tokens [lo, hi) (see BODY and rescan_token): the portable body,
+ * compiled for the baseline target. out as klm_token_moments writes it. */
+static void range_float_blocks(const float* restrict logp, const float* restrict ref,
+                               const uint8_t* restrict mask, int64_t lo, int64_t hi,
+                               const float* shift, float clamp, float threshold, double* out) {
+    const float s0 = shift[0], s1 = shift[1], s2 = shift[2];
+    const float s3 = shift[3], s4 = shift[4], s5 = shift[5];
+    const float bound = float_bound(clamp), up = usable_up_to(clamp);
+    const int32_t rbits = float_bits(rescan_bound(clamp, threshold));
+    double acc[NOUT] = {0};
+    int32_t maxbits = 0;
+    for (int64_t blo = lo; blo < hi; blo += BLOCK) {
+        int64_t bhi = blo + BLOCK < hi ? blo + BLOCK : hi;
+        float fa0 = 0, fa1 = 0, fa2 = 0, fa3 = 0, fa4 = 0, fa5 = 0;
+        float fb0 = 0, fb1 = 0, fb2 = 0, fb3 = 0, fb4 = 0;
+        double fb5 = 0;
+        float fcnt = 0, fnonfinite = 0;
+        int32_t bmax = 0;
+        if (mask) {
+            BODY((float)(mask[i] != 0))
+        } else {
+            BODY(1.f)
+        }
+        acc[0] += fa0; acc[1] += fa1; acc[2] += fa2; acc[3] += fa3; acc[4] += fa4; acc[5] += fa5;
+        acc[6] += fb0; acc[7] += fb1; acc[8] += fb2; acc[9] += fb3; acc[10] += fb4; acc[11] += fb5;
+        acc[12] += fcnt; acc[13] += fnonfinite;
+        if (bmax > rbits) {  /* some valid |l| above the threshold or 30: rare */
+            rescan_block(logp, ref, KLM_F32, mask, blo, bhi, shift, clamp, threshold, acc);
+        }
+        maxbits = maxbits > bmax ? maxbits : bmax;
+    }
+    for (int k = 0; k < NOUT - 1; k++) out[k] = acc[k];
+    union { int32_t i; float f; } mx;
+    mx.i = maxbits;
+    out[NOUT - 1] = mx.f;
 }
-
-DEFINE_RANGE(range_float_blocks, float, )
-DEFINE_RANGE(range_double, double, )
-
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #include <cpuid.h>
@@ -234,15 +335,18 @@ static inline __attribute__((always_inline)) KLM_AVX2_FN __m256 avx2_load8(const
 }
 
 /* Pass 1 over one block (length a multiple of 8): validate, clamp, sum k1 and the counts;
- * the clamped log-ratio and the token's weight go to the buffers for pass 2. has_mask and
- * dtype are constants at each call, so each combination compiles to its own loop. */
+ * the clamped log-ratio and the token's weight go to the buffers for pass 2. A token's weight
+ * is 1 where it is valid and |l| <= bound (see float_bound); the max |l| runs over every
+ * valid token. has_mask and dtype are constants at each call, so each combination compiles
+ * to its own loop. */
 static inline __attribute__((always_inline)) KLM_AVX2_FN void avx2_pass1(
     const void* restrict logp, const void* restrict ref, const uint8_t* restrict mask,
-    int64_t blo, int nb, float clamp, float s0, float* restrict bl, float* restrict bg,
+    int64_t blo, int nb, float clamp, float bound, float s0, float* restrict bl, float* restrict bg,
     __m256* fa0, __m256* fb0, __m256* fcnt, __m256i* msum, __m256i* bmax, int has_mask,
     int dtype) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 big = _mm256_set1_ps(FLT_BIG), one = _mm256_set1_ps(1.f);
+    const __m256 bnd = _mm256_set1_ps(bound), up = _mm256_set1_ps(usable_up_to(clamp));
     const __m256 hi = _mm256_set1_ps(clamp), lo = _mm256_set1_ps(-clamp);
     const __m256 vs0 = _mm256_set1_ps(s0);
     const __m256i zero = _mm256_setzero_si256();
@@ -252,16 +356,19 @@ static inline __attribute__((always_inline)) KLM_AVX2_FN void avx2_pass1(
         const int64_t i = blo + j;
         __m256 l = _mm256_sub_ps(avx2_load8(ref, i, dtype), avx2_load8(logp, i, dtype));
         __m256 al = _mm256_and_ps(l, absmask);
-        __m256 v = _mm256_cmp_ps(al, big, _CMP_LE_OQ);  /* finite */
+        __m256 fin = _mm256_and_ps(_mm256_cmp_ps(al, big, _CMP_LE_OQ),  /* finite, */
+                                   _mm256_cmp_ps(l, up, _CMP_LE_OQ));   /* l <= 700 */
+        __m256 v = _mm256_cmp_ps(al, bnd, _CMP_LE_OQ);    /* in the float sums */
         if (has_mask) {
             __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(mask + i)));
             __m256i m = _mm256_cmpgt_epi32(w, zero);
             ms = _mm256_sub_epi32(ms, m);
+            fin = _mm256_and_ps(fin, _mm256_castsi256_ps(m));
             v = _mm256_and_ps(v, _mm256_castsi256_ps(m));
         }
         __m256 g = _mm256_and_ps(v, one);
         __m256 lz = _mm256_and_ps(v, l);
-        mx = _mm256_max_epi32(mx, _mm256_castps_si256(_mm256_and_ps(al, v)));
+        mx = _mm256_max_epi32(mx, _mm256_castps_si256(_mm256_and_ps(al, fin)));
         __m256 lc = _mm256_min_ps(_mm256_max_ps(lz, lo), hi);
         _mm256_store_ps(bl + j, lc);
         _mm256_store_ps(bg + j, g);
@@ -290,6 +397,27 @@ static inline KLM_AVX2_FN int32_t avx2_hmax8i(__m256i x) {
     return _mm_cvtsi128_si32(s);
 }
 
+
+/* rescan_token over the tokens of [blo, blo + nb) (nb a multiple of 8) whose |l| exceeds
+ * rb, found eight at a time; the others need nothing. Returns the number of tokens added to
+ * the double sums. */
+static KLM_AVX2_FN int avx2_rescan(const void* logp, const void* ref, int dtype, const uint8_t* mask,
+                                   int64_t blo, int nb, float rb, const float* shift, float clamp,
+                                   float threshold, double* out) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 vrb = _mm256_set1_ps(rb);
+    int added = 0;
+    for (int j = 0; j < nb; j += 8) {
+        __m256 l = _mm256_sub_ps(avx2_load8(ref, blo + j, dtype), avx2_load8(logp, blo + j, dtype));
+        unsigned far = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(l, absmask), vrb, _CMP_GT_OQ));
+        while (far) {
+            int k = __builtin_ctz(far);
+            far &= far - 1;
+            added += rescan_token(logp, ref, dtype, mask, blo + j + k, shift, clamp, threshold, out);
+        }
+    }
+    return added;
+}
 
 /* k2, k3, kl_pq, r - 1 and k2 - k3 of eight clamped log-ratios (see quantities()); with
  * small_only, every |lc| is below 0.34, so n = 0 and the range reduction is skipped. */
@@ -335,7 +463,7 @@ static inline __attribute__((always_inline)) KLM_AVX2_FN void avx2_quantities(
 /* The AVX2 form of range_float_blocks over [lo, hi) with hi - lo a multiple of 8. */
 static KLM_AVX2_FN void range_avx2(const void* restrict logp, const void* restrict ref, int dtype,
                        const uint8_t* restrict mask, int64_t lo, int64_t hi,
-                       const float* shift, float clamp, double* out) {
+                       const float* shift, float clamp, float threshold, double* out) {
     float bl[BLOCK] __attribute__((aligned(32)));
     float bg[BLOCK] __attribute__((aligned(32)));
     const __m256 vs1 = _mm256_set1_ps(shift[1]), vs2 = _mm256_set1_ps(shift[2]);
@@ -344,17 +472,17 @@ static KLM_AVX2_FN void range_avx2(const void* restrict logp, const void* restri
     const __m256 zero = _mm256_setzero_ps();
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 thr = _mm256_set1_ps(0.34f);
+    const float bound = float_bound(clamp), rb = rescan_bound(clamp, threshold);
+    const int32_t rbits = float_bits(rb);
     double acc[NOUT] = {0};
     int32_t maxbits = 0;
-    union { float f; int32_t i; } cb;
-    cb.f = clamp;
     for (int64_t blo = lo; blo < hi; blo += BLOCK) {
         const int nb = (int)(hi - blo < BLOCK ? hi - blo : BLOCK);
         __m256 fa0 = zero, fb0 = zero, fcnt = zero;
         __m256i msum = _mm256_setzero_si256(), bmax = _mm256_setzero_si256();
 #define PASS1(HAS_MASK, DTYPE)                                                                     \
-    avx2_pass1(logp, ref, mask, blo, nb, clamp, shift[0], bl, bg, &fa0, &fb0, &fcnt, &msum, &bmax, \
-               HAS_MASK, DTYPE)
+    avx2_pass1(logp, ref, mask, blo, nb, clamp, bound, shift[0], bl, bg, &fa0, &fb0, &fcnt, &msum, \
+               &bmax, HAS_MASK, DTYPE)
         if (dtype == KLM_BF16) {
             if (mask) PASS1(1, KLM_BF16); else PASS1(0, KLM_BF16);
         } else if (dtype == KLM_F16) {
@@ -394,40 +522,29 @@ static KLM_AVX2_FN void range_avx2(const void* restrict logp, const void* restri
         acc[9] += avx2_hsum8(fb3); acc[10] += avx2_hsum8(fb4); acc[11] += avx2_hsum4d(_mm256_add_pd(fb5lo, fb5hi));
         float cnt = avx2_hsum8(fcnt);
         acc[12] += cnt;
-        /* Non-finite tokens: those masked in, less the valid ones (masked in and finite). */
+        int32_t bm = avx2_hmax8i(bmax);
+        int added = 0;  /* tokens the rescan added in double */
+        if (bm > rbits) {  /* some valid |l| above the threshold or 30: rare */
+            added = avx2_rescan(logp, ref, dtype, mask, blo, nb, rb, shift, clamp, threshold, acc);
+        }
+        /* Non-finite tokens: those masked in, less the valid ones (in either sum). */
         if (mask) {
             int32_t lanes[8];
             _mm256_storeu_si256((__m256i*)lanes, msum);
             int32_t masked_in = 0;
             for (int k = 0; k < 8; k++) masked_in += lanes[k];
-            acc[13] += (double)masked_in - cnt;
+            acc[13] += (double)masked_in - cnt - added;
         } else {
-            acc[13] += nb - cnt;
-        }
-        int32_t bm = avx2_hmax8i(bmax);
-        if (bm > cb.i) {  /* some valid |l| exceeds the clamp: count them (rare) */
-            int clamped = 0;
-            for (int j = 0; j < nb; j++) {
-                float l = load1(ref, blo + j, dtype) - load1(logp, blo + j, dtype);
-                if ((!mask || mask[blo + j]) && absf(l) <= FLT_BIG && absf(l) > clamp) clamped++;
-            }
-            acc[14] += clamped;
+            acc[13] += nb - cnt - added;
         }
         maxbits = maxbits > bm ? maxbits : bm;
     }
-    for (int k = 0; k < 15; k++) out[k] = acc[k];
+    for (int k = 0; k < NOUT - 1; k++) out[k] = acc[k];
     union { int32_t i; float f; } mxu;
     mxu.i = maxbits;
     out[15] = mxu.f;
 }
-
-/* The double-accumulator loop (clamps above 30) compiled for AVX2+FMA. */
-DEFINE_RANGE(range_double_avx2, double, KLM_AVX2_FN)
 #endif
-
-/* Float block sums are safe while every squared quantity times BLOCK stays far below
- * FLT_MAX: |values| <= e^30 * 30 for |l| <= 30. Larger clamps take the double path. */
-#define FLOAT_BLOCKS_UP_TO 30.f
 
 /* Add the shifted sums of another range of tokens (same shift) into out: sums and counts
  * add, max|l| takes the larger. */
@@ -465,22 +582,22 @@ int klm_cpu_has_avx2(void) {
 /* Which body runs: 1 with the AVX2 intrinsics, 0 with the portable loop only. */
 int klm_vector_isa(void) { return klm_isa; }
 
-/* Whether klm_token_moments reads inputs of this dtype at this clamp: float32 always;
- * bf16 and fp16 with the AVX2 body and float block sums. Elsewhere the caller converts to
- * float32 first. */
-int klm_reads_dtype(int dtype, float clamp) {
+/* Whether klm_token_moments reads inputs of this dtype: float32 always; bf16 and fp16 with
+ * the AVX2 body (at any clamp). Elsewhere the caller converts to float32 first. */
+int klm_reads_dtype(int dtype) {
     if (dtype == KLM_F32) return 1;
-    return klm_isa == 1 && clamp <= FLOAT_BLOCKS_UP_TO && (dtype == KLM_BF16 || dtype == KLM_F16);
+    return klm_isa == 1 && (dtype == KLM_BF16 || dtype == KLM_F16);
 }
 
 #ifdef KLM_X86
-/* klm_token_moments' float-block form with the AVX2 body: whole vectors of 8 tokens by
- * range_avx2, the last < 8 as float32 by the portable loop. */
+/* klm_token_moments with the AVX2 body: whole vectors of 8 tokens by range_avx2, the last
+ * < 8 as float32 by the portable loop. */
 static KLM_AVX2_FN void token_moments_avx2(const void* logp, const void* ref, int dtype,
                                            const uint8_t* mask, int64_t lo, int64_t hi,
-                                           const float* shift, float clamp, double* out) {
+                                           const float* shift, float clamp, float threshold,
+                                           double* out) {
     int64_t mid = lo + ((hi - lo) & ~(int64_t)7);
-    range_avx2(logp, ref, dtype, mask, lo, mid, shift, clamp, out);
+    range_avx2(logp, ref, dtype, mask, lo, mid, shift, clamp, threshold, out);
     if (mid < hi) {
         float tl[8], tr[8];
         double tail[NOUT];
@@ -488,40 +605,35 @@ static KLM_AVX2_FN void token_moments_avx2(const void* logp, const void* ref, in
             tl[i - mid] = load1(logp, i, dtype);
             tr[i - mid] = load1(ref, i, dtype);
         }
-        range_float_blocks(tl, tr, mask ? mask + mid : mask, 0, hi - mid, shift, clamp, tail);
+        range_float_blocks(tl, tr, mask ? mask + mid : mask, 0, hi - mid, shift, clamp, threshold, tail);
         add_sums(out, tail);
     }
 }
 #endif
 
-/* Shifted sums over tokens [lo, hi): out = S1[6], S2[6], count, nonfinite, clamped, max|l|.
+/* Shifted sums over tokens [lo, hi): out = S1[6], S2[6], count, nonfinite, extreme, max|l|.
  * mask may be NULL (every token valid); otherwise a token is valid where mask is nonzero.
- * Both inputs have element type dtype, which klm_reads_dtype must accept (else out is NaN). */
+ * clamp (> 0, +inf for none) bounds |l| before the estimators; extreme counts the valid,
+ * finite tokens with |l| > threshold. Both inputs have element type dtype, which
+ * klm_reads_dtype must accept (else out is NaN). */
 void klm_token_moments(const void* logp, const void* ref, int dtype, const uint8_t* mask,
-                       int64_t lo, int64_t hi, const float* shift, float clamp, double* out) {
-    if (!klm_reads_dtype(dtype, clamp)) {
+                       int64_t lo, int64_t hi, const float* shift, float clamp, float threshold,
+                       double* out) {
+    if (!klm_reads_dtype(dtype)) {
         for (int k = 0; k < NOUT; k++) out[k] = __builtin_nan("");
         return;
     }
 #ifdef KLM_X86
     if (klm_isa == 1) {
-        if (clamp <= FLOAT_BLOCKS_UP_TO) {
-            token_moments_avx2(logp, ref, dtype, mask, lo, hi, shift, clamp, out);
-        } else {
-            range_double_avx2(logp, ref, mask, lo, hi, shift, clamp, out);
-        }
+        token_moments_avx2(logp, ref, dtype, mask, lo, hi, shift, clamp, threshold, out);
         return;
     }
 #endif
-    if (clamp <= FLOAT_BLOCKS_UP_TO) {
-        range_float_blocks(logp, ref, mask, lo, hi, shift, clamp, out);
-    } else {
-        range_double(logp, ref, mask, lo, hi, shift, clamp, out);
-    }
+    range_float_blocks(logp, ref, mask, lo, hi, shift, clamp, threshold, out);
 }
 
-/* The moments-vector layout of klmonitor/_moments.py (a test checks they agree): count,
- * mean[6], M2[6], tokens, nonfinite, clamped, max|l|. */
+/* The moments-vector layout of klmonitor/_layout.py (a test checks they agree): count,
+ * mean[6], M2[6], tokens, nonfinite, extreme, max|l|. */
 #define V_COUNT 0
 #define V_MEAN 1
 #define V_M2 (V_MEAN + NQ)
@@ -530,20 +642,38 @@ void klm_token_moments(const void* logp, const void* ref, int dtype, const uint8
 
 int klm_vector_size(void) { return V_SIZE; }
 
+static inline int finite_d(double x) { return x <= DBL_MAX && x >= -DBL_MAX; }
+
 /* Merge shifted sums (as klm_token_moments writes them, with the shift they used) into the
- * moments vector acc, in place: Chan's parallel update in double, as _moments.merge does. */
+ * moments vector acc, in place: Chan's parallel update in double, as _moments.merge does.
+ * Values beyond double (a token with l above ~354 has (r - 1)^2 > DBL_MAX, one above ~709.78
+ * has r - 1 = +inf) leave M2, or the mean, +-inf, never NaN: each quantity's infinities
+ * share one sign (r - 1, k3, kl_pq: +inf; k2 - k3: -inf; k1 and k2 stay finite). */
 void klm_fold_sums(double* acc, const float* shift, const double* sums) {
     const double nb = sums[12];
     if (nb > 0) {
         const double na = acc[V_COUNT], n = na + nb;
         for (int k = 0; k < NQ; k++) {
-            double s1 = sums[k], mean_b = (double)shift[k] + s1 / nb;
+            const double s1 = sums[k], s2 = sums[NQ + k];
+            const double mean_b = (double)shift[k] + s1 / nb;
             /* One sample has M2 = 0 exactly; S2 - S1^2 would leave float32's rounding of
-             * the square where the shift sample missed that token. */
-            double m2_b = nb == 1 ? 0 : sums[NQ + k] - s1 * s1 / nb;
-            double delta = mean_b - acc[V_MEAN + k];
-            acc[V_MEAN + k] += delta * (nb / n);
-            acc[V_M2 + k] += (m2_b > 0 ? m2_b : 0) + delta * delta * (na * nb / n);
+             * the square where the shift sample missed that token. S1 (S1 / nb) <= S2 does
+             * not overflow where S2 is finite. */
+            double m2_b = 0;
+            if (nb != 1) m2_b = finite_d(s2) && finite_d(s1) ? s2 - s1 * (s1 / nb) : INFINITY;
+            if (!(m2_b > 0)) m2_b = 0;
+            const double mean_a = acc[V_MEAN + k];
+            if (na == 0) {
+                acc[V_MEAN + k] = mean_b;
+                acc[V_M2 + k] = m2_b;
+            } else if (finite_d(mean_a) && finite_d(mean_b)) {
+                const double delta = mean_b - mean_a;
+                acc[V_MEAN + k] = mean_a + delta * (nb / n);
+                acc[V_M2 + k] += m2_b + delta * delta * (na * nb / n);
+            } else {  /* an infinite mean: the other one cannot cancel it */
+                acc[V_MEAN + k] = mean_a * (na / n) + mean_b * (nb / n);
+                acc[V_M2 + k] = INFINITY;
+            }
         }
         acc[V_COUNT] = n;
     }
@@ -554,7 +684,7 @@ void klm_fold_sums(double* acc, const float* shift, const double* sums) {
 }
 
 /* Interface version: klmonitor/_native/__init__.py loads only the version it was written for. */
-int klm_abi_version(void) { return 2; }
+int klm_abi_version(void) { return 3; }
 
 /* sha256 of the moments.c this library was built from (setup.py defines it), so that a
  * library left from an older source is not used with a newer loader. */
@@ -573,11 +703,12 @@ int klm_openmp(void) {
 }
 
 /* Everything one update needs, in one call: the shift sample, the shifted sums over [0, n) on
- * up to nthreads OpenMP threads, and the merge into the moments vector acc. Returns 0, doing
+ * up to nthreads OpenMP threads (clamp and threshold as in klm_token_moments), and the merge
+ * into the moments vector acc. Returns 0, doing
  * nothing, when nthreads > 1 but the library was built without OpenMP (the caller then splits
  * the range over its own threads with klm_token_moments and merges with klm_fold_sums). */
 int klm_fold(const void* logp, const void* ref, int dtype, const uint8_t* mask, int64_t n,
-             float clamp, int nthreads, double* acc) {
+             float clamp, float threshold, int nthreads, double* acc) {
     float shift[NQ];
     double sums[NOUT];
 #ifndef _OPENMP
@@ -585,7 +716,7 @@ int klm_fold(const void* logp, const void* ref, int dtype, const uint8_t* mask, 
 #endif
     klm_sample_shift(logp, ref, dtype, mask, n, clamp, shift);
     if (nthreads <= 1) {
-        klm_token_moments(logp, ref, dtype, mask, 0, n, shift, clamp, sums);
+        klm_token_moments(logp, ref, dtype, mask, 0, n, shift, clamp, threshold, sums);
     } else {
 #ifdef _OPENMP
         double parts[64][NOUT];
@@ -595,7 +726,7 @@ int klm_fold(const void* logp, const void* ref, int dtype, const uint8_t* mask, 
         {
             int t = omp_get_thread_num(), nt = omp_get_num_threads();
             int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
-            klm_token_moments(logp, ref, dtype, mask, lo, hi, shift, clamp, parts[t]);
+            klm_token_moments(logp, ref, dtype, mask, lo, hi, shift, clamp, threshold, parts[t]);
             if (t == 0) used = nt;
         }
         for (int k = 0; k < NOUT; k++) sums[k] = parts[0][k];
