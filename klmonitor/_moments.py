@@ -512,7 +512,9 @@ def _seq_workspace(q: Tensor) -> tuple[Tensor, ...]:
     return (*q.unbind(0), q[0:2], q[1:5], q[0:3], q[1:2].view(1, -1))
 
 
-def token_moments_torch(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, threshold: float) -> Tensor:
+def token_moments_torch(
+    logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, threshold: float
+) -> Tensor:
     """Moments vector over the valid tokens of flat tensors, in eager torch ops."""
     return token_fold_torch(empty(logp.device), logp, ref, mask, clamp, threshold)
 
@@ -539,7 +541,9 @@ def token_moments_compiled(
     return result
 
 
-def sequence_moments(logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, threshold: float) -> Tensor:
+def sequence_moments(
+    logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, threshold: float
+) -> Tensor:
     """Moments vector over sequences of ``[B, T]`` inputs.
 
     Each row's quantities are summed over its valid tokens; a row with no valid token is not a

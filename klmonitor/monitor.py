@@ -199,7 +199,9 @@ class Monitor:
             raise ValueError(f"stop_on names unknown rules {unknown}; the rules are {sorted(names)}")
         self.stop_on = tuple(stop_on)
         # Validates level, clamp, extreme and backend with KLStats' own messages.
-        self.stats = KLStats(level=level, clamp=clamp, extreme=extreme, backend=backend, sync_on_compute=False)
+        self.stats = KLStats(
+            level=level, clamp=clamp, extreme=extreme, backend=backend, sync_on_compute=False
+        )
         self.level: Level = level
         # The rollout engine as the sampler, the trainer as the reference: KL(rollout || trainer).
         self.rollout_stats = KLStats(
