@@ -219,6 +219,7 @@ class KLStats(Metric):
                         ref_logprobs.reshape(-1),
                         flat_mask,
                         self.clamp,
+                        self.clamp,  # threshold: the extreme count (min(extreme, clamp) once merged)
                         interpret=logprobs.device.type == "cpu",
                     )
                 return
@@ -265,12 +266,12 @@ class KLStats(Metric):
 
     def _use_triton(self, logp: Tensor, ref: Tensor) -> bool:
         # The fused Triton kernel: CUDA float32/bf16/fp16 inputs (or CPU tensors under Triton's
-        # interpreter, for backend="triton"), clamp <= 30; not after a failure.
+        # interpreter, for backend="triton"), at any clamp; not after a failure.
         if self.backend not in ("auto", "triton") or self._triton_failed:
             return False
         if logp.device.type != "cuda" and self.backend != "triton":
             return False
-        return bool(_fused().supports(logp, ref, self.clamp))
+        return bool(_fused().supports(logp, ref))
 
     def _use_eager(self, logp: Tensor, ref: Tensor) -> bool:
         # The eager torch path: wherever neither compile nor a fused kernel runs.
