@@ -113,12 +113,13 @@ if tl is not None:
         k2 = 0.5 * x
         if LIBDEVICE:
             em1_big = libdevice.expm1(l)
-        else:  # expm1 from exp and log (Kahan's trick), as accurate as they are
+        else:  # expm1 from exp and log (Kahan's trick near u = 1), as accurate as they are
             u = tl.exp(l)
             lu = tl.log(u)
-            # u = 1: l; u = 0 (l below -745): -1; u = inf (l above 709.78): inf
-            ok = (u != 1.0) & (u > 0.0) & (u < float("inf")) & (lu != 0.0)
-            em1_big = tl.where(ok, (u - 1.0) * (l / tl.where(ok, lu, 1.0)), tl.where(u == 1.0, l, u - 1.0))
+            # elsewhere u - 1 does not cancel (and log of a subnormal u would be inexact);
+            # u = 0 (l below -745) gives -1, u = inf (l above 709.78) inf
+            near = (u > 0.5) & (u < 2.0) & (lu != 0.0)
+            em1_big = tl.where(near, (u - 1.0) * (l / tl.where(near, lu, 1.0)), u - 1.0)
         k3 = tl.where(small, k2 + t, em1_big - l)
         em1 = tl.where(small, l + k3, em1_big)
         diff = tl.where(small, -t, k2 - k3)
@@ -209,7 +210,8 @@ def _float32_around(threshold: float) -> tuple[float, float]:
 
     For a float32 ``a``, ``a > threshold`` exactly when ``a > lo``.
     """
-    t = np.float32(threshold)
+    with np.errstate(over="ignore"):  # above float32's range: inf
+        t = np.float32(threshold)
     if float(t) > threshold:
         return float(np.nextafter(t, np.float32(-np.inf))), float(t)
     if float(t) < threshold:
