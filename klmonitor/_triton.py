@@ -51,8 +51,8 @@ NUM_WARPS = 4
 GROUP = 64
 _ROW = 4 + 3 * mom.NQ  # valid, extreme, good, max|l|, then 6 x (m, C, S2)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: Above this clamped |l| a tile takes the float64 body: float32 squares of l e**l overflow
-#: above ~44 and float32's exp above 88.7.
+#: Above this clamped |l| the float64 kernel redoes a tile: float32 squares of l e**l
+#: overflow above ~44 and float32's exp above 88.7.
 WIDE_ABOVE = 30.0
 
 

@@ -69,7 +69,7 @@ def cases() -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, 
 
 
 #: Target log-ratios of the exactness cases (each also negated): across float32's range
-#: (30: the float64 body; 88.7: float32's exp overflows) to 700 (r - 1 = 1e304).
+#: (30: the float64 kernel; 88.7: float32's exp overflows) to 700 (r - 1 = 1e304).
 EXACT_L = (1e-6, 0.05, 0.3, 1.0, 10.0, 20.0, 29.9, 30.5, 31.0, 40.0, 88.0, 89.0, 100.0, 300.0, 700.0)
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 MIXED_N = BLOCK + 300  # two tiles, the second a partial one
@@ -109,7 +109,7 @@ def exact_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     ``one_{dtype}_{m|n}_{target}``: one token of log-ratio ``target`` (with a mask: and a
     masked-off token of ``l = 50.5``); ``mixed_{dtype}_{m|n}_{target}``: that token among
     ``MIXED_N`` ordinary tokens, in tile 0 or (every other target) the partial tile 1, so only
-    that tile can take the float64 body; ``all_{dtype}_{m|n}``: every target at once in
+    that tile can take the float64 kernel; ``all_{dtype}_{m|n}``: every target at once in
     ``ALL_N`` ordinary tokens, those above 30 in tile 1 only. No clamp, threshold 20.
     """
     out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float, float]] = {}
