@@ -227,8 +227,8 @@ if tl is not None:
                     else:
                         valid = inb
                     # above l = 700 (e**l at float64's limit), without a clamp below it: non-finite
-                    usable = (l64 <= 700.0) | (clamp64 <= 700.0)
-                    good = valid & (tl.abs(l64) < float("inf")) & usable
+                    up = tl.where(clamp64 > 700.0, 700.0, float("inf"))
+                    good = valid & (tl.abs(l64) < float("inf")) & (l64 <= up)
                     az = tl.where(good, tl.abs(l64), 0.0)
                     cnt = tl.sum(good.to(tl.float32), axis=0)
                     tl.store(row + 0, tl.sum(valid.to(tl.float32), axis=0))
