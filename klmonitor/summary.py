@@ -162,7 +162,7 @@ class KLSummary:
         >>> import torch; from klmonitor import KLStats
         >>> s = KLStats(); s.update(torch.zeros(4), torch.full((4,), 0.1))
         >>> sorted(s.compute().to_dict())[:3]
-        ['kl/drift_k2_k3', 'kl/drift_z', 'kl/ess_fraction']
+        ['kl/drift_k2_k3', 'kl/ess_fraction', 'kl/extreme']
         """
         out: dict[str, float] = {}
         kl = self.kl
