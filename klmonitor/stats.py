@@ -235,16 +235,8 @@ class KLStats(Metric):
             # CUDA tensors: the fused Triton kernel, one pass, folded into the state.
             try:
                 with torch.no_grad():
-                    flat_mask = valid.reshape(-1) if valid is not None else None
-                    self._acc = _fused().fold(
-                        self._acc,
-                        logprobs.reshape(-1),
-                        ref_logprobs.reshape(-1),
-                        flat_mask,
-                        self._clamp,
-                        self._threshold,
-                        interpret=logprobs.device.type == "cpu",
-                    )
+                    flat = self._flat(logprobs, ref_logprobs, valid)
+                    self._acc = _fused().fold(self._acc, *flat, interpret=logprobs.device.type == "cpu")
                 return
             except Exception as err:  # e.g. a GPU Triton cannot compile for: never crash training
                 self._triton_failed = True
@@ -263,15 +255,7 @@ class KLStats(Metric):
             # GPUs without the fused kernel, backend="torch": eager ops in bounded chunks, folded
             # into the state directly (under no_grad: no detach ops, no graph).
             with torch.no_grad():
-                flat_mask = valid.reshape(-1) if valid is not None else None
-                self._acc = mom.token_fold_torch(
-                    self._acc,
-                    logprobs.reshape(-1),
-                    ref_logprobs.reshape(-1),
-                    flat_mask,
-                    self._clamp,
-                    self._threshold,
-                )
+                self._acc = mom.token_fold_torch(self._acc, *self._flat(logprobs, ref_logprobs, valid))
             return
         logp, ref = logprobs.detach(), ref_logprobs.detach()
         if self.level == "sequence":
@@ -289,6 +273,13 @@ class KLStats(Metric):
                 logp.reshape(-1), ref.reshape(-1), flat_mask, self._clamp, self._threshold
             )
         self._acc = mom.merge(self._acc, chunk)
+
+    def _flat(
+        self, logprobs: Tensor, ref_logprobs: Tensor, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, float, float]:
+        """A token-level fold's arguments: flat inputs and mask, the clamp and the threshold."""
+        flat_mask = valid.reshape(-1) if valid is not None else None
+        return logprobs.reshape(-1), ref_logprobs.reshape(-1), flat_mask, self._clamp, self._threshold
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
