@@ -192,3 +192,29 @@ def test_categorical_heavy_tails_within_4_standard_errors(backend: str, device: 
         c = peers.compute()
         assert exact - c.k3.mean > 10 * c.k3.stderr, (c.k3.mean, exact)
         assert s.extreme > 0 and c.extreme == s.extreme
+
+
+SEQUENCE_BACKENDS = [b for b in BACKENDS if b[0] != "native"]  # the native kernel is token level
+
+
+@pytest.mark.parametrize("backend,device", SEQUENCE_BACKENDS, ids=[f"{b}-{d}" for b, d in SEQUENCE_BACKENDS])
+def test_sequence_level_sums_extreme_tokens_exactly(backend: str, device: str) -> None:
+    # level="sequence": each row's sum over its tokens, an extreme one among them, against the
+    # sums of 50-digit values (the native kernel is token level only).
+    g = torch.Generator().manual_seed(5)
+    rows, length = 8, 64
+    logp = -torch.rand(rows, length, generator=g) * 3
+    ref = logp + 0.1 * torch.randn(rows, length, generator=g)
+    extremes = (-700.0, -40.0, -30.0, 25.0, 45.0, 90.0, 300.0, 700.0)
+    for r, l in enumerate(extremes):
+        logp[r, 3 * r], ref[r, 3 * r] = (-l, 0.0) if l > 0 else (0.0, l)
+    held = (ref - logp).double().numpy()
+    per_row = np.array([np.sum([exact_quantities(float(x)) for x in row], axis=0) for row in held])
+    stats = KLStats(level="sequence", backend=backend)  # type: ignore[arg-type]
+    stats.update(logp.to(device), ref.to(device))
+    s = stats.compute()
+    assert s.count == rows and s.extreme == len(extremes)
+    assert not np.isnan(stats.summary_vector().double().cpu().numpy()).any()
+    for j, name in enumerate(QUANTITIES):
+        want = per_row[:, j].mean()
+        assert getattr(s, name).mean == pytest.approx(want, rel=1e-4), name
