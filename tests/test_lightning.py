@@ -223,3 +223,40 @@ def test_rollout_log_probs_and_token_ids_through_the_callback(tmp_path: Path, pa
     tags = events(tmp_path).Tags()
     assert "kl/rollout/k3/mean" in tags["scalars"] and "kl/by_position/0-1/k3" in tags["scalars"]
     assert {"kl/top_sequences/text_summary", "kl/top_tokens/text_summary"} <= set(tags["tensors"])
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_extreme_tokens_are_counted_alerted_and_kept_exact(tmp_path: Path, package: str) -> None:
+    # One valid token per step at l = -30 (the policy emits it e^30 times more readily than the
+    # reference): kl/extreme counts it, the extreme rule fires, and k3 keeps its full value (no
+    # clamp by default) while clamp=20 (peers' behaviour) cuts it.
+    base = lightning_toy_policy() if package == "lightning" else ToyPolicy
+
+    class WithExtreme(base):  # type: ignore[misc, valid-type]
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            out = super().training_step(batch, batch_idx)
+            first = int(torch.nonzero(out["mask"].reshape(-1))[0])
+            ref = out["ref_logprobs"].detach().contiguous().clone()
+            ref.view(-1)[first] = out["logprobs"].detach().reshape(-1)[first] - 30.0
+            out["ref_logprobs"] = ref
+            return out
+
+    pl = _pl(package)
+    runs = {}
+    for name, kwargs in (("exact", {}), ("clamped", {"clamp": 20.0})):
+        mon = _monitor_cls(package)(log_every_n_steps=3, extreme=25.0, **kwargs)
+        make_trainer(
+            tmp_path / name, 3, loggers=[pl.loggers.TensorBoardLogger(str(tmp_path / name))], callbacks=[mon],
+            package=package,
+        ).fit(WithExtreme())  # fmt: skip
+        runs[name] = mon
+    exact, clamped = runs["exact"].last_summary, runs["clamped"].last_summary
+    assert exact is not None and clamped is not None
+    assert exact.extreme == 3 and clamped.extreme == 3  # a clamp below extreme= counts what it clamps
+    assert exact.max_abs_log_ratio == pytest.approx(30.0, abs=0.5)
+    # each step's l = -30 token adds 29 to the k3 sum without a clamp, 19 with clamp=20
+    gap = (exact.k3.mean - clamped.k3.mean) * exact.tokens
+    assert gap == pytest.approx(3 * ((math.exp(-30) + 29) - (math.exp(-20) + 19)), rel=1e-3)
+    assert [a.rule for a in runs["exact"].alert_history].count("extreme") == 1
+    tags = events(tmp_path / "exact").Tags()["scalars"]
+    assert "kl/extreme" in tags and "kl/clamped" not in tags

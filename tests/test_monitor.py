@@ -269,3 +269,23 @@ def test_empty_window_warns_and_reset_window_starts_over() -> None:
     assert mon.flush(5) is None  # the batch was dropped with the window
     mon.update(*_batch(torch.Generator().manual_seed(8)))
     assert mon.step(1) is None and mon.step(2) is not None  # schedule restarted at 0
+
+
+def test_clamp_and_extreme_reach_both_windows_and_the_logs() -> None:
+    # Monitor(extreme=, clamp=) configures the main and the rollout statistics alike; the count
+    # is logged as kl/extreme and the tokens keep their exact values without a clamp.
+    logged: list[dict[str, float]] = []
+    mon = Monitor(log_every_n_steps=1, extreme=5.0, sinks=lambda metrics, step: logged.append(metrics))
+    assert mon.stats.extreme == mon.rollout_stats.extreme == 5.0
+    assert mon.stats.clamp is None and mon.rollout_stats.clamp is None
+    logp = torch.zeros(4)
+    ref = torch.tensor([0.0, -6.0, 7.0, -40.0])
+    mon.update(logp, ref, rollout_logprobs=logp + torch.tensor([0.0, 0.0, 0.0, 6.0]))
+    res = mon.step(1)
+    assert res is not None
+    assert res.summary.extreme == 3 and logged[-1]["kl/extreme"] == 3.0
+    assert res.summary.rollout is not None and res.summary.rollout.kl.extreme == 1
+    want = (math.expm1(-6.0) + 6.0 + math.expm1(7.0) - 7.0 + math.expm1(-40.0) + 40.0) / 4
+    assert res.summary.k3.mean == pytest.approx(want, rel=1e-6)
+    clamped = Monitor(log_every_n_steps=1, clamp=10.0, sinks=[])
+    assert clamped.stats.clamp == clamped.rollout_stats.clamp == 10.0

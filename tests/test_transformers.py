@@ -256,3 +256,11 @@ def test_two_processes_reduce_alert_and_stop_alike(tmp_path: Path) -> None:
     for tag in ("kl/k3/mean", "kl/k1/mean", "kl/k3/std", "kl/tokens"):
         assert r0["seen"][3][tag] == pytest.approx(want[tag], rel=1e-5), tag
     assert want["kl/tokens"] > reference_window(r0["records"], 0, 3)["kl/tokens"], "both ranks' tokens count"
+
+
+def test_clamp_and_extreme_reach_the_monitor() -> None:
+    kl = KLMonitorCallback(extreme=5.0)
+    assert kl.monitor.stats.extreme == 5.0 and kl.monitor.stats.clamp is None
+    assert KLMonitorCallback(clamp=10.0).monitor.stats.clamp == 10.0
+    with pytest.raises(ValueError, match="extreme"):
+        KLMonitorCallback(extreme=0)
