@@ -32,3 +32,9 @@ if __name__ == "__main__":
         },
         out / f"rank{os.environ['RANK']}.pt",
     )
+    # Tear the gloo process group down before the interpreter does: left to exit, its threads
+    # are destroyed while joinable now and then ("terminate called without an active
+    # exception", SIGABRT) on a loaded machine.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
