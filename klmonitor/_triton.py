@@ -53,7 +53,7 @@ _ROW = 4 + 3 * mom.NQ  # valid, extreme, good, max|l|, then 6 x (m, C, S2)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Above this clamped |l| the float64 kernel redoes a tile: float32 squares of l e**l
 #: overflow above ~44 and float32's exp above 88.7.
-WIDE_ABOVE = 30.0
+WIDE_ABOVE = mom.FLOAT32_CLAMP
 
 
 try:  # optional: without Triton, KLStats runs the eager torch path
@@ -89,6 +89,7 @@ if tl is not None:
     # The jit functions' parameters are annotated tl.tensor, not typing.Any: Triton resolves
     # annotations while compiling and refuses globals that are not constexpr (Triton 3.6).
     _WIDE = tl.constexpr(WIDE_ABOVE)
+    _LOG_MAX = tl.constexpr(mom.LOG_MAX)  # above, a token is non-finite (see _moments.LOG_MAX)
 
     @triton.jit
     def _put_stats(row: tl.tensor, COL: tl.constexpr, q: tl.tensor, good: tl.tensor, inv: tl.tensor) -> None:
@@ -227,7 +228,7 @@ if tl is not None:
                     else:
                         valid = inb
                     # above l = 700 (e**l at float64's limit), without a clamp below it: non-finite
-                    up = tl.where(clamp64 > 700.0, 700.0, float("inf"))
+                    up = tl.where(clamp64 > _LOG_MAX, _LOG_MAX, float("inf"))
                     good = valid & (tl.abs(l64) < float("inf")) & (l64 <= up)
                     az = tl.where(good, tl.abs(l64), 0.0)
                     cnt = tl.sum(good.to(tl.float32), axis=0)

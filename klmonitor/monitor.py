@@ -432,7 +432,7 @@ class Monitor:
             pick = slice(start, start + stride * self.position_rows, stride)
             logp, ref = logp[pick], ref[pick]
             valid = valid[pick] if valid is not None else None
-        clamp = self.stats._clamp
+        clamp, _ = self.stats.limits
         # float64 where float32's exp could overflow (no clamp, by default): exact k3 to |l| = 700
         lr = est.log_ratio(logp, ref)
         lr = lr.double() if clamp > mom.FLOAT32_CLAMP else lr

@@ -274,6 +274,14 @@ class KLStats(Metric):
             )
         self._acc = mom.merge(self._acc, chunk)
 
+    @property
+    def limits(self) -> tuple[float, float]:
+        """``(clamp, threshold)`` as the kernels take them.
+
+        The clamp (``inf`` for none) and the extreme-count threshold ``min(extreme, clamp)``.
+        """
+        return self._clamp, self._threshold
+
     def _flat(
         self, logprobs: Tensor, ref_logprobs: Tensor, valid: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor | None, float, float]:

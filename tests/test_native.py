@@ -699,7 +699,7 @@ def test_python_thread_split_matches_the_torch_path(body: str, workers: int) -> 
     native = KLStats(backend="native")
     native.update(logp[:10], ref[:10], mask[:10])
     plain.update(logp[:10], ref[:10], mask[:10])
-    _native._fold_threads(lib, logp, ref, mask, native._clamp, native._threshold, workers, native._acc.numpy())
+    _native._fold_threads(lib, logp, ref, mask, *native.limits, workers, native._acc.numpy())
     assert_summaries_match(native.compute(), plain.compute(), rtol=BACKEND_RTOL)
 
 

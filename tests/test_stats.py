@@ -833,7 +833,8 @@ def test_valid_constructor_arguments() -> None:
     KLStats(level="sequence", clamp=80, backend="torch")
     KLStats(clamp=1e-3)
     KLStats(clamp=700.5, extreme=1e-3)
-    assert KLStats(clamp=float("inf"))._clamp == math.inf
+    assert KLStats(clamp=float("inf")).limits == (math.inf, 20.0)
+    assert KLStats(clamp=10.0).limits == (10.0, 10.0)
     assert KLStats().clamp is None and KLStats().extreme == 20.0
     assert "sequence" in repr(KLStats(level="sequence"))
 
