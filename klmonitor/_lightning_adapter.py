@@ -68,7 +68,8 @@ class LightningAdapter:
             addition to rules built with ``stop_training=True``; decided on every rank alike.
         histogram: log a histogram of (a sample of) the window's log-ratios.
         histogram_samples: log-ratios kept per window for the histogram.
-        progress_bar: show the KL estimate (``k3`` mean) in Lightning's progress bar.
+        progress_bar: show the headline KL estimate (``cv``, see :attr:`KLSummary.kl`) in
+            Lightning's progress bar, as ``<prefix>cv``.
         strict: raise on bad input instead of warning once and skipping the step.
         clamp: ``None`` (default): exact values, no clamp; a number clamps log-ratios to
             ``[-clamp, clamp]`` as peers do (biased; see :class:`~klmonitor.KLStats`).
@@ -216,7 +217,7 @@ class LightningAdapter:
         kl = res.summary.kl
         # Lightning allows self.log in batch hooks only, not in on_train_end.
         if in_batch and self.progress_bar and res.summary.count > 0 and math.isfinite(kl):
-            pl_module.log(f"{self.prefix}k3", kl, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+            pl_module.log(f"{self.prefix}cv", kl, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         if res.stop:
             trainer.should_stop = True
 

@@ -470,7 +470,7 @@ def format_result(result: DemoResult) -> str:
     if result.history and result.history[0][1].count > 0:
         step, first = result.history[0]
         lines.append(
-            f"KL per token (k3): {first.kl:.2g} at step {step} (the policy starts as a copy of the "
+            f"KL per token (cv): {first.kl:.2g} at step {step} (the policy starts as a copy of the "
             f"reference) -> {result.history[-1][1].kl:.2g} at step {result.history[-1][0]}"
         )
     s = result.summary

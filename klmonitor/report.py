@@ -415,13 +415,17 @@ _HEIGHTS = {
 
 def _facts(data: RunData, unit: str) -> list[str]:
     facts = [f"{_FORMAT_LABEL[data.format]} log"]
-    k3, drift = data.series("k3/mean"), data.series("drift_k2_k3")
-    if k3 is not None and k3[0].size:
-        std = data.series("k3/std")
+    # The headline is cv (honest error bars at any KL); logs written before it existed have k3.
+    name = "cv" if data.series("cv/mean") is not None else "k3"
+    head, drift = data.series(f"{name}/mean"), data.series("drift_k2_k3")
+    if head is not None and head[0].size:
+        se = data.series(f"{name}/stderr")
         spread = (
-            f" (std {std[1][-1]:.3g})" if std is not None and std[0].size and std[0][-1] == k3[0][-1] else ""
+            f" ± {BAND_SE * se[1][-1]:.2g}"
+            if se is not None and se[0].size and se[0][-1] == head[0][-1]
+            else ""
         )
-        facts.append(f"last step {int(k3[0][-1])}: k3 = {k3[1][-1]:.3g}{spread} nats {unit}")
+        facts.append(f"last step {int(head[0][-1])}: KL ({name}) = {head[1][-1]:.3g}{spread} nats {unit}")
     if drift is not None and drift[0].size:
         facts.append(f"drift {drift[1][-1]:.3g}")
     rollout = data.series("rollout/k3/mean")

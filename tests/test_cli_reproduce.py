@@ -39,6 +39,14 @@ def _check_records(records: list[dict], samples: int) -> None:
     assert by[0.1, "k2"]["bias"] == pytest.approx(0.0025, abs=5 * se[0.1, "k2"])
     # The variances: k1 is far noisier than k3 when p is near q (the point of the note).
     assert by[0.1, "k1"]["std"] > 5 * by[0.1, "k3"]["std"]
+    # cv: unbiased, and at p = N(1, 1) its best lambda = 1 / (e - 1) gives std/KL of about 1.29
+    # (k3: 1.70); the closed form: Var(k1 + lam (r - 1)) with Var(k1) = mu^2, Var(r) = e^(mu^2) - 1,
+    # Cov(k1, r) = -mu^2, so the minimum is mu^2 - mu^4 / (e^(mu^2) - 1), over KL = mu^2 / 2.
+    for mu in (0.1, 1.0):
+        assert abs(by[mu, "cv"]["bias"]) <= 5 * se[mu, "k3"], by[mu, "cv"]
+        best = math.sqrt(mu**2 - mu**4 / math.expm1(mu**2)) / (mu**2 / 2)
+        assert by[mu, "cv"]["std"] == pytest.approx(best, rel=0.05), (mu, by[mu, "cv"], best)
+        assert by[mu, "cv"]["std"] <= by[mu, "k3"]["std"] * (1 + 1e-9)
 
 
 def test_reproduce_json_in_process(capsys: pytest.CaptureFixture[str]) -> None:

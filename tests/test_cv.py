@@ -1,0 +1,97 @@
+"""The control-variate estimate cv = k1 + lambda (r - 1), lambda from the window's own moments."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from klmonitor import KLStats, Monitor
+
+
+def _reference(l: np.ndarray) -> tuple[float, float, float]:
+    """float64 numpy: mean, variance (Bessel) and lambda of k1 + lambda (r - 1), lambda = -Cov / Var."""
+    k1, c = -l, np.expm1(l)
+    cov = np.cov(k1, c)  # Bessel-corrected 2x2
+    lam = -cov[0, 1] / cov[1, 1]
+    x = k1 + lam * c
+    # The residual variance of the least-squares fit: Var(k1) - Cov^2 / Var(r - 1).
+    var = cov[0, 0] - cov[0, 1] ** 2 / cov[1, 1]
+    return float(x.mean()), float(var), float(lam)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("scale", [0.05, 0.5, 2.0])
+def test_token_level_matches_float64(backend: str, scale: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    logp = torch.randn(5000, generator=g, dtype=torch.float64) - 3
+    ref = logp + scale * torch.randn(5000, generator=g, dtype=torch.float64) - scale**2 / 2
+    s = KLStats(backend=backend)
+    s.update(logp.float(), ref.float())
+    got = s.compute()
+    l = (ref.float() - logp.float()).double().numpy()
+    mean, var, lam = _reference(l)
+    assert got.cv_lambda == pytest.approx(lam, rel=1e-4, abs=1e-6)
+    assert got.cv.mean == pytest.approx(mean, rel=1e-4, abs=1e-9)
+    assert got.cv.var == pytest.approx(var, rel=1e-3)
+    assert got.cv.stderr == pytest.approx(math.sqrt(var / l.size), rel=1e-3)
+    # Never noisier than the two estimators it interpolates (least squares).
+    assert got.cv.var <= got.k1.var and got.cv.var <= got.k3.var
+    assert got.kl == got.cv.mean
+
+
+def test_sequence_level_is_over_sequence_sums() -> None:
+    g = torch.Generator().manual_seed(2)
+    logp = torch.randn(300, 40, generator=g) - 2
+    ref = logp + 0.3 * torch.randn(300, 40, generator=g)
+    mask = torch.rand(300, 40, generator=g) > 0.2
+    s = KLStats(level="sequence")
+    s.update(logp, ref, mask)
+    got = s.compute()
+    l = (ref - logp).double().numpy()
+    m = mask.numpy()
+    k1 = np.where(m, -l, 0).sum(1)
+    c = np.where(m, np.expm1(l), 0).sum(1)
+    cov = np.cov(k1, c)
+    lam = -cov[0, 1] / cov[1, 1]
+    assert got.cv_lambda == pytest.approx(lam, rel=1e-4)
+    assert got.cv.mean == pytest.approx(float((k1 + lam * c).mean()), rel=1e-4)
+    assert got.cv.var == pytest.approx(cov[0, 0] - cov[0, 1] ** 2 / cov[1, 1], rel=1e-3)
+
+
+def test_at_the_reference_cv_is_k3() -> None:
+    # Exact copy: every value 0. Differences at float32 rounding: the covariance is rounding,
+    # lambda stays 1 and cv is k3, never a noisy mix.
+    a = torch.randn(1000, generator=torch.Generator().manual_seed(3)) - 3
+    s = KLStats()
+    s.update(a, a)
+    got = s.compute()
+    assert (got.cv.mean, got.cv.var, got.cv_lambda) == (0.0, 0.0, 1.0)
+    s = KLStats()
+    s.update(a, a + 1e-6 * torch.randn(1000, generator=torch.Generator().manual_seed(4)))
+    got = s.compute()
+    assert got.cv_lambda == 1.0 and got.cv.mean == got.k3.mean and got.cv.var == got.k3.var
+    assert got.cv.mean >= 0
+
+
+def test_too_few_samples_fall_back_to_k3() -> None:
+    s = KLStats()
+    s.update(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]))
+    got = s.compute()
+    assert got.cv_lambda == 1.0 and got.cv.mean == got.k3.mean
+
+
+def test_logged_by_the_monitor() -> None:
+    seen: list[dict[str, float]] = []
+    mon = Monitor(log_every_n_steps=1, sinks=lambda metrics, step: seen.append(metrics))
+    g = torch.Generator().manual_seed(5)
+    logp = torch.randn(4, 64, generator=g) - 2
+    mon.update(logp, logp + 0.5 * torch.randn(4, 64, generator=g))
+    res = mon.step(1)
+    assert res is not None
+    m = seen[-1]
+    for key in ("kl/cv/mean", "kl/cv/std", "kl/cv/var", "kl/cv/stderr", "kl/cv/lambda"):
+        assert key in m
+    assert m["kl/cv/mean"] == res.summary.cv.mean
