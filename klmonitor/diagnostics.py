@@ -6,6 +6,8 @@ over ranks from the rows an ``all_gather`` stacks (:meth:`merge_rows`). At a log
 :meth:`host` picks the few numbers worth moving to the host and :meth:`read` turns them into
 the plain dataclasses of :mod:`klmonitor.summary`.
 
+- :class:`InitialCheck`: the batches fed before the first optimizer step: tokens, those
+  differing beyond float rounding, and their summed k1 and k3.
 - :class:`RatioRange`: smallest and largest log importance ratio, and tokens outside
   ``[0.5, 2]``, of the rollout engine against the trainer.
 - :class:`PositionProfile`: summed k3 and tokens per log-spaced position bucket.
@@ -22,9 +24,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from klmonitor.summary import PositionBucket, TopSequence, TopToken
+from klmonitor import estimators as est
+from klmonitor._moments import LOG_MAX
+from klmonitor.summary import InitialSummary, PositionBucket, TopSequence, TopToken
 
-__all__ = ["PositionProfile", "RatioRange", "TopSequences", "TopTokens", "bucket_labels"]
+__all__ = ["InitialCheck", "PositionProfile", "RatioRange", "TopSequences", "TopTokens", "bucket_labels"]
 
 Decode = Callable[[list[int]], str]
 _LN2 = math.log(2.0)
@@ -67,6 +71,56 @@ class _Accumulator:
     def host(self, merged: Tensor) -> Tensor:
         """What :meth:`read` needs of the merged window (moved to the host with the rest)."""
         return merged
+
+
+# A token "differs" when |l| exceeds this many machine epsilons of the log-probs' dtype times the
+# larger |log-prob|: two roundings of one value to that dtype differ by at most one unit in the
+# last place (at most one epsilon relative), so an exact copy never gets there.
+_ROUNDING_EPS = 2.0
+
+
+class InitialCheck(_Accumulator):
+    """Tokens, tokens differing beyond rounding, summed k3 and k1 of the untrained policy's batches.
+
+    Fed by :class:`~klmonitor.Monitor` only before the first optimizer step, so its cost (a few
+    float64 ops per token) is paid once per run. Additive: ranks merge by a sum.
+
+    >>> import torch
+    >>> c = InitialCheck(); lp = torch.full((100,), -3.0)
+    >>> c.update(lp, lp + torch.linspace(-0.1, 0.1, 100), None)  # dropout-like noise
+    >>> s = c.read(c.host(c.vector(lp.device)).tolist()); s.tokens, s.differing, round(s.kl, 5)
+    (100, 100, 0.0017)
+    """
+
+    size = 4
+
+    def update(self, logp: Tensor, ref: Tensor, valid: Tensor | None) -> None:
+        """Fold a batch's log-probs (``valid``: the tokens the statistics count, or ``None``)."""
+        v = self._state(logp.device)
+        lp, rf = logp.detach().double(), ref.detach().double()
+        lr = rf - lp
+        ok = torch.isfinite(lr) & (lr <= LOG_MAX)  # as the statistics: beyond is non-finite
+        ok = ok if valid is None else ok & valid.to(logp.device)
+        eps = max(torch.finfo(logp.dtype).eps, torch.finfo(ref.dtype).eps)
+        bound = _ROUNDING_EPS * eps * torch.maximum(lp.abs(), rf.abs())
+        lz = torch.where(ok, lr, 0.0)
+        part = torch.stack(
+            [
+                ok.sum(dtype=torch.float64),
+                ((lz.abs() > bound) & ok).sum(dtype=torch.float64),
+                torch.where(ok, est.k3(lz), 0.0).sum(),
+                torch.where(ok, -lz, 0.0).sum(),
+            ]
+        )
+        self._v = v + part
+
+    @staticmethod
+    def read(values: Sequence[float]) -> InitialSummary | None:
+        """The summary of the merged window; ``None`` when no batch came before the first step."""
+        n = int(values[0])
+        if n <= 0:
+            return None
+        return InitialSummary(tokens=n, differing=int(values[1]), kl=values[2] / n, k1=values[3] / n)
 
 
 class RatioRange(_Accumulator):

@@ -25,7 +25,7 @@ from klmonitor import _moments as mom
 from klmonitor import estimators as est
 from klmonitor._validate import check_bool, check_callables, check_int, check_number, check_str
 from klmonitor.alerts import Alert, AlertEngine, Rule, default_rules
-from klmonitor.diagnostics import Decode, PositionProfile, RatioRange, TopSequences, TopTokens
+from klmonitor.diagnostics import Decode, InitialCheck, PositionProfile, RatioRange, TopSequences, TopTokens
 from klmonitor.sinks import Sink, WarnOnce, make_sinks
 from klmonitor.stats import KLStats
 from klmonitor.summary import KLSummary, Level, RolloutSummary
@@ -140,7 +140,7 @@ class Monitor:
     ...     mon.update(torch.tensor([-1.0, -2.0]), torch.tensor([-1.1, -1.8]))
     ...     res = mon.step(step)
     >>> res is None, seen, round(mon.last_summary.kl, 5)
-    (True, [2], 0.01312)
+    (True, [2], 0.00982)
     >>> mon.flush(3).step, seen
     (3, [2, 3])
     """
@@ -208,6 +208,9 @@ class Monitor:
             level="token", clamp=clamp, extreme=extreme, backend=backend, sync_on_compute=False
         )
         self._ratio = RatioRange()
+        # The batches scored before the first optimizer step: the initial_kl rule's evidence.
+        self._initial = InitialCheck()
+        self._untrained = True
         self.positions = (
             PositionProfile(check_int(position_buckets, "position_buckets", low=2))
             if check_bool(by_position, "by_position")
@@ -302,15 +305,19 @@ class Monitor:
         return self
 
     def _parts(self) -> list[Any]:
-        return [p for p in (self._ratio, self.positions, self.sequences, self.tokens) if p is not None]
+        parts = (self._ratio, self.positions, self.sequences, self.tokens, self._initial)
+        return [p for p in parts if p is not None]
 
     def reset_window(self, step: int = 0) -> None:
         """Start afresh: drop the open window and restart the schedule at ``step`` (a new run).
 
         Windows then are ``(step, step + N]``, ... Alert rules and their history are kept;
-        :meth:`load_state_dict` restores those.
+        :meth:`load_state_dict` restores those. At ``step`` 0 the batches fed before the first
+        :meth:`step` count as the untrained policy's (the ``initial_kl`` check); a run started
+        at a later step is past its start.
         """
         step = check_int(step, "step", low=0, hint=" (the step training starts from)")
+        self._untrained = step == 0
         self._reset_window()
         self._last_logged_step = step
         self._step_seen = step
@@ -365,11 +372,13 @@ class Monitor:
         ids = self._checked_ids(token_ids, logp) if token_ids is not None and uses_ids else None
         wants_rows = (self.positions is not None or self.sequences is not None) and logp.dim() == 2
         diagnose = wants_rows or (self.tokens is not None and ids is not None)
-        if rollout_logprobs is not None or diagnose:
+        if rollout_logprobs is not None or diagnose or self._untrained:
             # The tokens KLStats counted (a numeric mask counts where it is exactly 1).
             valid = (
                 None if mask is None else (mask if mask.dtype == torch.bool else mask == 1).to(logp.device)
             )
+            if self._untrained:  # scored before the first optimizer step: the initial_kl check
+                self._initial.update(logp, ref, valid)
             if rollout_logprobs is not None:
                 self._update_rollout(logp, rollout_logprobs, mask, valid)
             if diagnose:
@@ -506,6 +515,8 @@ class Monitor:
         """
         step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
         self._step_seen = step
+        if step > 0:  # an optimizer step has changed the policy
+            self._untrained = False
         if step >= (self._last_logged_step // self._every + 1) * self._every:
             return self._end_window(step)
         return None
@@ -565,6 +576,7 @@ class Monitor:
                     f"klmonitor: {outside_vocab} token ids were outside [0, vocab_size={self.tokens.vocab_size}) "
                     "and are left out of top_tokens; pass the tokenizer's full size as vocab_size.",
                 )
+        summary.initial = InitialCheck.read(take(self._initial.size))
         return summary
 
     def _reset_window(self) -> None:
@@ -690,6 +702,7 @@ class Monitor:
         tokens only): the first window after resuming is shorter.
         """
         sd = state_dict
+        self._untrained = False  # a resumed run is past its start
         if not isinstance(sd, Mapping):
             self._bad_state(f"it is a {type(sd).__name__}, not a dict from Monitor.state_dict()")
             return

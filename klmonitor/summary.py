@@ -20,6 +20,7 @@ __all__ = [
     "ESTIMATORS",
     "REPORTED",
     "EstimatorStats",
+    "InitialSummary",
     "KLSummary",
     "Level",
     "LEVELS",
@@ -132,6 +133,9 @@ class KLSummary:
             nats by default; with a clamp below it, every clamped token). They count in the
             estimates with their exact values (clamped values under an opt-in clamp).
         max_abs_log_ratio: the largest finite |log-ratio| seen.
+        rollout: KL(rollout engine || trainer), when the window had rollout log-probs.
+        initial: the untrained policy against the reference (:class:`InitialSummary`), in the
+            window holding the batches fed before the first optimizer step of a run.
 
     >>> import torch; from klmonitor import KLStats
     >>> s = KLStats(); s.update(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.1, -1.9, -0.5]))
@@ -159,6 +163,7 @@ class KLSummary:
     extreme: int
     max_abs_log_ratio: float
     rollout: RolloutSummary | None = None
+    initial: InitialSummary | None = None
     by_position: list[PositionBucket] | None = None
     top_sequences: list[TopSequence] = field(default_factory=list)
     top_tokens: list[TopToken] = field(default_factory=list)
@@ -216,6 +221,8 @@ class KLSummary:
         out[f"{prefix}max_abs_log_ratio"] = self.max_abs_log_ratio
         if self.rollout is not None:
             out.update(self.rollout.to_dict(f"{prefix}rollout/"))
+        if self.initial is not None:
+            out.update(self.initial.to_dict(f"{prefix}initial/"))
         for bucket in self.by_position or []:
             out[f"{prefix}by_position/{bucket.label}/k3"] = bucket.k3_mean
             out[f"{prefix}by_position/{bucket.label}/tokens"] = float(bucket.tokens)
@@ -341,6 +348,42 @@ class RolloutSummary:
         out[f"{prefix}ratio/max"] = self.ratio_max
         out[f"{prefix}ratio/outside"] = self.ratio_outside
         return out
+
+
+@dataclass
+class InitialSummary:
+    """The batches scored before the first optimizer step: the untrained policy against the reference.
+
+    When the policy starts as a copy of the reference, every token's log-ratio is 0 up to the
+    rounding of the log-probs' dtype; a share of tokens beyond that says the two sides are not
+    computed alike (dropout on for one, a temperature, a shift, other weights).
+
+    Attributes:
+        tokens: valid, finite tokens scored before the first optimizer step (all ranks).
+        differing: those whose ``|log-ratio|`` exceeds the rounding bound: twice the dtype's
+            machine epsilon times the larger ``|log-prob|`` (the coarser dtype of the two sides).
+        kl: their mean k3 (nats per token).
+        k1: their mean k1.
+    """
+
+    tokens: int
+    differing: int
+    kl: float
+    k1: float
+
+    @property
+    def share(self) -> float:
+        """``differing / tokens`` (NaN without tokens)."""
+        return self.differing / self.tokens if self.tokens else math.nan
+
+    def to_dict(self, prefix: str) -> dict[str, float]:
+        """Flat ``{name: value}`` under ``prefix`` (``kl/initial/``)."""
+        return {
+            f"{prefix}tokens": float(self.tokens),
+            f"{prefix}differing_share": self.share,
+            f"{prefix}k3/mean": self.kl,
+            f"{prefix}k1/mean": self.k1,
+        }
 
 
 @dataclass

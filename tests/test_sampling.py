@@ -1,4 +1,4 @@
-"""The sampling check at any KL, the initial-KL check, and the drift message's sampling cause.
+"""The sampling check at any KL and the drift message's sampling cause (initial_kl: test_initial_kl.py).
 
 Windows of ~32K tokens from LM-like categorical distributions (``sampling_sim``: Zipf-shaped
 references over 1000 tokens) sampled exactly, or with top-k, top-p, a temperature or a
@@ -9,9 +9,6 @@ is a fixed set of seeds.
 
 from __future__ import annotations
 
-import copy
-import math
-
 import pytest
 import torch
 from sampling_sim import window
@@ -20,9 +17,7 @@ from klmonitor import KLStats, KLSummary
 from klmonitor.alerts import (
     AlertEngine,
     DriftRule,
-    InitialKLRule,
     SamplingMismatchRule,
-    default_rules,
 )
 
 # -- exact sampling stays quiet, at per-token KL from 1e-6 to 4 nats ---------------------------
@@ -207,124 +202,6 @@ def test_drift_message_blames_sampling_when_k1_and_k3_disagree() -> None:
     assert "learning rate" in alert.message and "k1 and k3 disagree" not in alert.message
 
 
-# -- initial_kl -------------------------------------------------------------------------------
-
-
-def _first(logq: torch.Tensor, logp: torch.Tensor, **kwargs: object) -> KLSummary:
-    stats = KLStats(**kwargs)  # type: ignore[arg-type]
-    stats.update(logq, logp)
-    return stats.compute()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_initial_kl_quiet_for_an_exact_copy(dtype: torch.dtype) -> None:
-    w = window("noise", 0.0, seed=0)  # policy == reference (logit noise 0)
-    assert w.kl < 1e-12
-    engine = AlertEngine(default_rules())
-    assert engine.evaluate(_first(w.logq.to(dtype), w.logp.to(dtype)), 0) == []
-
-
-def test_initial_kl_quiet_for_bf16_rounding_noise() -> None:
-    # One side's log-probs rounded to bf16, the other's kept in float32: |l| up to half an
-    # ulp (1/32 nats for log-probs in [-16, -8)), per-token KL ~1e-4 at most.
-    w = window("noise", 0.0, seed=1)
-    summary = _first(w.logq.bfloat16().float(), w.logp)
-    assert 0 < summary.k3.mean < 3e-4
-    assert InitialKLRule().evaluate(summary, 0) is None
-
-
-@pytest.mark.parametrize(
-    ("case", "kl_range"),
-    [
-        ("temperature", (0.01, 1.0)),  # policy scored at T = 0.7, reference at 1
-        ("shift", (1.0, 1e3)),  # reference log-probs shifted by one token
-        ("dropout", (5e-3, 1.0)),  # the policy's forward pass in train mode
-    ],
-)
-def test_initial_kl_fires_once_for_the_usual_bugs(case: str, kl_range: tuple[float, float]) -> None:
-    if case == "dropout":
-        policy, _ = _gpt2_pair()
-        prompt = torch.randint(1, 1000, (64, 1), generator=torch.Generator().manual_seed(0))
-        ids = policy.generate(  # type: ignore[operator]
-            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, max_new_tokens=31
-        )
-        reference = _token_logprobs(policy, ids)
-        policy.train()
-        summary = _first(_token_logprobs(policy, ids), reference)
-    else:
-        g = torch.Generator().manual_seed(0)
-        logits = 3 * torch.randn(4096, 100, generator=g, dtype=torch.float64)
-        x = torch.multinomial((logits / 0.7).softmax(-1), 1, generator=g)
-        logq = (logits / 0.7).log_softmax(-1).gather(1, x).squeeze(1)
-        logp = logits.log_softmax(-1).gather(1, x).squeeze(1)
-        summary = _first(logq.float(), (logp.roll(1) if case == "shift" else logp).float())
-    rule = InitialKLRule()
-    alert = rule.evaluate(summary, 0)
-    assert alert is not None and alert.rule == "initial_kl" and alert.level.value == "warn"
-    assert kl_range[0] < alert.value < kl_range[1]
-    for words in ("temperature", "dropout", "dtypes", "one-token shift", "different weights", "initial_kl"):
-        assert words in alert.message
-    assert f"{alert.value:.3g}" in alert.message
-    assert rule.checked and rule.evaluate(summary, 1) is None  # at most once
-
-
-def test_initial_kl_checks_the_first_window_with_enough_samples_only() -> None:
-    rule = InitialKLRule(min_samples=100)
-    g = torch.Generator().manual_seed(0)
-    small = _first(torch.zeros(50), 0.5 * torch.randn(50, generator=g))
-    big = _first(torch.zeros(1000), 0.5 * torch.randn(1000, generator=g))
-    assert rule.evaluate(small, 0) is None and not rule.checked  # too few: wait for the next
-    assert rule.evaluate(big, 1) is not None and rule.checked
-    # A window that is fine marks the check done too: later drift is not "initial".
-    quiet = InitialKLRule()
-    assert quiet.evaluate(_first(torch.zeros(1000), torch.zeros(1000)), 0) is None and quiet.checked
-    assert quiet.evaluate(big, 1) is None
-
-
-def test_initial_kl_needs_significance_and_is_per_token_at_sequence_level() -> None:
-    g = torch.Generator().manual_seed(0)
-    # 20 tokens with a large KL but huge noise: not significant.
-    noisy = _first(torch.zeros(20), torch.cat([torch.full((1,), -6.0), torch.zeros(19)]))
-    assert InitialKLRule().evaluate(noisy, 0) is None
-    # Sequence level: 0.02 nats per token over 32-token sequences is 0.64 per sequence.
-    lq = torch.zeros(256, 32)
-    summary = _first(lq, 0.2 * torch.randn(256, 32, generator=g), level="sequence")
-    alert = InitialKLRule().evaluate(summary, 0)
-    per_token = [est.mean * summary.count / summary.tokens for est in (summary.k1, summary.k3)]
-    assert alert is not None and min(abs(alert.value - x) for x in per_token) < 1e-12
-    assert 0.01 < alert.value < 0.04
-
-
-def test_initial_kl_state_and_resume() -> None:
-    rule = InitialKLRule()
-    assert rule.state_dict() == {"streak": 0, "cooldown_left": 0, "checked": False}
-    rule.evaluate(_first(torch.zeros(100), torch.zeros(100)), 0)
-    state = rule.state_dict()
-    assert state["checked"] is True
-    fresh = InitialKLRule()
-    fresh.load_state_dict(state)
-    assert fresh.checked
-    fresh.reset()
-    assert not fresh.checked
-    # A checkpoint from before this rule existed comes from a run past its start: the engine
-    # restores the rule as already checked, so a resumed run does not fire it.
-    engine = AlertEngine(default_rules())
-    old_state = {"version": 1, "rules": {"drift": {"streak": 0, "cooldown_left": 0}}, "history": []}
-    engine.load_state_dict(old_state)
-    far = window("noise", 1.0, seed=0).summary
-    assert "initial_kl" not in [a.rule for a in engine.evaluate(far, 100)]
-
-
-def test_initial_kl_arguments() -> None:
-    with pytest.raises(ValueError, match="threshold"):
-        InitialKLRule(threshold=0)
-    with pytest.raises(ValueError, match="min_samples"):
-        InitialKLRule(min_samples=1)
-    with pytest.raises(TypeError, match="min_z"):
-        InitialKLRule(min_z="3")  # type: ignore[arg-type]
-    assert math.isclose(InitialKLRule().threshold, 5e-3)
-
-
 @pytest.mark.parametrize(("sampler", "fires"), [("exact", False), ("topk50", True), ("temp0.7", True)])
 def test_sequence_level_windows(sampler: str, fires: bool) -> None:
     # The same tokens as 1024 sequences of 32: E[sum of r_t - 1] is 0 per sequence too.
@@ -336,22 +213,3 @@ def test_sequence_level_windows(sampler: str, fires: bool) -> None:
         stats.update(w.logq.reshape(-1, 32), w.logp.reshape(-1, 32))
         alerts.append(rule.evaluate(stats.compute(), seed))
     assert (alerts[2] is not None) is fires and alerts[:2] == [None, None]
-
-
-def test_initial_kl_quiet_for_a_bf16_gpt2_copy() -> None:
-    # A policy that starts as an exact copy of a bf16 reference: scored on the whole batch
-    # for the reference and in two halves for the policy (other kernel shapes, so possibly
-    # other rounding), the first window's KL is 0 or bf16 noise, and no default rule speaks.
-    _, reference = _gpt2_pair()
-    reference = reference.to(torch.bfloat16)
-    policy = copy.deepcopy(reference)
-    prompt = torch.randint(1, 1000, (64, 1), generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    ids = policy.generate(  # type: ignore[operator]
-        prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, max_new_tokens=31
-    )
-    logq = torch.cat([_token_logprobs(policy, ids[:32]), _token_logprobs(policy, ids[32:])])
-    logp = _token_logprobs(reference, ids)
-    summary = _first(logq.bfloat16(), logp.bfloat16())
-    assert summary.tokens == 64 * 31 and summary.kl < 1e-3
-    assert AlertEngine(default_rules()).evaluate(summary, 0) == []
