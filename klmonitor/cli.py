@@ -88,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=64, help="sequences per step (default 64)")
     demo.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
     demo.add_argument("--log-every-n-steps", type=int, default=10, help="steps per KL window (default 10)")
-    demo.add_argument("--max-kl", type=float, default=None, help="optional KL budget per token (an alert)")
+    demo.add_argument(
+        "--max-kl",
+        type=float,
+        default=0.1,
+        help="KL budget per token: the kl_budget alert fires above it (default 0.1)",
+    )
     demo.add_argument("--no-progress-bar", action="store_true", help="hide Lightning's progress bar")
     demo.set_defaults(func=_demo)
 

@@ -7,7 +7,8 @@ the reference rarely emits, so the policy is pulled away from the reference. The
 REINFORCE with a batch-mean baseline on the KL-penalised reward
 ``reward - kl_coef * sum_t (log q - log p)``, the classic RLHF objective, run by a
 ``pytorch_lightning.Trainer``. As the policy learns to emit the target token, per-token KL
-grows, the k2-k3 gap opens and the monitor's ``drift`` rule fires.
+grows past the run's KL budget (``max_kl``, 0.1 nats per token by default) and the monitor's
+``kl_budget`` rule fires; the k2-k3 gap opens as it goes.
 """
 
 from __future__ import annotations
@@ -321,14 +322,14 @@ def run_demo(
     lr: float = 1e-3,
     max_len: int = MAX_LEN,
     log_every_n_steps: int = 10,
-    max_kl: float | None = None,
+    max_kl: float | None = 0.1,
     progress_bar: bool = True,
 ) -> DemoResult:
     """Fine-tune a tiny policy with a KL-penalised policy gradient, monitored by KLMonitor.
 
     With the defaults (about 10 s of training on two CPU cores, 20 s with start-up) the
-    policy drifts to a per-token KL of about 0.2 and the ``drift`` alert first fires at
-    step 60.
+    policy drifts to a per-token KL of about 0.2 and passes the KL budget of 0.1 nats per
+    token, and the ``kl_budget`` alert fires.
 
     Args:
         steps: optimizer steps (``Trainer(max_steps=steps)``).
@@ -343,7 +344,7 @@ def run_demo(
         lr: Adam learning rate.
         max_len: longest sequence (sequences that never emit the end token are cut here).
         log_every_n_steps: steps per monitoring window (the Trainer's and the monitor's).
-        max_kl: optional KL budget per token for the monitor's ``kl_budget`` rule.
+        max_kl: the KL budget per token for the monitor's ``kl_budget`` rule (``None``: none).
         progress_bar: show Lightning's progress bar (with the reward and the KL).
 
     Returns:
@@ -480,7 +481,7 @@ def format_result(result: DemoResult) -> str:
     else:
         lines.append(f"final window ({s.tokens} tokens), KL(policy || reference) per token:")
         lines.append(f"  {'estimator':<10}{'mean':>9}  {'± std':>9}")
-        for name in ("k1", "k2", "k3"):
+        for name in ("k1", "k2", "k3", "cv"):
             st = s.estimator(name)
             lines.append(f"  {name:<10}{_fmt(st.mean)}  {_fmt(st.std)}")
         lines.append(f"  {'drift':<10}{_fmt(s.drift)}  (k2 - k3) / k3, {s.drift_z:.1f} standard errors")

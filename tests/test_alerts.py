@@ -147,11 +147,25 @@ def test_moderate_policy_stays_quiet() -> None:
 # -- drift -----------------------------------------------------------------------------------
 
 
+def test_drift_default_is_quiet_on_a_far_policy_and_fires_when_k2_doubles_k3() -> None:
+    # KL ~0.8 per token (k2 ~30% above k3): a healthy run can get there; the default (1.0,
+    # measured on real runs by benchmarks/bench_alerts.py) stays quiet.
+    far = [window(4000, s=1.5, seed=i) for i in range(3)]
+    rule = DriftRule()
+    assert rule.threshold == 1.0
+    assert [rule.evaluate(s, step) for step, s in enumerate(far)] == [None] * 3
+    # A runaway: logit noise of 4 (KL of several nats per token) puts k2 at twice k3 or more.
+    runaway = [window(4000, s=4.0, seed=i) for i in range(2)]
+    assert all(s.drift > 1.0 and s.drift_z > 3 for s in runaway), [(s.kl, s.drift) for s in runaway]
+    alerts = [rule.evaluate(s, step) for step, s in enumerate(runaway, 3)]
+    assert alerts[0] is None and alerts[1] is not None and alerts[1].threshold == 1.0
+
+
 def test_drift_fires_for_a_drifted_policy_after_patience() -> None:
     summaries = [window(4000, s=1.5, seed=i) for i in range(3)]
     for s in summaries:  # KL ~0.8 per token: k2 is ~30% above k3, many standard errors
         assert s.kl > 0.5 and s.drift > 0.2 and s.drift_z > 5, (s.kl, s.drift, s.drift_z)
-    rule = DriftRule()
+    rule = DriftRule(threshold=0.1)
     alerts = [rule.evaluate(s, step) for step, s in enumerate(summaries)]
     assert alerts[0] is None  # patience 2
     alert = alerts[1]
@@ -164,7 +178,7 @@ def test_drift_fires_for_a_drifted_policy_after_patience() -> None:
 def test_drift_of_a_sharpened_policy_is_negative_and_fires() -> None:
     s = window(4000, mode="sharp", s=2.0)
     assert s.drift < -0.1 and s.drift_z < -3
-    alert = DriftRule(patience=1).evaluate(s, 0)
+    alert = DriftRule(0.1, patience=1).evaluate(s, 0)
     assert alert is not None and "k2 is below k3" in alert.message
 
 
@@ -394,6 +408,8 @@ def engine_factory() -> AlertEngine:
     rules = default_rules(max_kl=0.3)
     for rule in rules:
         rule.cooldown = 2  # more firings in a short sequence
+        if isinstance(rule, DriftRule):
+            rule.threshold = 0.1  # the drifted windows (KL ~0.8) are below the default
     return AlertEngine(rules, history_size=50)
 
 
@@ -432,7 +448,7 @@ def test_state_dict_layout() -> None:
     # No window held the untrained policy's batches (summary.initial): nothing checked yet.
     assert state["rules"]["initial_kl"] == {"streak": 0, "cooldown_left": 0, "checked": False}
     assert state["rules"]["spike"]["history"] == pytest.approx([LOW().kl] * 3 + [HIGH().kl] * 2)
-    assert [a["rule"] for a in state["history"]] == ["kl_budget", "drift"]  # drift: patience 2
+    assert [a["rule"] for a in state["history"]] == ["kl_budget"]  # drift at KL 0.4: below 1.0
 
 
 def test_load_state_dict_is_tolerant() -> None:
@@ -494,7 +510,7 @@ def test_rule_options() -> None:
     rule = DriftRule(level="error", name="drift_strict", stop_training=True)
     assert rule.level is AlertLevel.ERROR and rule.name == "drift_strict" and DriftRule.name == "drift"
     assert "DriftRule(" in repr(rule)
-    engine = AlertEngine([DriftRule(), DriftRule(name="drift2", patience=1)])
+    engine = AlertEngine([DriftRule(0.1), DriftRule(0.1, name="drift2", patience=1)])
     alerts = engine.evaluate(window(4000, s=1.5), 7)
     assert [(a.rule, a.stop) for a in alerts] == [("drift2", False)]
 

@@ -156,7 +156,7 @@ def test_load_run_reads_scalars_alerts_and_histograms(demo_run: DemoResult) -> N
     assert data.format == "tensorboard" and data.alerts_recorded
     steps, k3 = data.scalars["kl/k3/mean"]
     assert steps.tolist() == [5, 10, 15, 20, 25, 30, 35, 40]
-    assert demo_run.summary is not None and k3[-1] == pytest.approx(demo_run.summary.kl, rel=1e-6)
+    assert demo_run.summary is not None and k3[-1] == pytest.approx(demo_run.summary.k3.mean, rel=1e-6)
     assert [(a.rule, a.step, a.level) for a in data.alerts] == [
         (a.rule, a.step, a.level.value) for a in demo_run.alerts
     ]
