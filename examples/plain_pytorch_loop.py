@@ -59,7 +59,7 @@ def main() -> None:
         result = monitor.step(step)  # a WindowResult at each window's end, else None
         if result is not None and step % (10 * args.log_every) == 0:
             s = result.summary
-            print(f"step {step}: KL per token {s.kl:.4f} ± {s.k3.stderr:.4f}, drift {s.drift:.3f}")
+            print(f"step {step}: KL per token {s.kl:.4f} ± {2 * s.cv.stderr:.4f} (cv, 2 s.e.), drift {s.drift:.3f}")
         if result is not None and result.stop:
             break
     monitor.flush(step)  # the window still open, if any

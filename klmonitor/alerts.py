@@ -954,7 +954,7 @@ class InitialKLRule(Rule):
         threshold: float = 2.5e-4,
         *,
         min_share: float = 0.01,
-        min_tokens: int = 32,
+        min_tokens: int = 16,
         level: AlertLevel | str = AlertLevel.WARN,
         stop_training: bool = False,
         name: str | None = None,

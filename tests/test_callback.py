@@ -17,11 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from toy_models import ToyPolicy, make_trainer, window_reference
 
 from klmonitor import KLMonitor
-from klmonitor.alerts import KLBudgetRule
+from klmonitor.alerts import DriftRule, KLBudgetRule
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning.*")
-
-
 
 
 def _scalars(acc: Any, tag: str) -> dict[int, float]:
@@ -174,7 +172,8 @@ def test_alerts_quiet_when_policy_equals_reference(tmp_path: Path) -> None:
 def test_drift_alert_fires_under_real_drift_and_reaches_tensorboard(tmp_path: Path) -> None:
     model = ToyPolicy(lr=3.0, pull=4.0, batch=64)
     seen: list[Any] = []
-    mon = KLMonitor(log_every_n_steps=5, on_alert=seen.append)
+    # The drift rule at 0.1 (its default, 1.0, is for healthy runs that reach KL ~1 per token).
+    mon = KLMonitor(log_every_n_steps=5, on_alert=seen.append, rules=[DriftRule(threshold=0.1)])
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     make_trainer(tmp_path, 60, loggers=[tb], callbacks=[mon]).fit(model)
     rules = {a.rule for a in mon.alert_history}
@@ -320,7 +319,7 @@ def test_extract_callable(tmp_path: Path) -> None:
 
 def _run_resumable(tmp_path: Path, steps: int, ckpt: str | None, save_at: int | None) -> tuple[Any, Path]:
     model = ToyPolicy(lr=2.0, pull=3.0, batch=32)
-    mon = KLMonitor(log_every_n_steps=4)
+    mon = KLMonitor(log_every_n_steps=4, max_kl=0.05)
     tb = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     callbacks: list[Any] = [mon]
     if save_at is not None:

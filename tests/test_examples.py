@@ -42,12 +42,12 @@ def test_lightning_rlhf(tmp_path: Path) -> None:
 
 def test_plain_pytorch_loop(tmp_path: Path) -> None:
     out = _run(
-        "plain_pytorch_loop.py", "--steps", "80", "--log-every", "10", "--logdir", "logs", cwd=tmp_path
+        "plain_pytorch_loop.py", "--steps", "160", "--log-every", "20", "--logdir", "logs", cwd=tmp_path
     )
-    assert "[drift] (warn)" in out  # the policy is pulled hard: the drift rule fires
+    assert "[kl_budget] (error)" in out  # the policy is pulled hard past its budget (max_kl=0.5)
     data = load_run(tmp_path / "logs" / "plain_loop")
-    assert data.scalars["kl/k3/mean"][0].tolist() == [10, 20, 30, 40, 50, 60, 70, 80]
-    assert "drift" in [a.rule for a in data.alerts]
+    assert data.scalars["kl/k3/mean"][0].tolist() == [20, 40, 60, 80, 100, 120, 140, 160]
+    assert [a.rule for a in data.alerts] == ["kl_budget"]  # healthy otherwise: no other rule speaks
 
 
 def test_gaussian_experiment(tmp_path: Path) -> None:

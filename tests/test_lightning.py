@@ -260,3 +260,33 @@ def test_extreme_tokens_are_counted_alerted_and_kept_exact(tmp_path: Path, packa
     assert [a.rule for a in runs["exact"].alert_history].count("extreme") == 1
     tags = events(tmp_path / "exact").Tags()["scalars"]
     assert "kl/extreme" in tags and "kl/clamped" not in tags
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_initial_kl_judges_the_untrained_policy_only(tmp_path: Path, package: str) -> None:
+    # A fast learner (lr 0.5) moves far inside the first window of 5 steps, with gradient
+    # accumulation: the batches before the first optimizer step are an exact copy, so
+    # initial_kl stays quiet (the old rule fired here, judging the whole first window).
+    mon = _monitor_cls(package)(log_every_n_steps=5)
+    model = _model(package, lr=0.5)
+    make_trainer(tmp_path, 10, callbacks=[mon], package=package, accumulate_grad_batches=2).fit(model)
+    assert mon.last_summary is not None and mon.monitor.windows == 2
+    assert all(a.rule != "initial_kl" for a in mon.alert_history)
+    first = [r for r in mon.rules if r.name == "initial_kl"][0]
+    assert first.checked
+
+    # The wrong reference checkpoint: the reference's logits differ from the policy's at the start.
+    base = lightning_toy_policy() if package == "lightning" else ToyPolicy
+
+    class WrongReference(base):  # type: ignore[misc, valid-type]
+        def on_fit_start(self) -> None:
+            g = torch.Generator().manual_seed(7)
+            self.ref_logits.add_(0.2 * torch.randn(self.ref_logits.shape, generator=g))
+
+    mon = _monitor_cls(package)(log_every_n_steps=5)
+    make_trainer(tmp_path / "wrong", 10, callbacks=[mon], package=package, accumulate_grad_batches=2).fit(
+        WrongReference(lr=0.5)
+    )
+    fired = [a for a in mon.alert_history if a.rule == "initial_kl"]
+    assert len(fired) == 1 and fired[0].step == 5, mon.alert_history
+    assert "differ by more than float rounding" in fired[0].message

@@ -268,3 +268,35 @@ def test_top_sequences_decode_the_completions(model_dir: Path, tmp_path: Path) -
     top = s.top_sequences[0]
     assert top.token_ids is not None and top.text is not None and top.text.strip()
     assert top.kl_sum >= s.top_sequences[1].kl_sum
+
+
+@pytest.mark.parametrize("disable_dropout", [True, False])
+def test_initial_kl_catches_dropout_left_on_while_scoring(tmp_path: Path, disable_dropout: bool) -> None:
+    # A model with dropout 0.1: TRL's default (disable_dropout=True) scores the policy as an
+    # exact copy of the reference; disable_dropout=False scores it in train mode, with dropout.
+    path = tmp_path / "dropout-gpt2"
+    model = tiny_model()
+    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.1
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    trainer = KLMonitorGRPOTrainer(
+        model=str(path),
+        reward_funcs=_reward,
+        args=_config(
+            tmp_path / "out",
+            max_steps=4,
+            disable_dropout=disable_dropout,
+            report_to=[],
+            per_device_train_batch_size=8,
+            max_completion_length=8,
+        ),
+        train_dataset=_prompts(),
+    )
+    trainer.train()
+    mon = trainer.kl_callback.monitor
+    fired = [a for a in mon.alert_history if a.rule == "initial_kl"]
+    if disable_dropout:
+        assert fired == []
+    else:
+        assert len(fired) == 1 and fired[0].step == 2  # the end of the first window
+        assert "dropout" in fired[0].message and "disable_dropout=True" in fired[0].message
