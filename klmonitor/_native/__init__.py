@@ -456,10 +456,9 @@ def fold(
     (split over torch's thread count from 64K tokens) and Chan's merge.
     """
     lib = load()
-    assert lib is not None, "fold called without the native kernel"
-    assert logp.dtype == ref.dtype and reads_dtype(logp.dtype), (logp.dtype, ref.dtype)
-    assert clamp > 0 and threshold > 0, (clamp, threshold)
-    assert acc.dtype == np.float64 and acc.flags.c_contiguous and acc.size == lib.klm_vector_size()
+    if lib is None:
+        raise RuntimeError(f"fold needs the fused CPU kernel, which is not available: {_reason}")
+    _check_fold_args(lib, logp, ref, mask, clamp, threshold, acc)
     n = logp.numel()
     workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
     mp = mask.data_ptr() if mask is not None else None
@@ -469,6 +468,59 @@ def fold(
     ):
         # Built without OpenMP: ctypes releases the GIL, so Python threads split the range.
         _fold_threads(lib, logp, ref, mask, clamp, threshold, workers, acc)
+
+
+def _check_fold_args(
+    lib: ctypes.CDLL,
+    logp: Tensor,
+    ref: Tensor,
+    mask: Tensor | None,
+    clamp: float,
+    threshold: float,
+    acc: np.ndarray,
+) -> None:
+    """Raise unless :func:`fold`'s arguments keep the C kernel inside its buffers.
+
+    Real checks, not ``assert`` (which ``python -O`` removes): the kernel reads ``n`` elements
+    of each input and writes the whole moments vector through raw pointers.
+    """
+    for name, t in (("logp", logp), ("ref", ref)):
+        if not isinstance(t, Tensor) or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"fold: {name} must be a contiguous CPU tensor")
+    if logp.dtype != ref.dtype or not reads_dtype(logp.dtype):
+        raise TypeError(
+            f"fold: logp and ref must share a dtype the kernel reads (float32; bf16/fp16 with AVX2), "
+            f"got {logp.dtype} and {ref.dtype}"
+        )
+    n = logp.numel()
+    if ref.numel() != n:
+        raise ValueError(f"fold: logp has {n} elements but ref has {ref.numel()}")
+    if mask is not None and (
+        not isinstance(mask, Tensor)
+        or mask.device.type != "cpu"
+        or not mask.is_contiguous()
+        or mask.dtype not in (torch.bool, torch.uint8)
+        or mask.numel() != n
+    ):
+        raise ValueError(
+            f"fold: mask must be None or a contiguous CPU bool/uint8 tensor of {n} elements, got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)} of {getattr(mask, 'numel', lambda: '?')()} "
+            "elements"
+        )
+    if not (clamp > 0 and threshold > 0):  # also refuses NaN
+        raise ValueError(f"fold: clamp and threshold must be > 0, got {clamp} and {threshold}")
+    size = lib.klm_vector_size()
+    if (
+        not isinstance(acc, np.ndarray)
+        or acc.dtype != np.float64
+        or not acc.flags.c_contiguous
+        or not acc.flags.writeable
+        or acc.size != size
+    ):
+        raise ValueError(
+            f"fold: acc must be a writable, C-contiguous float64 array of {size} moments, got "
+            f"{getattr(acc, 'dtype', type(acc).__name__)} of size {getattr(acc, 'size', '?')}"
+        )
 
 
 def _fold_threads(
