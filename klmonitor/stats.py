@@ -187,6 +187,31 @@ class KLStats(Metric):
         text = "_".join(parts).replace(".", "p").replace("-", "m").replace("+", "")
         return f"_config_{text}"
 
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """Merge another window (a KLStats of the same settings, or its ``metric_state``) into this one.
+
+        Raises:
+            ValueError: the other window was computed with another ``level``, ``clamp`` or
+                extreme threshold (its numbers cannot be merged with these).
+        """
+        mine = self._config_state_name()
+        if isinstance(incoming_state, KLStats):
+            if incoming_state._config_state_name() != mine:
+                raise ValueError(
+                    f"cannot merge {incoming_state!r} into {self!r}: their level, clamp or extreme "
+                    "threshold differ, so their windows hold different quantities"
+                )
+            incoming_state = incoming_state.metric_state
+        elif isinstance(incoming_state, dict):
+            others = [k for k in incoming_state if k.startswith("_config_") and k != mine]
+            if others:
+                raise ValueError(
+                    f"cannot merge a state of other settings ({others[0]}) into {self!r}: their level, "
+                    "clamp or extreme threshold differ"
+                )
+            incoming_state = {mine: [], **incoming_state}  # e.g. {"_acc": vector}
+        super().merge_state(incoming_state)
+
     # -- torchmetrics contract: the state is float64, owned by this metric -------------------
     def _apply(self, fn: Callable[[Tensor], Tensor], exclude_state: Sequence[str] = ()) -> torch.nn.Module:
         """Move the state with the module (``to``, ``cuda``, ``cpu``) but keep it float64.

@@ -259,6 +259,25 @@ def test_metric_collection_keeps_settings_that_change_the_numbers_apart() -> Non
         assert summary.k3.mean == pytest.approx(want[1 + 2], rel=1e-5), name
 
 
+def test_merge_state_merges_equal_settings_and_refuses_others() -> None:
+    first, second = _batch(15), _batch(16, spread=5.0)
+    a, b = KLStats(), KLStats(backend="torch")
+    a.update(*first)
+    b.update(*second)
+    a.merge_state(b)
+    assert_moments_close(_vector(a), _reference([first, second]))
+    c = KLStats()
+    c.merge_state({"_acc": b.summary_vector()})  # a bare state dict of the moments vector
+    assert_moments_close(_vector(c), _reference([second]))
+    for other in (KLStats(clamp=3.0), KLStats(extreme=4.0), KLStats(level="sequence")):
+        other.update(*second)
+        with pytest.raises(ValueError, match="differ"):
+            a.merge_state(other)
+        with pytest.raises(ValueError, match="differ"):
+            a.merge_state(other.metric_state)
+    assert_moments_close(_vector(a), _reference([first, second]))  # unchanged by the refusals
+
+
 # -- scripting, copies, forward -----------------------------------------------------------------
 def test_torch_jit_script_accepts_klstats_and_a_module_holding_one() -> None:
     scripted = torch.jit.script(KLStats(clamp=5.0))
