@@ -426,7 +426,6 @@ def test_trainer_true_half_precision_trains_and_logs_the_reference_values(
     tmp_path: Path, package: str, precision: str, backend: str
 ) -> None:
     pl = importlib.import_module("lightning.pytorch" if package == "lightning" else "pytorch_lightning")
-    model = _policy(pl, backend)
     data = torch.utils.data.TensorDataset(
         torch.randint(0, VOCAB, (ROWS * STEPS, COLS), generator=torch.Generator().manual_seed(3))
     )
@@ -443,6 +442,8 @@ def test_trainer_true_half_precision_trains_and_logs_the_reference_values(
         enable_model_summary=False,
         default_root_dir=str(tmp_path),
     )
+    with trainer.init_module():  # modules built under the half-precision default dtype
+        model = _policy(pl, backend)
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=ROWS))
     want_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float16
     assert model.head.weight.dtype == want_dtype  # the cast happened

@@ -51,6 +51,7 @@ _STEM = "_klm_moments"
 NOUT = 16
 # Element types the kernel knows (codes as in moments.c).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_MASK_DTYPES = (torch.bool, torch.uint8)  # the kernel reads the mask as one byte per token
 # Below this many tokens one thread does the work; the pool's hand-off costs more than it saves.
 _PARALLEL_FROM = 1 << 16
 # KLMONITOR_NATIVE values: off, or which body to run (-1: the best the CPU takes).
@@ -484,10 +485,12 @@ def _check_fold_args(
     Real checks, not ``assert`` (which ``python -O`` removes): the kernel reads ``n`` elements
     of each input and writes the whole moments vector through raw pointers.
     """
+    # Cheap checks only (a few microseconds: this runs on every CPU update).
     for name, t in (("logp", logp), ("ref", ref)):
-        if not isinstance(t, Tensor) or t.device.type != "cpu" or not t.is_contiguous():
+        if not isinstance(t, Tensor) or not t.is_cpu or not t.is_contiguous():
             raise ValueError(f"fold: {name} must be a contiguous CPU tensor")
-    if logp.dtype != ref.dtype or not reads_dtype(logp.dtype):
+    code = _DTYPE_CODES.get(logp.dtype)
+    if code is None or ref.dtype != logp.dtype or not lib.klm_reads_dtype(code):
         raise TypeError(
             f"fold: logp and ref must share a dtype the kernel reads (float32; bf16/fp16 with AVX2), "
             f"got {logp.dtype} and {ref.dtype}"
@@ -497,9 +500,9 @@ def _check_fold_args(
         raise ValueError(f"fold: logp has {n} elements but ref has {ref.numel()}")
     if mask is not None and (
         not isinstance(mask, Tensor)
-        or mask.device.type != "cpu"
+        or not mask.is_cpu
         or not mask.is_contiguous()
-        or mask.dtype not in (torch.bool, torch.uint8)
+        or mask.dtype not in _MASK_DTYPES
         or mask.numel() != n
     ):
         raise ValueError(
@@ -510,11 +513,11 @@ def _check_fold_args(
     if not (clamp > 0 and threshold > 0):  # also refuses NaN
         raise ValueError(f"fold: clamp and threshold must be > 0, got {clamp} and {threshold}")
     size = lib.klm_vector_size()
+    flags = getattr(acc, "flags", None)
     if (
         not isinstance(acc, np.ndarray)
         or acc.dtype != np.float64
-        or not acc.flags.c_contiguous
-        or not acc.flags.writeable
+        or not (flags is not None and flags.c_contiguous and flags.writeable)
         or acc.size != size
     ):
         raise ValueError(
