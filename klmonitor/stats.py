@@ -450,6 +450,10 @@ class KLStats(Metric):
         # Spawn launchers (ddp_spawn, torch.multiprocessing) move CPU tensors into shared
         # memory; the host fast path merges in place, so each process needs its own state.
         self._acc = self._acc.clone()
+        # A KLStats pickled by an older klmonitor: add what it lacks.
+        self.__dict__.setdefault("_warned_state_cast", False)
+        if self._config_state_name() not in self._defaults:
+            self.add_state(self._config_state_name(), default=[], dist_reduce_fx=None, persistent=False)
 
     def _use_triton(self, logp: Tensor, ref: Tensor) -> bool:
         # The fused Triton kernel: CUDA float32/bf16/fp16 inputs (or CPU tensors under Triton's

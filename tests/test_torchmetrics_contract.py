@@ -322,6 +322,31 @@ def test_copies_of_a_cast_or_loaded_metric_are_independent_and_correct(backend: 
     assert_moments_close(_vector(src), _reference([first]))
 
 
+def test_a_klstats_pickled_before_the_settings_state_unpickles_into_its_own_group() -> None:
+    old = KLStats(clamp=2.0)
+    old.update(*_batch(17, spread=0.05))
+    state = old.__getstate__()
+    # What an older klmonitor pickled: no settings-named state, no warning flag.
+    name = next(k for k in state["_defaults"] if k.startswith("_config_"))
+    for table in ("_defaults", "_reductions", "_persistent"):
+        state[table] = {k: v for k, v in state[table].items() if k != name}
+    del state[name], state["_warned_state_cast"]
+    restored = KLStats.__new__(KLStats)
+    restored.__setstate__(state)
+    plain = KLStats()
+    plain.update(*_batch(17, spread=0.05))
+    collection = MetricCollection({"restored": restored, "plain": plain})
+    collection.update(*_batch(18, spread=0.05))
+    assert len(collection.compute_groups) == 2
+    wild = _batch(19, spread=5.0)
+    collection.update(*wild)
+    batches = [_batch(17, spread=0.05), _batch(18, spread=0.05), wild]
+    assert_moments_close(collection["restored"].summary_vector().numpy(), _reference(batches, clamp=2.0))
+    restored._acc = restored._acc.half()
+    with pytest.warns(UserWarning, match="float64"):
+        restored.update(*wild)
+
+
 @pytest.mark.parametrize("setup", ["fresh", "cast", "loaded"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_equals_update_and_compute(backend: str, setup: str) -> None:
