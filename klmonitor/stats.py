@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -78,6 +78,27 @@ class KLStats(Metric):
             ``torch.compile`` (compiled once, with dynamic shapes, on first use).
         **kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``process_group``).
 
+    As a torchmetrics Metric:
+
+    * ``compute()`` and ``forward()`` (``stats(logp, ref, mask)``, which also folds the batch
+      into the window) return a :class:`KLSummary` of Python floats, not a tensor: a window
+      has many numbers (six estimators' means, standard errors and bands, token counts).
+      ``summary.to_dict()`` gives the flat ``{"kl/k3/mean": float, ...}`` that klmonitor
+      logs (for ``self.log_dict``, or each entry of a ``MetricCollection``'s results);
+      ``summary.k3.mean`` one number; ``{k: torch.tensor(v) for k, v in
+      summary.to_dict().items()}`` tensors; :meth:`summary_vector` the raw float64 moments.
+    * The state is a float64 vector of moments, owned by the metric: ``load_state_dict``
+      copies it, :meth:`summary_vector` returns a copy, and casts of the module
+      (``to(dtype)``, ``half()``, ``set_dtype``, Lightning's ``precision="bf16-true"`` or
+      ``"16-true"``) move it to the new device but keep it float64. Inputs may be of any
+      float dtype.
+    * In a ``MetricCollection`` (compute groups on by default), KLStats whose ``level``,
+      ``clamp`` or extreme threshold differ are never put in one compute group; settings that
+      give the same numbers (``backend``) may share one.
+    * ``torch.jit.script`` accepts it (and a module holding it), as for every torchmetrics
+      metric: the scripted copy holds the state, but ``update``/``compute``/``forward`` run
+      in Python only.
+
     >>> stats = KLStats()
     >>> logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.7, -9.0]])
     >>> ref = torch.tensor([[-1.2, -1.9, -3.0], [-0.4, -0.7, -1.0]])
@@ -85,13 +106,19 @@ class KLStats(Metric):
     >>> s = stats.compute()
     >>> s.tokens, round(s.k1.mean, 4), round(s.k3.mean, 5)
     (5, 0.0, 0.00581)
+    >>> round(s.to_dict()["kl/k3/mean"], 5)
+    0.00581
     """
 
     full_state_update = False
     is_differentiable = False
     higher_is_better = False
 
-    _acc: Tensor
+    if TYPE_CHECKING:
+        # Declared for type checkers only: under ``from __future__ import annotations`` a class
+        # annotation is the string "Tensor", which ``torch.jit.script`` cannot resolve (it
+        # infers the state's type from its value instead).
+        _acc: Tensor
 
     def __init__(
         self,
@@ -139,7 +166,135 @@ class KLStats(Metric):
         self._threshold = min(self.extreme, self._clamp)
         self.backend = backend
         self._triton_failed = False
+        self._warned_state_cast = False
         self.add_state("_acc", default=mom.empty(), dist_reduce_fx=mom.merge_rows)
+        # torchmetrics' MetricCollection shares one state between metrics whose states are
+        # equal after the first update (compute groups). Two KLStats that differ in a setting
+        # that changes the numbers (level, clamp, the extreme threshold) can have equal states
+        # after one batch (no token beyond the clamp yet); merged, the clamped one would report
+        # the unclamped values from then on. The grouping check compares state names first, so
+        # an always-empty state named after the settings keeps such metrics apart. It is never
+        # gathered (an empty list costs no collective), saved or moved.
+        self.add_state(self._config_state_name(), default=[], dist_reduce_fx=None, persistent=False)
+
+    def _config_state_name(self) -> str:
+        """The name of the empty state that encodes the settings that change the numbers.
+
+        Metrics with different settings get different names, so torchmetrics never puts them
+        in one compute group. Backends compute the same numbers and are left out.
+        """
+        parts = (self.level, repr(self._clamp), repr(self._threshold))
+        text = "_".join(parts).replace(".", "p").replace("-", "m").replace("+", "")
+        return f"_config_{text}"
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """Merge another window (a KLStats of the same settings, or its ``metric_state``) into this one.
+
+        Raises:
+            ValueError: the other window was computed with another ``level``, ``clamp`` or
+                extreme threshold (its numbers cannot be merged with these).
+        """
+        mine = self._config_state_name()
+        if isinstance(incoming_state, KLStats):
+            if incoming_state._config_state_name() != mine:
+                raise ValueError(
+                    f"cannot merge {incoming_state!r} into {self!r}: their level, clamp or extreme "
+                    "threshold differ, so their windows hold different quantities"
+                )
+            incoming_state = incoming_state.metric_state
+        elif isinstance(incoming_state, dict):
+            others = [k for k in incoming_state if k.startswith("_config_") and k != mine]
+            if others:
+                raise ValueError(
+                    f"cannot merge a state of other settings ({others[0]}) into {self!r}: their level, "
+                    "clamp or extreme threshold differ"
+                )
+            incoming_state = {mine: [], **incoming_state}  # e.g. {"_acc": vector}
+        super().merge_state(incoming_state)
+
+    # -- torchmetrics contract: the state is float64, owned by this metric -------------------
+    def _apply(self, fn: Callable[[Tensor], Tensor], exclude_state: Sequence[str] = ()) -> torch.nn.Module:
+        """Move the state with the module (``to``, ``cuda``, ``cpu``) but keep it float64.
+
+        torchmetrics applies ``fn`` to every state on ``module.to(dtype)``, ``set_dtype`` and
+        Lightning's ``precision="bf16-true"``/``"16-true"``, which would turn the float64 moments
+        (counts to 2**53, sums of ``e**l``) into float16/bf16 and break the kernels. KLStats
+        takes the device from ``fn`` and refuses the dtype: its inputs may be of any float dtype,
+        its state stays float64.
+        """
+        super()._apply(fn, exclude_state=("_acc", *exclude_state))  # returns self
+        self._acc = self._moved(self._acc, fn)
+        default = self._defaults["_acc"]
+        if isinstance(default, Tensor):
+            self._defaults["_acc"] = self._moved(default, fn)
+        return self
+
+    @staticmethod
+    def _moved(value: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        moved = fn(value)
+        # A dtype cast: move the float64 original instead (to the device ``fn`` chose).
+        return moved if moved.dtype == torch.float64 else value.to(device=moved.device)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # torchmetrics keeps the loaded tensor itself as the state; the native fold writes the
+        # state in place, so that would write into the caller's dict (and into every other
+        # metric loaded from it). Load a float64 copy of the right size instead.
+        key = prefix + "_acc"
+        if key in state_dict:
+            value = state_dict.pop(key)
+            if not isinstance(value, Tensor) or value.shape != (mom.SIZE,) or not value.is_floating_point():
+                error_msgs.append(
+                    f"{key}: expected a float tensor of shape ({mom.SIZE},) (a KLStats state), got "
+                    f"{type(value).__name__} {tuple(getattr(value, 'shape', ()))} "
+                    f"{getattr(value, 'dtype', '')}"
+                )
+            else:
+                self._acc = self._own(value)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _own(self, value: Tensor) -> Tensor:
+        """A new float64, contiguous copy of ``value`` on the state's device."""
+        out = torch.empty(mom.SIZE, dtype=torch.float64, device=self._acc.device)
+        return out.copy_(value.detach().reshape(mom.SIZE))
+
+    def _checked_state(self) -> Tensor:
+        """The state, made a float64 vector of the layout's size if something replaced it.
+
+        ``_apply`` and ``load_state_dict`` keep the state float64; this catches a state assigned
+        from outside (e.g. ``stats._acc = t.half()``), so that no kernel runs on a state of the
+        wrong dtype or size. A few attribute reads: no device work, no host sync.
+        """
+        acc = self._acc
+        if isinstance(acc, Tensor) and acc.dtype == torch.float64 and acc.shape == (mom.SIZE,):
+            if acc.is_contiguous():
+                return acc
+        elif not isinstance(acc, Tensor) or acc.numel() != mom.SIZE or not acc.is_floating_point():
+            raise ValueError(
+                f"KLStats' state was replaced by {type(acc).__name__} "
+                f"{tuple(getattr(acc, 'shape', ()))}: it must be a float64 vector of {mom.SIZE} "
+                "moments. Use load_summary_vector() or load_state_dict() to restore a window"
+            )
+        if acc.dtype != torch.float64 and not self._warned_state_cast:
+            self._warned_state_cast = True
+            rank_zero_warn(
+                f"KLStats' state was set to {acc.dtype} from outside (it is float64: counts and sums "
+                "of e**l overflow or round in lower precisions); converted back to float64, the "
+                "window may have lost precision. Use load_summary_vector() to restore a window",
+                UserWarning,
+            )
+        self._acc = self._own(acc)
+        return self._acc
 
     # -- validation (shapes and dtypes; mask values on device, never on the host) -----------
     def _check(self, logprobs: Any, ref_logprobs: Any, mask: Any) -> Tensor | None:
@@ -228,6 +383,7 @@ class KLStats(Metric):
             TypeError: integer log-probs, or a non-tensor argument.
             ValueError: mismatched shapes or devices, or a non-2-D input at sequence level.
         """
+        self._checked_state()
         valid = self._check(logprobs, ref_logprobs, mask)
         if self._acc.device != logprobs.device:
             self.to(logprobs.device)
@@ -294,6 +450,10 @@ class KLStats(Metric):
         # Spawn launchers (ddp_spawn, torch.multiprocessing) move CPU tensors into shared
         # memory; the host fast path merges in place, so each process needs its own state.
         self._acc = self._acc.clone()
+        # A KLStats pickled by an older klmonitor: add what it lacks.
+        self.__dict__.setdefault("_warned_state_cast", False)
+        if self._config_state_name() not in self._defaults:
+            self.add_state(self._config_state_name(), default=[], dist_reduce_fx=None, persistent=False)
 
     def _use_triton(self, logp: Tensor, ref: Tensor) -> bool:
         # The fused Triton kernel: CUDA float32/bf16/fp16 inputs (or CPU tensors under Triton's
@@ -360,8 +520,11 @@ class KLStats(Metric):
         return KLSummary.from_vector(self._acc.detach().cpu().numpy().tolist(), self.level)
 
     def summary_vector(self) -> Tensor:
-        """The raw moments vector of this rank's window (on device; for advanced use)."""
-        return self._acc
+        """A copy of the raw moments vector of this rank's window (on device; for advanced use).
+
+        A copy: the state itself is updated in place, and is never shared with the caller.
+        """
+        return self._acc.clone()
 
     def load_summary_vector(self, vector: Tensor) -> None:
         """Replace this rank's window by a moments vector from :meth:`summary_vector` (a resume).

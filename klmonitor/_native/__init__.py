@@ -51,6 +51,7 @@ _STEM = "_klm_moments"
 NOUT = 16
 # Element types the kernel knows (codes as in moments.c).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_MASK_DTYPES = (torch.bool, torch.uint8)  # the kernel reads the mask as one byte per token
 # Below this many tokens one thread does the work; the pool's hand-off costs more than it saves.
 _PARALLEL_FROM = 1 << 16
 # KLMONITOR_NATIVE values: off, or which body to run (-1: the best the CPU takes).
@@ -456,10 +457,9 @@ def fold(
     (split over torch's thread count from 64K tokens) and Chan's merge.
     """
     lib = load()
-    assert lib is not None, "fold called without the native kernel"
-    assert logp.dtype == ref.dtype and reads_dtype(logp.dtype), (logp.dtype, ref.dtype)
-    assert clamp > 0 and threshold > 0, (clamp, threshold)
-    assert acc.dtype == np.float64 and acc.flags.c_contiguous and acc.size == lib.klm_vector_size()
+    if lib is None:
+        raise RuntimeError(f"fold needs the fused CPU kernel, which is not available: {_reason}")
+    _check_fold_args(lib, logp, ref, mask, clamp, threshold, acc)
     n = logp.numel()
     workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
     mp = mask.data_ptr() if mask is not None else None
@@ -469,6 +469,61 @@ def fold(
     ):
         # Built without OpenMP: ctypes releases the GIL, so Python threads split the range.
         _fold_threads(lib, logp, ref, mask, clamp, threshold, workers, acc)
+
+
+def _check_fold_args(
+    lib: ctypes.CDLL,
+    logp: Tensor,
+    ref: Tensor,
+    mask: Tensor | None,
+    clamp: float,
+    threshold: float,
+    acc: np.ndarray,
+) -> None:
+    """Raise unless :func:`fold`'s arguments keep the C kernel inside its buffers.
+
+    Real checks, not ``assert`` (which ``python -O`` removes): the kernel reads ``n`` elements
+    of each input and writes the whole moments vector through raw pointers.
+    """
+    # Cheap checks only (a few microseconds: this runs on every CPU update).
+    for name, t in (("logp", logp), ("ref", ref)):
+        if not isinstance(t, Tensor) or not t.is_cpu or not t.is_contiguous():
+            raise ValueError(f"fold: {name} must be a contiguous CPU tensor")
+    code = _DTYPE_CODES.get(logp.dtype)
+    if code is None or ref.dtype != logp.dtype or not lib.klm_reads_dtype(code):
+        raise TypeError(
+            f"fold: logp and ref must share a dtype the kernel reads (float32; bf16/fp16 with AVX2), "
+            f"got {logp.dtype} and {ref.dtype}"
+        )
+    n = logp.numel()
+    if ref.numel() != n:
+        raise ValueError(f"fold: logp has {n} elements but ref has {ref.numel()}")
+    if mask is not None and (
+        not isinstance(mask, Tensor)
+        or not mask.is_cpu
+        or not mask.is_contiguous()
+        or mask.dtype not in _MASK_DTYPES
+        or mask.numel() != n
+    ):
+        raise ValueError(
+            f"fold: mask must be None or a contiguous CPU bool/uint8 tensor of {n} elements, got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)} of {getattr(mask, 'numel', lambda: '?')()} "
+            "elements"
+        )
+    if not (clamp > 0 and threshold > 0):  # also refuses NaN
+        raise ValueError(f"fold: clamp and threshold must be > 0, got {clamp} and {threshold}")
+    size = lib.klm_vector_size()
+    flags = getattr(acc, "flags", None)
+    if (
+        not isinstance(acc, np.ndarray)
+        or acc.dtype != np.float64
+        or not (flags is not None and flags.c_contiguous and flags.writeable)
+        or acc.size != size
+    ):
+        raise ValueError(
+            f"fold: acc must be a writable, C-contiguous float64 array of {size} moments, got "
+            f"{getattr(acc, 'dtype', type(acc).__name__)} of size {getattr(acc, 'size', '?')}"
+        )
 
 
 def _fold_threads(
