@@ -9,12 +9,17 @@ of training. The adapters (:mod:`klmonitor.lightning`, :mod:`klmonitor.pytorch_l
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import math
+import pickle
 import random
+import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 import torch
@@ -35,9 +40,27 @@ log = logging.getLogger("klmonitor")
 __all__ = ["STATE_VERSION", "KLMonitorInputError", "Monitor", "WindowResult"]
 
 #: Version of :meth:`Monitor.state_dict`'s layout; a newer one is not loaded.
-STATE_VERSION = 2
-# Versions this code reads: 1 (the callback's state before Monitor existed) has the same keys.
-_READABLE_VERSIONS = (1, 2)
+STATE_VERSION = 3
+# Versions this code reads: 1 (the callback's state before Monitor existed) has the same keys;
+# 3 adds "config" (what the state was made with) and "histogram" (the ring buffer), read with
+# defaults when absent.
+_READABLE_VERSIONS = (1, 2, 3)
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _locked(fn: _Fn) -> _Fn:
+    """Run a :class:`Monitor` method under the monitor's lock.
+
+    A rollout thread may call ``update`` while the trainer's thread calls ``step``.
+    """
+
+    @functools.wraps(fn)
+    def locked(self: Monitor, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    return cast(_Fn, locked)
 
 
 class KLMonitorInputError(ValueError):
@@ -131,7 +154,13 @@ class Monitor:
 
     Under an initialised ``torch.distributed``, :meth:`step` and :meth:`flush` reduce the
     window over all ranks with one collective, so every rank must call them at the same
-    steps; every rank gets the same :class:`WindowResult`.
+    steps (and every rank must call :meth:`flush`, whether or not it saw a batch since the
+    last window); every rank gets the same :class:`WindowResult`. The step and batch count
+    of each rank travel in that collective: ranks that end a window at different steps are
+    warned about (an error under ``strict=True``), never merged silently.
+
+    A monitor may be fed from several threads (a rollout thread calling :meth:`update` while
+    the trainer's calls :meth:`step`): its state changes under a lock.
 
     >>> import torch
     >>> seen = []
@@ -173,6 +202,7 @@ class Monitor:
         vocab_size: int | None = None,
         decode: Decode | None = None,
     ) -> None:
+        self._lock = threading.RLock()
         self.log_every_n_steps = log_every_n_steps
         self.prefix = check_str(prefix, "prefix", allow_empty=True)
         if max_kl is not None:
@@ -265,6 +295,7 @@ class Monitor:
         """The sinks written to (on rank 0)."""
         return list(self._sinks)
 
+    @_locked
     def set_sinks(self, sinks: Any) -> None:
         """Replace the sinks; each new one gets its layout/metric definitions before its first write."""
         self._sinks = make_sinks(sinks, self.prefix, self._warn_once, self.wandb_alert_wait_s)
@@ -301,9 +332,66 @@ class Monitor:
         self.rollout_stats = self.rollout_stats.to(device)
         return self
 
+    # -- copies ----------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """The state a pickle takes: the lock stays behind, and sinks that cannot be pickled.
+
+        A ``SummaryWriter`` (threads, an open file) cannot be; it is left out of the copy with
+        a warning naming it, and the rest is copied.
+        """
+        with self._lock:
+            state = {k: v for k, v in self.__dict__.items() if k != "_lock"}
+            kept, left = [], []
+            for sink in self._sinks:
+                try:
+                    pickle.dumps(sink)
+                except Exception as exc:
+                    left.append((sink, exc))
+                else:
+                    kept.append(sink)
+            state["_sinks"] = kept
+            state["_sinks_ready"] = set()  # the copy's sinks are new objects: set them up again
+        self._left_out(left)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Monitor:
+        """A deep copy; sinks that cannot be copied are left out with a warning naming them."""
+        with self._lock:
+            new = type(self).__new__(type(self))
+            memo[id(self)] = new
+            kept, left = [], []
+            for sink in self._sinks:
+                try:
+                    kept.append(copy.deepcopy(sink, memo))
+                except Exception as exc:
+                    left.append((sink, exc))
+            rest = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_sinks", "_sinks_ready")}
+            state = copy.deepcopy(rest, memo)
+        state["_sinks"] = kept
+        state["_sinks_ready"] = set()
+        new.__setstate__(state)
+        self._left_out(left)
+        return new
+
+    @staticmethod
+    def _left_out(left: list[tuple[Sink, Exception]]) -> None:
+        if left:
+            what = ", ".join(f"{s!r} ({type(e).__name__}: {e})" for s, e in left)
+            warnings.warn(
+                f"klmonitor: the sinks {what} cannot be copied and are left out of the copy of this "
+                "Monitor (the original keeps them); give the copy its own with copy.set_sinks(...).",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def _parts(self) -> list[Any]:
         return [p for p in (self._ratio, self.positions, self.sequences, self.tokens) if p is not None]
 
+    @_locked
     def reset_window(self, step: int = 0) -> None:
         """Start afresh: drop the open window and restart the schedule at ``step`` (a new run).
 
@@ -326,6 +414,7 @@ class Monitor:
         self._warn_once(f"input:{kind}", message + " (klmonitor warns once per kind of problem.)")
 
     # -- the hot path ----------------------------------------------------------------------
+    @_locked
     def update(
         self,
         logprobs: Tensor,
@@ -486,6 +575,7 @@ class Monitor:
                 self._hist[: k - first] = lr[first:]
         self._hist_pos = (self._hist_pos + k) % size
 
+    @_locked
     def skipped_batch(self) -> None:
         """Count a batch whose input could not be read (an adapter's problem, already reported).
 
@@ -494,40 +584,69 @@ class Monitor:
         self._batches += 1
 
     # -- window boundaries -----------------------------------------------------------------
+    @_locked
     def step(self, step: int) -> WindowResult | None:
         """Call once per optimizer step (after it) with the step count; ends the window at a boundary.
 
         Windows are ``(0, N]``, ``(N, 2N]``, ... in steps; with gradient accumulation the
         micro-batches before a boundary's optimizer step belong to the window it closes.
-        Calling it again with the same step (e.g. after each micro-batch) is harmless.
+        Calling it again with the same step (e.g. after each micro-batch) is harmless. A step
+        that goes back to or below the last window's end (an epoch-local counter, a restarted
+        run, a checkpoint's state from a later run) is warned about once and the schedule
+        restarts from it (an error under ``strict=True``).
 
         Returns:
             the :class:`WindowResult` when a window ended, else ``None``.
         """
         step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
+        if step < self._step_seen and step <= self._last_logged_step:
+            self._step_went_back(step)
         self._step_seen = step
         if step >= (self._last_logged_step // self._every + 1) * self._every:
             return self._end_window(step)
         return None
 
+    @_locked
     def flush(self, step: int) -> WindowResult | None:
-        """End the open window now (end of training); ``None`` when no batch came since the last one."""
-        step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
-        if self._batches == 0:
-            return None
-        return self._end_window(step)
+        """End the open window now (end of training); ``None`` when no batch came since the last one.
 
+        Under several processes every rank must call it (it joins the window's collective even
+        on a rank that saw no batch since the last window); it returns ``None`` on every rank
+        when no rank had a batch, else the same :class:`WindowResult` on every rank.
+        """
+        step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
+        if self._batches == 0 and _distributed()[1] == 1:
+            return None
+        return self._end_window(step, flushing=True)
+
+    def _step_went_back(self, step: int) -> None:
+        self.problem(
+            "step-went-back",
+            f"klmonitor: the step went back from step {self._step_seen} to step {step}, at or below "
+            f"the last window's end (step {self._last_logged_step}): an epoch-local or restarted step "
+            "counter, or a checkpoint's monitor state from a later run. The window schedule restarts "
+            "from this step. Pass a global step that only grows (e.g. trainer.global_step), or call "
+            "mon.reset_window(step) when the counter restarts on purpose.",
+        )
+        self._last_logged_step = max(0, (step - 1) // self._every * self._every)
+
+    @_locked
     def close(self) -> None:
         """Flush every sink (the sinks' targets stay open: they are the caller's)."""
         if self.is_writer:
             for sink in self._sinks:
-                sink.finalize()
+                self._sink_call(sink, "flush", sink.finalize)
 
-    def _reduce(self) -> KLSummary:
-        """The window over all ranks: one ``all_gather`` of every accumulator, one host transfer."""
+    def _reduce(self, step: int) -> tuple[KLSummary, list[int], list[int]]:
+        """The window over all ranks: one ``all_gather`` of every accumulator, one host transfer.
+
+        Each rank's ``step`` and batch count travel in the same collective; returned with the
+        summary as ``(summary, steps by rank, batches by rank)``.
+        """
         dev = self.stats.summary_vector().device
         parts = self._parts()
-        local = [self.stats.summary_vector(), self.rollout_stats.summary_vector().to(dev)]
+        header = torch.tensor([float(step), float(self._batches)], dtype=torch.float64, device=dev)
+        local = [header, self.stats.summary_vector(), self.rollout_stats.summary_vector().to(dev)]
         local += [p.vector(dev) for p in parts]
         sizes = [v.numel() for v in local]
         flat = torch.cat([v.reshape(-1) for v in local])
@@ -539,14 +658,16 @@ class Monitor:
         else:
             rows = flat.reshape(1, -1)
         pieces = torch.split(rows, sizes, dim=1)
-        host = [mom.merge_rows(pieces[0]), mom.merge_rows(pieces[1])]
-        host += [p.host(p.merge_rows(piece)) for p, piece in zip(parts, pieces[2:], strict=True)]
+        host = [pieces[0].reshape(-1), mom.merge_rows(pieces[1]), mom.merge_rows(pieces[2])]
+        host += [p.host(p.merge_rows(piece)) for p, piece in zip(parts, pieces[3:], strict=True)]
         values = torch.cat(host).cpu().tolist()  # the window's one host transfer
         it = iter(values)
 
         def take(n: int) -> list[float]:
             return [next(it) for _ in range(n)]
 
+        ranks = take(2 * rows.shape[0])
+        steps, batches = [int(x) for x in ranks[0::2]], [int(x) for x in ranks[1::2]]
         summary = KLSummary.from_vector(take(lay.SIZE), self.level)
         rollout = KLSummary.from_vector(take(lay.SIZE), "token")
         ratio = take(self._ratio.size)
@@ -565,7 +686,7 @@ class Monitor:
                     f"klmonitor: {outside_vocab} token ids were outside [0, vocab_size={self.tokens.vocab_size}) "
                     "and are left out of top_tokens; pass the tokenizer's full size as vocab_size.",
                 )
-        return summary
+        return summary, steps, batches
 
     def _reset_window(self) -> None:
         self.stats.reset()
@@ -574,8 +695,11 @@ class Monitor:
             part.reset()
         self._batches = 0
 
-    def _end_window(self, step: int) -> WindowResult:
-        summary = self._reduce()  # every rank gets here: the one collective of the window
+    def _end_window(self, step: int, flushing: bool = False) -> WindowResult | None:
+        # Every rank gets here: the one collective of the window.
+        summary, steps, batches = self._reduce(step)
+        if flushing and sum(batches) == 0:
+            return None  # no rank had a batch since the last window: every rank returns None
         hist = None
         if self._hist is not None:
             values = self._hist.cpu().numpy()
@@ -585,6 +709,16 @@ class Monitor:
         self._last_logged_step = step
         self._windows += 1
         self.last_summary = summary
+        if len(set(steps)) > 1:
+            by_rank = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
+            step = max(steps)
+            self.problem(
+                "ddp-steps",
+                f"klmonitor: the ranks ended this window at different steps ({by_rank}): their step "
+                "counters disagree, so this window merges different steps. It is logged at step "
+                f"{step}. Every rank must call step() with the same step count and flush() at the "
+                "same step (e.g. the trainer's global step).",
+            )
 
         if summary.count == 0:
             self.problem(
@@ -628,13 +762,13 @@ class Monitor:
         tables = _tables(summary)
         for sink in self._sinks:
             if id(sink) not in self._sinks_ready:
-                sink.setup([r.name for r in self.rules])
                 self._sinks_ready.add(id(sink))
-            sink.log_scalars(metrics, step)
+                self._sink_call(sink, "set up", sink.setup, [r.name for r in self.rules])
+            self._sink_call(sink, "log scalars", sink.log_scalars, metrics, step)
             if hist is not None and hist.size:
-                sink.log_histogram(hist, step)
+                self._sink_call(sink, "log a histogram", sink.log_histogram, hist, step)
             for name, (columns, rows) in tables.items():
-                sink.log_table(name, columns, rows, step)
+                self._sink_call(sink, f"log the {name} table", sink.log_table, name, columns, rows, step)
         for alert in alerts:
             self._dispatch(alert)
         if stop:
@@ -646,18 +780,43 @@ class Monitor:
         py_level = {"info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}[alert.level.value]
         log.log(py_level, "klmonitor alert [%s] step %d: %s", alert.rule, alert.step, alert.message)
         for sink in self._sinks:
-            sink.log_alert(alert)
+            self._sink_call(sink, "log an alert", sink.log_alert, alert)
         for fn in self.on_alert:
             try:
                 fn(alert)
             except Exception as exc:
-                self._warn_once(
+                self._note(
                     f"on_alert:{getattr(fn, '__name__', repr(fn))}",
                     f"klmonitor: on_alert callable {fn!r} raised {type(exc).__name__}: {exc}; "
                     "the alert was still logged. This warning is shown once.",
                 )
 
+    def _sink_call(self, sink: Sink, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Call one sink method, guarded whatever the class of the sink.
+
+        Whatever it raises (warnings turned into errors included) is noted once per sink and
+        call; the other sinks and the alerts still get everything.
+        """
+        try:
+            fn(*args)
+        except Exception as exc:  # a tracker must never take training down, nor the window
+            name = getattr(sink, "name", None) or type(sink).__name__
+            self._note(
+                f"sink:{name}:{what}:raised",
+                f"klmonitor: the sink {name} ({type(sink).__name__}) failed to {what} "
+                f"({type(exc).__name__}: {exc}); the other sinks and the alerts still get everything. "
+                "This warning is shown once.",
+            )
+
+    def _note(self, kind: str, message: str) -> None:
+        """Warn once per ``kind``; under warnings-as-errors (``-W error``) log it instead."""
+        try:
+            self._warn_once(kind, message)
+        except Warning:  # the filter turned the note into an exception: training goes on
+            log.warning(message)
+
     # -- checkpointing ---------------------------------------------------------------------
+    @_locked
     def state_dict(self) -> dict[str, Any]:
         """Alert state (rules, history), the window schedule and the open window's moments.
 
@@ -680,6 +839,7 @@ class Monitor:
             },
         }
 
+    @_locked
     def load_state_dict(self, state_dict: Any) -> None:
         """Restore :meth:`state_dict` output, checking it first.
 
