@@ -548,6 +548,8 @@ class Monitor:
             return
         dev = logp.device
         size = self.histogram_samples
+        if self._hist is not None and self._hist.device != dev and self._hist.numel() == size:
+            self._hist = self._hist.to(dev)  # e.g. a ring restored from a checkpoint on the CPU
         if self._hist is None or self._hist.device != dev or self._hist.numel() != size:
             self._hist = torch.full((size,), math.nan, dtype=torch.float32, device=dev)
             self._hist_pos = 0
@@ -820,10 +822,20 @@ class Monitor:
     def state_dict(self) -> dict[str, Any]:
         """Alert state (rules, history), the window schedule and the open window's moments.
 
-        Plain Python values (JSON-safe but for non-finite alert values, kept as strings).
+        Plain Python values (JSON-safe but for non-finite alert values, kept as strings). It
+        carries what it was made with (``config``: level, prefix, estimators, clamp, extreme,
+        diagnostics) and the histogram's ring buffer (``None`` for its empty entries).
         """
+        ring = None
+        if self._hist is not None:
+            ring = {
+                "values": [x if math.isfinite(x) else None for x in self._hist.cpu().tolist()],
+                "pos": self._hist_pos,
+            }
         return {
             "version": STATE_VERSION,
+            "config": self._config(),
+            "histogram": ring,
             "engine": self.engine.state_dict(),
             "last_logged_step": self._last_logged_step,
             "batches_in_window": self._batches,
@@ -863,6 +875,16 @@ class Monitor:
                 "(saved by a newer klmonitor? upgrade klmonitor to resume its alert state)"
             )
             return
+        mismatch = self._config_mismatch(sd.get("config"))
+        if mismatch is not None:
+            # Refused before anything changes (strict raises here); the alert state and the
+            # schedule still load below, the open window starts empty.
+            self.problem(
+                "checkpoint-config",
+                f"klmonitor: the checkpoint's monitor state was made with {mismatch}; its open window "
+                "is not restored (it would mix statistics of another kind), the window starts empty. "
+                "Resume with the configuration the checkpoint was saved with to keep it.",
+            )
         counters: dict[str, int] = {}
         for key in ("last_logged_step", "batches_in_window", "windows", "step_seen"):
             value = sd.get(key, sd.get("last_logged_step", 0) if key == "step_seen" else 0)
@@ -881,6 +903,12 @@ class Monitor:
         self._last_logged_step = counters["last_logged_step"]
         self._windows = counters["windows"]
         self._step_seen = counters["step_seen"]
+        if self._hist is not None:
+            self._hist.fill_(math.nan)  # the open window's samples are the checkpoint's
+        self._hist_pos = 0
+        if mismatch is not None:
+            self._reset_window()
+            return
         window = sd.get("window")
         problem = _window_problem(window)
         if problem is not None:
@@ -908,11 +936,18 @@ class Monitor:
             if (
                 not isinstance(vec, list)
                 or len(vec) != part.size
-                or not all(isinstance(x, int | float) and not math.isnan(x) for x in vec)
+                or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in vec)
             ):
                 problem = f"diagnostics {type(part).__name__} are not {part.size} numbers"
                 break
+            why = part.problem([float(x) for x in vec])
+            if why is not None:
+                problem = f"diagnostics {type(part).__name__} {why}"
+                break
             saved[part] = vec
+        if problem is None:
+            ring_problem = self._load_ring(sd.get("histogram"))
+            problem = None if ring_problem is None else f"histogram ring buffer {ring_problem}"
         if problem is not None:
             self._reset_window()
             self._bad_state(f"its rollout or diagnostics window {problem}; the window starts empty")
@@ -922,6 +957,53 @@ class Monitor:
         for part, vec in saved.items():
             part.load(torch.tensor(vec, dtype=torch.float64, device=self.stats.summary_vector().device))
         self._batches = counters["batches_in_window"]
+
+    def _config(self) -> dict[str, Any]:
+        """What this monitor's window is made with (a checkpoint's state must match it)."""
+        return {
+            "level": self.level,
+            "prefix": self.prefix,
+            "estimators": list(lay.QUANTITIES),
+            "clamp": self.stats.clamp,
+            "extreme": self.stats.extreme,
+            "diagnostics": {type(p).__name__: p.config() for p in self._parts()},
+        }
+
+    def _config_mismatch(self, saved: Any) -> str | None:
+        """What differs between a checkpoint's ``config`` and this monitor's, or ``None``."""
+        if saved is None:
+            return None  # a state before version 3: nothing to compare
+        if not isinstance(saved, Mapping):
+            return f"a config that is a {type(saved).__name__}, not a dict"
+        ours = self._config()
+        diffs = [
+            f"{key}={saved.get(key)!r} (this monitor: {value!r})"
+            for key, value in ours.items()
+            if saved.get(key) != value
+        ]
+        return ", ".join(diffs) or None
+
+    def _load_ring(self, saved: Any) -> str | None:
+        """Restore the histogram's ring buffer; why it cannot be, or ``None``."""
+        if saved is None or not self.histogram:
+            return None  # not saved (a state before version 3, or no sample yet), or no histogram
+        if not isinstance(saved, Mapping):
+            return f"is a {type(saved).__name__}, not a dict"
+        values, pos = saved.get("values"), saved.get("pos")
+        if not isinstance(values, list) or not all(
+            x is None or (isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x))
+            for x in values
+        ):
+            return "holds values that are neither finite numbers nor None"
+        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < max(len(values), 1):
+            return f"has the position {pos!r}, outside its {len(values)} entries"
+        if len(values) != self.histogram_samples:
+            return None  # another histogram_samples: this window's histogram starts afresh
+        ring = [math.nan if x is None else float(x) for x in values]
+        dev = self.stats.summary_vector().device
+        self._hist = torch.tensor(ring, dtype=torch.float32, device=dev)
+        self._hist_pos = pos
+        return None
 
     def _bad_state(self, what: str) -> None:
         self.problem(
