@@ -856,9 +856,12 @@ class Monitor:
         """Restore :meth:`state_dict` output, checking it first.
 
         A state that is not a dict, of a newer version, or with a field of the wrong type or
-        an impossible value (a NaN or negative count, a negative step) is not loaded: one
-        warning (an error under ``strict=True``) and the monitor keeps a fresh state for what
-        was wrong. Under several processes the open window is not restored (it held rank 0's
+        an impossible value (a NaN, infinite, fractional or negative count, a negative step, a
+        rule's cooldown outside its range) is not loaded: one warning (an error under
+        ``strict=True``) and the monitor keeps a fresh state for what was wrong. A state made
+        with another configuration (level, prefix, estimators, clamp, extreme, diagnostics) is
+        warned about the same way; its alert state and schedule load, its open window does not.
+        Under several processes the open window is not restored (it held rank 0's
         tokens only): the first window after resuming is shorter.
         """
         sd = state_dict
