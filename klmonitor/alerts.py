@@ -323,9 +323,15 @@ class Rule(ABC):
         return {"streak": self._streak, "cooldown_left": self._cooldown_left}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; missing keys take their fresh-rule defaults."""
-        self._streak = int(state.get("streak", 0))
-        self._cooldown_left = int(state.get("cooldown_left", 0))
+        """Restore :meth:`state_dict` output; missing keys take their fresh-rule defaults.
+
+        Raises:
+            ValueError: a value out of range (a negative or non-integer streak, a cooldown
+                left outside ``[0, cooldown]``): such a state would silence the rule.
+        """
+        streak = _state_int(state.get("streak", 0), f"rule {self.name!r}: streak", high=None)
+        left = _state_int(state.get("cooldown_left", 0), f"rule {self.name!r}: cooldown_left", self.cooldown)
+        self._streak, self._cooldown_left = streak, left
 
     def reset(self) -> None:
         """Forget the streak, the cooldown and any history."""
@@ -602,8 +608,13 @@ class SpikeRule(Rule):
         return {**super().state_dict(), "history": list(self._history)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        history = state.get("history", [])
+        if not isinstance(history, list | tuple) or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in history
+        ):
+            raise ValueError(f"rule {self.name!r}: history is {history!r}, not a list of finite numbers")
         super().load_state_dict(state)
-        self._history = deque((float(x) for x in state.get("history", [])), maxlen=self.window)
+        self._history = deque((float(x) for x in history), maxlen=self.window)
 
     def reset(self) -> None:  # noqa: D102
         super().reset()
@@ -1124,6 +1135,19 @@ class RolloutMismatchRule(Rule):
 
 
 # -- engine ------------------------------------------------------------------------------
+
+
+def _state_int(value: Any, what: str, high: int | None) -> int:
+    """``value`` as a saved counter: an int in ``[0, high]`` (``high=None``: no upper bound)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 0
+        or (high is not None and value > high)
+    ):
+        bound = "" if high is None else f" <= {high}"
+        raise ValueError(f"{what} is {value!r}, not an int >= 0{bound}")
+    return value
 
 
 class AlertEngine:

@@ -72,6 +72,30 @@ class _Accumulator:
         """What :meth:`read` needs of the merged window (moved to the host with the rest)."""
         return merged
 
+    def config(self) -> dict[str, int]:
+        """What the window's vector was made with (a checkpoint carries it)."""
+        return {"size": self.size}
+
+    def problem(self, values: Sequence[float]) -> str | None:
+        """Why ``values`` (a saved :meth:`vector`) cannot be this window, else ``None``."""
+        if len(values) != self.size:
+            return f"has {len(values)} numbers, not {self.size}"
+        return _not_finite(values, range(self.size))
+
+
+def _not_finite(values: Sequence[float], where: Sequence[int] | range) -> str | None:
+    bad = [i for i in where if not math.isfinite(values[i])]
+    return f"holds a non-finite value at index {bad[0]} ({values[bad[0]]})" if bad else None
+
+
+def _not_counts(values: Sequence[float], where: Sequence[int] | range, high: float = math.inf) -> str | None:
+    for i in where:
+        x = values[i]
+        if not (math.isfinite(x) and x >= 0 and x == int(x) and x <= high):
+            top = "" if high == math.inf else f" up to {high:g}"
+            return f"holds {x} at index {i}, where a count (an integer >= 0{top}) belongs"
+    return None
+
 
 # A token "differs" when |l| exceeds this many machine epsilons of the log-probs' dtype times the
 # larger |log-prob|: two roundings of one value to that dtype differ by at most one unit in the
@@ -114,6 +138,12 @@ class InitialCheck(_Accumulator):
         )
         self._v = v + part
 
+    def problem(self, values: Sequence[float]) -> str | None:  # noqa: D102
+        bad = super().problem(values) or _not_counts(values, [0, 1])
+        if bad is None and (values[1] > values[0] or values[2] < 0):
+            bad = f"counts {values[1]} differing of {values[0]} tokens with a k3 sum of {values[2]}"
+        return bad
+
     @staticmethod
     def read(values: Sequence[float]) -> InitialSummary | None:
         """The summary of the merged window; ``None`` when no batch came before the first step."""
@@ -142,6 +172,14 @@ class RatioRange(_Accumulator):
     @staticmethod
     def merge_rows(rows: Tensor) -> Tensor:  # noqa: D102
         return torch.stack([rows[:, 0].amin(), rows[:, 1].amax(), rows[:, 2].sum()])
+
+    def problem(self, values: Sequence[float]) -> str | None:  # noqa: D102
+        if len(values) != self.size:
+            return f"has {len(values)} numbers, not {self.size}"
+        lo, hi = values[0], values[1]
+        if math.isnan(lo) or math.isnan(hi) or lo == -math.inf or hi == math.inf:
+            return f"has the range ({lo}, {hi}), not a finite one (or the empty (inf, -inf))"
+        return _not_counts(values, [2])
 
     @staticmethod
     def read(values: Sequence[float], tokens: int) -> tuple[float, float, float]:
@@ -198,6 +236,12 @@ class PositionProfile(_Accumulator):
         counts = torch.zeros(self.buckets, dtype=torch.float64, device=k3.device)
         counts.index_add_(0, idx, valid.sum(0, dtype=torch.float64))
         self._v = v + torch.cat([sums, counts])
+
+    def config(self) -> dict[str, int]:  # noqa: D102
+        return {"buckets": self.buckets}
+
+    def problem(self, values: Sequence[float]) -> str | None:  # noqa: D102
+        return super().problem(values) or _not_counts(values, range(self.buckets, self.size))
 
     def read(self, values: Sequence[float]) -> list[PositionBucket]:
         """The buckets with at least one token, first position first."""
@@ -269,6 +313,28 @@ class TopSequences(_Accumulator):
 
     def merge_rows(self, rows: Tensor) -> Tensor:  # type: ignore[override]  # noqa: D102
         return self._top(rows.reshape(-1, self.width)).reshape(-1)
+
+    def config(self) -> dict[str, int]:  # noqa: D102
+        return {"k": self.k, "max_len": self.max_len}
+
+    def problem(self, values: Sequence[float]) -> str | None:  # noqa: D102
+        if len(values) != self.size:
+            return f"has {len(values)} numbers, not {self.size}"
+        for r in range(self.k):
+            at = r * self.width
+            row = values[at : at + self.width]
+            if row[_SCORE] == -math.inf:
+                continue  # an empty slot
+            ids = range(_F, _F + self.max_len)
+            why = (
+                _not_finite(row, range(self.width))
+                or _not_counts(row, [_TOKENS, _STEP, _ROW, _RANK])
+                or _not_counts(row, [_LEN], high=self.max_len)
+                or _not_counts([x + 1 for x in row], ids)  # token ids, -1 where none
+            )
+            if why is not None:
+                return f"row {r} {why}"
+        return None
 
     def read(self, values: Sequence[float], decode: Decode | None, mark: int = 3) -> list[TopSequence]:
         """The kept sequences, largest summed k3 first; ``decode`` renders their text."""
@@ -344,6 +410,12 @@ class TopTokens(_Accumulator):
         k = min(self.k, self.vocab_size)
         best, ids = sums.topk(k)
         return torch.cat([best, ids.double(), counts.index_select(0, ids), merged[-1:]])
+
+    def config(self) -> dict[str, int]:  # noqa: D102
+        return {"vocab_size": self.vocab_size, "k": self.k}
+
+    def problem(self, values: Sequence[float]) -> str | None:  # noqa: D102
+        return super().problem(values) or _not_counts(values, range(self.vocab_size, self.size))
 
     def host_size(self) -> int:
         """Length of :meth:`host`'s vector."""

@@ -9,12 +9,17 @@ of training. The adapters (:mod:`klmonitor.lightning`, :mod:`klmonitor.pytorch_l
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import math
+import pickle
 import random
+import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 import torch
@@ -35,9 +40,27 @@ log = logging.getLogger("klmonitor")
 __all__ = ["STATE_VERSION", "KLMonitorInputError", "Monitor", "WindowResult"]
 
 #: Version of :meth:`Monitor.state_dict`'s layout; a newer one is not loaded.
-STATE_VERSION = 2
-# Versions this code reads: 1 (the callback's state before Monitor existed) has the same keys.
-_READABLE_VERSIONS = (1, 2)
+STATE_VERSION = 3
+# Versions this code reads: 1 (the callback's state before Monitor existed) has the same keys;
+# 3 adds "config" (what the state was made with) and "histogram" (the ring buffer), read with
+# defaults when absent.
+_READABLE_VERSIONS = (1, 2, 3)
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _locked(fn: _Fn) -> _Fn:
+    """Run a :class:`Monitor` method under the monitor's lock.
+
+    A rollout thread may call ``update`` while the trainer's thread calls ``step``.
+    """
+
+    @functools.wraps(fn)
+    def locked(self: Monitor, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    return cast(_Fn, locked)
 
 
 class KLMonitorInputError(ValueError):
@@ -131,7 +154,13 @@ class Monitor:
 
     Under an initialised ``torch.distributed``, :meth:`step` and :meth:`flush` reduce the
     window over all ranks with one collective, so every rank must call them at the same
-    steps; every rank gets the same :class:`WindowResult`.
+    steps (and every rank must call :meth:`flush`, whether or not it saw a batch since the
+    last window); every rank gets the same :class:`WindowResult`. The step and batch count
+    of each rank travel in that collective: ranks that end a window at different steps are
+    warned about (an error under ``strict=True``), never merged silently.
+
+    A monitor may be fed from several threads (a rollout thread calling :meth:`update` while
+    the trainer's calls :meth:`step`): its state changes under a lock.
 
     >>> import torch
     >>> seen = []
@@ -173,6 +202,7 @@ class Monitor:
         vocab_size: int | None = None,
         decode: Decode | None = None,
     ) -> None:
+        self._lock = threading.RLock()
         self.log_every_n_steps = log_every_n_steps
         self.prefix = check_str(prefix, "prefix", allow_empty=True)
         if max_kl is not None:
@@ -268,6 +298,7 @@ class Monitor:
         """The sinks written to (on rank 0)."""
         return list(self._sinks)
 
+    @_locked
     def set_sinks(self, sinks: Any) -> None:
         """Replace the sinks; each new one gets its layout/metric definitions before its first write."""
         self._sinks = make_sinks(sinks, self.prefix, self._warn_once, self.wandb_alert_wait_s)
@@ -304,10 +335,67 @@ class Monitor:
         self.rollout_stats = self.rollout_stats.to(device)
         return self
 
+    # -- copies ----------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """The state a pickle takes: the lock stays behind, and sinks that cannot be pickled.
+
+        A ``SummaryWriter`` (threads, an open file) cannot be; it is left out of the copy with
+        a warning naming it, and the rest is copied.
+        """
+        with self._lock:
+            state = {k: v for k, v in self.__dict__.items() if k != "_lock"}
+            kept, left = [], []
+            for sink in self._sinks:
+                try:
+                    pickle.dumps(sink)
+                except Exception as exc:
+                    left.append((sink, exc))
+                else:
+                    kept.append(sink)
+            state["_sinks"] = kept
+            state["_sinks_ready"] = set()  # the copy's sinks are new objects: set them up again
+        self._left_out(left)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Monitor:
+        """A deep copy; sinks that cannot be copied are left out with a warning naming them."""
+        with self._lock:
+            new = type(self).__new__(type(self))
+            memo[id(self)] = new
+            kept, left = [], []
+            for sink in self._sinks:
+                try:
+                    kept.append(copy.deepcopy(sink, memo))
+                except Exception as exc:
+                    left.append((sink, exc))
+            rest = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_sinks", "_sinks_ready")}
+            state = copy.deepcopy(rest, memo)
+        state["_sinks"] = kept
+        state["_sinks_ready"] = set()
+        new.__setstate__(state)
+        self._left_out(left)
+        return new
+
+    @staticmethod
+    def _left_out(left: list[tuple[Sink, Exception]]) -> None:
+        if left:
+            what = ", ".join(f"{s!r} ({type(e).__name__}: {e})" for s, e in left)
+            warnings.warn(
+                f"klmonitor: the sinks {what} cannot be copied and are left out of the copy of this "
+                "Monitor (the original keeps them); give the copy its own with copy.set_sinks(...).",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def _parts(self) -> list[Any]:
         parts = (self._ratio, self.positions, self.sequences, self.tokens, self._initial)
         return [p for p in parts if p is not None]
 
+    @_locked
     def reset_window(self, step: int = 0) -> None:
         """Start afresh: drop the open window and restart the schedule at ``step`` (a new run).
 
@@ -333,6 +421,7 @@ class Monitor:
         self._warn_once(f"input:{kind}", message + " (klmonitor warns once per kind of problem.)")
 
     # -- the hot path ----------------------------------------------------------------------
+    @_locked
     def update(
         self,
         logprobs: Tensor,
@@ -468,6 +557,8 @@ class Monitor:
             return
         dev = logp.device
         size = self.histogram_samples
+        if self._hist is not None and self._hist.device != dev and self._hist.numel() == size:
+            self._hist = self._hist.to(dev)  # e.g. a ring restored from a checkpoint on the CPU
         if self._hist is None or self._hist.device != dev or self._hist.numel() != size:
             self._hist = torch.full((size,), math.nan, dtype=torch.float32, device=dev)
             self._hist_pos = 0
@@ -495,6 +586,7 @@ class Monitor:
                 self._hist[: k - first] = lr[first:]
         self._hist_pos = (self._hist_pos + k) % size
 
+    @_locked
     def skipped_batch(self) -> None:
         """Count a batch whose input could not be read (an adapter's problem, already reported).
 
@@ -503,17 +595,23 @@ class Monitor:
         self._batches += 1
 
     # -- window boundaries -----------------------------------------------------------------
+    @_locked
     def step(self, step: int) -> WindowResult | None:
         """Call once per optimizer step (after it) with the step count; ends the window at a boundary.
 
         Windows are ``(0, N]``, ``(N, 2N]``, ... in steps; with gradient accumulation the
         micro-batches before a boundary's optimizer step belong to the window it closes.
-        Calling it again with the same step (e.g. after each micro-batch) is harmless.
+        Calling it again with the same step (e.g. after each micro-batch) is harmless. A step
+        that goes back to or below the last window's end (an epoch-local counter, a restarted
+        run, a checkpoint's state from a later run) is warned about once and the schedule
+        restarts from it (an error under ``strict=True``).
 
         Returns:
             the :class:`WindowResult` when a window ended, else ``None``.
         """
         step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
+        if step < self._step_seen and step <= self._last_logged_step:
+            self._step_went_back(step)
         self._step_seen = step
         if step > 0:  # an optimizer step has changed the policy
             self._untrained = False
@@ -521,24 +619,47 @@ class Monitor:
             return self._end_window(step)
         return None
 
+    @_locked
     def flush(self, step: int) -> WindowResult | None:
-        """End the open window now (end of training); ``None`` when no batch came since the last one."""
-        step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
-        if self._batches == 0:
-            return None
-        return self._end_window(step)
+        """End the open window now (end of training); ``None`` when no batch came since the last one.
 
+        Under several processes every rank must call it (it joins the window's collective even
+        on a rank that saw no batch since the last window); it returns ``None`` on every rank
+        when no rank had a batch, else the same :class:`WindowResult` on every rank.
+        """
+        step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
+        if self._batches == 0 and _distributed()[1] == 1:
+            return None
+        return self._end_window(step, flushing=True)
+
+    def _step_went_back(self, step: int) -> None:
+        self.problem(
+            "step-went-back",
+            f"klmonitor: the step went back from step {self._step_seen} to step {step}, at or below "
+            f"the last window's end (step {self._last_logged_step}): an epoch-local or restarted step "
+            "counter, or a checkpoint's monitor state from a later run. The window schedule restarts "
+            "from this step. Pass a global step that only grows (e.g. trainer.global_step), or call "
+            "mon.reset_window(step) when the counter restarts on purpose.",
+        )
+        self._last_logged_step = max(0, (step - 1) // self._every * self._every)
+
+    @_locked
     def close(self) -> None:
         """Flush every sink (the sinks' targets stay open: they are the caller's)."""
         if self.is_writer:
             for sink in self._sinks:
-                sink.finalize()
+                self._sink_call(sink, "flush", sink.finalize)
 
-    def _reduce(self) -> KLSummary:
-        """The window over all ranks: one ``all_gather`` of every accumulator, one host transfer."""
+    def _reduce(self, step: int) -> tuple[KLSummary, list[int], list[int]]:
+        """The window over all ranks: one ``all_gather`` of every accumulator, one host transfer.
+
+        Each rank's ``step`` and batch count travel in the same collective; returned with the
+        summary as ``(summary, steps by rank, batches by rank)``.
+        """
         dev = self.stats.summary_vector().device
         parts = self._parts()
-        local = [self.stats.summary_vector(), self.rollout_stats.summary_vector().to(dev)]
+        header = torch.tensor([float(step), float(self._batches)], dtype=torch.float64, device=dev)
+        local = [header, self.stats.summary_vector(), self.rollout_stats.summary_vector().to(dev)]
         local += [p.vector(dev) for p in parts]
         sizes = [v.numel() for v in local]
         flat = torch.cat([v.reshape(-1) for v in local])
@@ -550,14 +671,16 @@ class Monitor:
         else:
             rows = flat.reshape(1, -1)
         pieces = torch.split(rows, sizes, dim=1)
-        host = [mom.merge_rows(pieces[0]), mom.merge_rows(pieces[1])]
-        host += [p.host(p.merge_rows(piece)) for p, piece in zip(parts, pieces[2:], strict=True)]
+        host = [pieces[0].reshape(-1), mom.merge_rows(pieces[1]), mom.merge_rows(pieces[2])]
+        host += [p.host(p.merge_rows(piece)) for p, piece in zip(parts, pieces[3:], strict=True)]
         values = torch.cat(host).cpu().tolist()  # the window's one host transfer
         it = iter(values)
 
         def take(n: int) -> list[float]:
             return [next(it) for _ in range(n)]
 
+        ranks = take(2 * rows.shape[0])
+        steps, batches = [int(x) for x in ranks[0::2]], [int(x) for x in ranks[1::2]]
         summary = KLSummary.from_vector(take(lay.SIZE), self.level)
         rollout = KLSummary.from_vector(take(lay.SIZE), "token")
         ratio = take(self._ratio.size)
@@ -577,7 +700,7 @@ class Monitor:
                     "and are left out of top_tokens; pass the tokenizer's full size as vocab_size.",
                 )
         summary.initial = InitialCheck.read(take(self._initial.size))
-        return summary
+        return summary, steps, batches
 
     def _reset_window(self) -> None:
         self.stats.reset()
@@ -586,8 +709,11 @@ class Monitor:
             part.reset()
         self._batches = 0
 
-    def _end_window(self, step: int) -> WindowResult:
-        summary = self._reduce()  # every rank gets here: the one collective of the window
+    def _end_window(self, step: int, flushing: bool = False) -> WindowResult | None:
+        # Every rank gets here: the one collective of the window.
+        summary, steps, batches = self._reduce(step)
+        if flushing and sum(batches) == 0:
+            return None  # no rank had a batch since the last window: every rank returns None
         hist = None
         if self._hist is not None:
             values = self._hist.cpu().numpy()
@@ -597,6 +723,16 @@ class Monitor:
         self._last_logged_step = step
         self._windows += 1
         self.last_summary = summary
+        if len(set(steps)) > 1:
+            by_rank = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
+            step = max(steps)
+            self.problem(
+                "ddp-steps",
+                f"klmonitor: the ranks ended this window at different steps ({by_rank}): their step "
+                "counters disagree, so this window merges different steps. It is logged at step "
+                f"{step}. Every rank must call step() with the same step count and flush() at the "
+                "same step (e.g. the trainer's global step).",
+            )
 
         if summary.count == 0:
             self.problem(
@@ -640,13 +776,13 @@ class Monitor:
         tables = _tables(summary)
         for sink in self._sinks:
             if id(sink) not in self._sinks_ready:
-                sink.setup([r.name for r in self.rules])
                 self._sinks_ready.add(id(sink))
-            sink.log_scalars(metrics, step)
+                self._sink_call(sink, "set up", sink.setup, [r.name for r in self.rules])
+            self._sink_call(sink, "log scalars", sink.log_scalars, metrics, step)
             if hist is not None and hist.size:
-                sink.log_histogram(hist, step)
+                self._sink_call(sink, "log a histogram", sink.log_histogram, hist, step)
             for name, (columns, rows) in tables.items():
-                sink.log_table(name, columns, rows, step)
+                self._sink_call(sink, f"log the {name} table", sink.log_table, name, columns, rows, step)
         for alert in alerts:
             self._dispatch(alert)
         if stop:
@@ -658,25 +794,60 @@ class Monitor:
         py_level = {"info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}[alert.level.value]
         log.log(py_level, "klmonitor alert [%s] step %d: %s", alert.rule, alert.step, alert.message)
         for sink in self._sinks:
-            sink.log_alert(alert)
+            self._sink_call(sink, "log an alert", sink.log_alert, alert)
         for fn in self.on_alert:
             try:
                 fn(alert)
             except Exception as exc:
-                self._warn_once(
+                self._note(
                     f"on_alert:{getattr(fn, '__name__', repr(fn))}",
                     f"klmonitor: on_alert callable {fn!r} raised {type(exc).__name__}: {exc}; "
                     "the alert was still logged. This warning is shown once.",
                 )
 
+    def _sink_call(self, sink: Sink, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Call one sink method, guarded whatever the class of the sink.
+
+        Whatever it raises (warnings turned into errors included) is noted once per sink and
+        call; the other sinks and the alerts still get everything.
+        """
+        try:
+            fn(*args)
+        except Exception as exc:  # a tracker must never take training down, nor the window
+            name = getattr(sink, "name", None) or type(sink).__name__
+            self._note(
+                f"sink:{name}:{what}:raised",
+                f"klmonitor: the sink {name} ({type(sink).__name__}) failed to {what} "
+                f"({type(exc).__name__}: {exc}); the other sinks and the alerts still get everything. "
+                "This warning is shown once.",
+            )
+
+    def _note(self, kind: str, message: str) -> None:
+        """Warn once per ``kind``; under warnings-as-errors (``-W error``) log it instead."""
+        try:
+            self._warn_once(kind, message)
+        except Warning:  # the filter turned the note into an exception: training goes on
+            log.warning(message)
+
     # -- checkpointing ---------------------------------------------------------------------
+    @_locked
     def state_dict(self) -> dict[str, Any]:
         """Alert state (rules, history), the window schedule and the open window's moments.
 
-        Plain Python values (JSON-safe but for non-finite alert values, kept as strings).
+        Plain Python values (JSON-safe but for non-finite alert values, kept as strings). It
+        carries what it was made with (``config``: level, prefix, estimators, clamp, extreme,
+        diagnostics) and the histogram's ring buffer (``None`` for its empty entries).
         """
+        ring = None
+        if self._hist is not None:
+            ring = {
+                "values": [x if math.isfinite(x) else None for x in self._hist.cpu().tolist()],
+                "pos": self._hist_pos,
+            }
         return {
             "version": STATE_VERSION,
+            "config": self._config(),
+            "histogram": ring,
             "engine": self.engine.state_dict(),
             "last_logged_step": self._last_logged_step,
             "batches_in_window": self._batches,
@@ -692,13 +863,17 @@ class Monitor:
             },
         }
 
+    @_locked
     def load_state_dict(self, state_dict: Any) -> None:
         """Restore :meth:`state_dict` output, checking it first.
 
         A state that is not a dict, of a newer version, or with a field of the wrong type or
-        an impossible value (a NaN or negative count, a negative step) is not loaded: one
-        warning (an error under ``strict=True``) and the monitor keeps a fresh state for what
-        was wrong. Under several processes the open window is not restored (it held rank 0's
+        an impossible value (a NaN, infinite, fractional or negative count, a negative step, a
+        rule's cooldown outside its range) is not loaded: one warning (an error under
+        ``strict=True``) and the monitor keeps a fresh state for what was wrong. A state made
+        with another configuration (level, prefix, estimators, clamp, extreme, diagnostics) is
+        warned about the same way; its alert state and schedule load, its open window does not.
+        Under several processes the open window is not restored (it held rank 0's
         tokens only): the first window after resuming is shorter.
         """
         sd = state_dict
@@ -716,6 +891,16 @@ class Monitor:
                 "(saved by a newer klmonitor? upgrade klmonitor to resume its alert state)"
             )
             return
+        mismatch = self._config_mismatch(sd.get("config"))
+        if mismatch is not None:
+            # Refused before anything changes (strict raises here); the alert state and the
+            # schedule still load below, the open window starts empty.
+            self.problem(
+                "checkpoint-config",
+                f"klmonitor: the checkpoint's monitor state was made with {mismatch}; its open window "
+                "is not restored (it would mix statistics of another kind), the window starts empty. "
+                "Resume with the configuration the checkpoint was saved with to keep it.",
+            )
         counters: dict[str, int] = {}
         for key in ("last_logged_step", "batches_in_window", "windows", "step_seen"):
             value = sd.get(key, sd.get("last_logged_step", 0) if key == "step_seen" else 0)
@@ -734,6 +919,12 @@ class Monitor:
         self._last_logged_step = counters["last_logged_step"]
         self._windows = counters["windows"]
         self._step_seen = counters["step_seen"]
+        if self._hist is not None:
+            self._hist.fill_(math.nan)  # the open window's samples are the checkpoint's
+        self._hist_pos = 0
+        if mismatch is not None:
+            self._reset_window()
+            return
         window = sd.get("window")
         problem = _window_problem(window)
         if problem is not None:
@@ -761,11 +952,18 @@ class Monitor:
             if (
                 not isinstance(vec, list)
                 or len(vec) != part.size
-                or not all(isinstance(x, int | float) and not math.isnan(x) for x in vec)
+                or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in vec)
             ):
                 problem = f"diagnostics {type(part).__name__} are not {part.size} numbers"
                 break
+            why = part.problem([float(x) for x in vec])
+            if why is not None:
+                problem = f"diagnostics {type(part).__name__} {why}"
+                break
             saved[part] = vec
+        if problem is None:
+            ring_problem = self._load_ring(sd.get("histogram"))
+            problem = None if ring_problem is None else f"histogram ring buffer {ring_problem}"
         if problem is not None:
             self._reset_window()
             self._bad_state(f"its rollout or diagnostics window {problem}; the window starts empty")
@@ -775,6 +973,53 @@ class Monitor:
         for part, vec in saved.items():
             part.load(torch.tensor(vec, dtype=torch.float64, device=self.stats.summary_vector().device))
         self._batches = counters["batches_in_window"]
+
+    def _config(self) -> dict[str, Any]:
+        """What this monitor's window is made with (a checkpoint's state must match it)."""
+        return {
+            "level": self.level,
+            "prefix": self.prefix,
+            "estimators": list(lay.QUANTITIES),
+            "clamp": self.stats.clamp,
+            "extreme": self.stats.extreme,
+            "diagnostics": {type(p).__name__: p.config() for p in self._parts()},
+        }
+
+    def _config_mismatch(self, saved: Any) -> str | None:
+        """What differs between a checkpoint's ``config`` and this monitor's, or ``None``."""
+        if saved is None:
+            return None  # a state before version 3: nothing to compare
+        if not isinstance(saved, Mapping):
+            return f"a config that is a {type(saved).__name__}, not a dict"
+        ours = self._config()
+        diffs = [
+            f"{key}={saved.get(key)!r} (this monitor: {value!r})"
+            for key, value in ours.items()
+            if saved.get(key) != value
+        ]
+        return ", ".join(diffs) or None
+
+    def _load_ring(self, saved: Any) -> str | None:
+        """Restore the histogram's ring buffer; why it cannot be, or ``None``."""
+        if saved is None or not self.histogram:
+            return None  # not saved (a state before version 3, or no sample yet), or no histogram
+        if not isinstance(saved, Mapping):
+            return f"is a {type(saved).__name__}, not a dict"
+        values, pos = saved.get("values"), saved.get("pos")
+        if not isinstance(values, list) or not all(
+            x is None or (isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x))
+            for x in values
+        ):
+            return "holds values that are neither finite numbers nor None"
+        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < max(len(values), 1):
+            return f"has the position {pos!r}, outside its {len(values)} entries"
+        if len(values) != self.histogram_samples:
+            return None  # another histogram_samples: this window's histogram starts afresh
+        ring = [math.nan if x is None else float(x) for x in values]
+        dev = self.stats.summary_vector().device
+        self._hist = torch.tensor(ring, dtype=torch.float32, device=dev)
+        self._hist_pos = pos
+        return None
 
     def _bad_state(self, what: str) -> None:
         self.problem(

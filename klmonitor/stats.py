@@ -339,6 +339,11 @@ class KLStats(Metric):
             return None
         if not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.device.type == "meta":
+            raise ValueError(
+                "mask is a 'meta' tensor (shape only, no values); pass the real mask, e.g. after "
+                "the batch is materialised on a device"
+            )
         if mask.shape != logprobs.shape:
             raise ValueError(
                 f"mask has shape {tuple(mask.shape)} but logprobs has shape "
