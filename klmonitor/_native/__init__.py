@@ -362,7 +362,7 @@ def _check_in_child(fd: int, real: Path) -> str | None:
         return f"loading and self-testing it crashed a separate test process ({name})"
     err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
     detail = out[-1] if out else (err[-1] if err else "no output")
-    return f"its self-test failed in a separate process (exit {proc.returncode}): {detail[:2000]}"
+    return f"loading and self-testing it failed in a separate test process (exit {proc.returncode}): {detail[:2000]}"
 
 
 def _open(want: int) -> tuple[ctypes.CDLL | None, str | None]:
