@@ -1065,7 +1065,9 @@ def _copy_project(dest: Path) -> Path:
     for f in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / f, dest / f)
     shutil.copytree(
-        ROOT / "klmonitor", dest / "klmonitor", ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd")
+        ROOT / "klmonitor",
+        dest / "klmonitor",
+        ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd", "*.so.sha256"),
     )
     return dest
 
