@@ -197,7 +197,10 @@ def _checked_file(path: Path) -> tuple[int, Path, str, str]:
     if st.st_size > _MAX_BYTES:
         raise _Refused(f"{what} is {st.st_size} bytes, far more than the kernel")
     record = _read_record(path, ref)
-    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    flags = (
+        os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    )
+    fd = os.open(real, flags)
     try:
         fst = os.fstat(fd)
         if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
