@@ -1085,6 +1085,9 @@ def test_lightning_training_on_a_truncated_library_logs_the_torch_path_numbers(t
     project = _copy_project(tmp_path / "project")
     assert LIB is not None
     (project / "klmonitor" / "_native" / LIB.name).write_bytes(LIB.read_bytes()[: LIB.stat().st_size // 3])
+    (project / "klmonitor" / "_native" / (LIB.name + _native.DIGEST_SUFFIX)).write_text(
+        _record(LIB.read_bytes())
+    )
     damaged = _run([sys.executable, "-c", _LIGHTNING_RUN, str(TESTS), str(tmp_path / "a")], cwd=project)
     assert damaged.returncode == 0, damaged.stderr[-5000:]
     off_env = {**os.environ, "KLMONITOR_NATIVE": "0"}
