@@ -67,7 +67,10 @@ def _build(out: Path, source: str) -> bytes:
         _compiler() or "cc", *_setup_flags(), "-shared", "-fPIC", f'-DKLM_SOURCE_SHA256="{digest}"',
         "-o", str(out), str(src), "-lm",
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    except subprocess.CalledProcessError:  # a compiler without OpenMP: as setup.py's fallback
+        subprocess.run([c for c in cmd if c != "-fopenmp"], check=True, capture_output=True, timeout=300)
     return out.read_bytes()
 
 
