@@ -80,6 +80,7 @@ class OptionalBuildExt(build_ext):
             ext.extra_link_args = list(link_extra)
             try:
                 super().build_extension(ext)
+                _write_record(Path(self.get_ext_fullpath(ext.name)))
                 return
             except Exception as exc:
                 errors.append(f"{label}: {type(exc).__name__}: {exc}")
@@ -100,6 +101,7 @@ class OptionalBuildExt(build_ext):
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        _write_record(Path(outfile))
         return outfile, copied
 
     def _skip(self, why: str) -> None:
@@ -114,6 +116,23 @@ class OptionalBuildExt(build_ext):
 
 def _source_hash() -> str:
     return hashlib.sha256((Path(__file__).parent / SOURCE).read_bytes()).hexdigest()
+
+
+def _write_record(library: Path) -> None:
+    """Record the built library's sha256 and its source's beside it (``<library>.sha256``).
+
+    klmonitor's loader compares the library's bytes with it before it loads anything (a
+    damaged or replaced file is refused), and the source hash with ``moments.c`` (a stale
+    build is refused, as is one whose ``moments.c`` is missing). Written to a new file renamed
+    over the old, like the library.
+    """
+    record = library.with_name(library.name + ".sha256")
+    text = (
+        f"library-sha256 {hashlib.sha256(library.read_bytes()).hexdigest()}\nsource-sha256 {_source_hash()}\n"
+    )
+    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, record)
 
 
 setup(

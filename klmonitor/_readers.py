@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -223,14 +224,69 @@ def _tb_histogram(step: int, value: Any) -> Histogram | None:
     return Histogram(step, edges, counts, lo, hi)
 
 
+def event_file_problem(file: Path) -> str | None:
+    """Why the TensorBoard event file ``file`` is corrupt, or ``None``.
+
+    An event file is a sequence of records (a length, its masked CRC-32C, the data, the data's
+    masked CRC-32C). TensorBoard's reader stops silently at the first bad record, so a damaged
+    file would read as a shorter run, or as one without scalars. Here every record's checksums
+    are verified and its data decoded as an ``Event``. A last record cut short is not
+    corruption: a run still being written (or killed mid-write) ends that way.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    data = file.read_bytes()
+    pos = records = 0
+    while len(data) - pos >= 12:
+        header = data[pos : pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        if masked_crc32c(header) != struct.unpack("<I", data[pos + 8 : pos + 12])[0]:
+            return f"a record header at byte {pos} fails its checksum ({records} whole records before it)"
+        end = pos + 12 + length + 4
+        if end > len(data):
+            break  # cut short: the tail of a run being written
+        body = data[pos + 12 : pos + 12 + length]
+        if masked_crc32c(body) != struct.unpack("<I", data[end - 4 : end])[0]:
+            return f"the record at byte {pos} fails its checksum ({records} whole records before it)"
+        try:
+            Event.FromString(body)
+        except Exception:  # protobuf's DecodeError
+            return f"the record at byte {pos} is not a TensorBoard event"
+        records += 1
+        pos = end
+    if records == 0 and data:
+        return "it holds no whole record"
+    return None
+
+
 def read_tensorboard(path: str | os.PathLike[str], prefix: str = "kl/") -> RunData:
     """Read a run's ``prefix`` scalars, alert texts and log-ratio histograms from event files.
 
     Args:
         path: a directory holding event files (not searched recursively), or one event file.
         prefix: the monitor's metric prefix.
+
+    Raises:
+        ValueError: an event file is corrupt (see :func:`event_file_problem`) or unreadable.
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    where = Path(path)
+    files = [where] if where.is_file() else sorted(f for f in where.glob(_EVENTS) if f.is_file())
+    for file in files:
+        try:
+            why = event_file_problem(file)
+        except OSError as exc:
+            raise ValueError(f"cannot read {file}: {exc.strerror or exc}") from None
+        if why:
+            raise ValueError(
+                f"{file} is corrupt: {why}; TensorBoard would read it only up to there. Restore it, or "
+                "point --run at another run"
+            )
 
     acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     acc.Reload()
@@ -268,6 +324,22 @@ def _number(text: str) -> float | None:
         return None
 
 
+_STEP_LIMIT = 2.0**63
+
+
+def _csv_step(text: str | None, file: Path, line: int) -> int | None:
+    """The step of a CSV row (``None`` for a row without one); a garbled step is an error."""
+    if text is None or not text.strip():
+        return None
+    value = _number(text)
+    if value is None or not math.isfinite(value) or abs(value) >= _STEP_LIMIT or value != int(value):
+        raise ValueError(
+            f"{file}, line {line}: step {text.strip()!r} is not a whole number in a step's range "
+            "(|step| < 2**63); the file is garbled, not a CSVLogger log as written"
+        )
+    return int(value)
+
+
 def read_csv(path: str | os.PathLike[str], prefix: str = "kl/") -> RunData:
     """Read a run's ``prefix`` scalars from a Lightning ``CSVLogger`` log.
 
@@ -282,24 +354,44 @@ def read_csv(path: str | os.PathLike[str], prefix: str = "kl/") -> RunData:
     file = run / _CSV if run.is_dir() else run
     data = RunData(run, prefix, "csv", alerts_recorded=False)
     by_tag: dict[str, dict[int, float]] = {}
-    with open(file, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        if "step" not in columns:
-            raise ValueError(
-                f"{file} has no 'step' column (columns: {', '.join(columns[:8]) or 'none'}); "
-                "klmonitor report reads the metrics.csv that Lightning's CSVLogger writes"
-            )
-        tags = [c for c in columns if c.startswith(prefix)]
-        for row in reader:
-            step = _number(row.get("step") or "")
-            if step is None:
-                continue
-            for tag in tags:
-                cell = row.get(tag)
-                value = _number(cell) if cell else None  # rows are sparse: "" is "not logged here"
-                if value is not None:
-                    by_tag.setdefault(tag, {})[int(step)] = value
+    if not file.is_file():  # a directory, or a FIFO that would wait for a writer forever
+        raise ValueError(f"cannot read {file}: it is not a regular file")
+    try:
+        with open(file, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            if "step" not in columns:
+                raise ValueError(
+                    f"{file} has no 'step' column (columns: {', '.join(columns[:8]) or 'none'}); "
+                    "klmonitor report reads the metrics.csv that Lightning's CSVLogger writes"
+                )
+            tags = [c for c in columns if c.startswith(prefix)]
+            for row in reader:
+                step = _csv_step(row.get("step"), file, reader.line_num)
+                if step is None:
+                    continue
+                for tag in tags:
+                    cell = row.get(tag)
+                    if not cell:  # rows are sparse: "" is "not logged here"
+                        continue
+                    value = _number(cell)
+                    if value is None:
+                        raise ValueError(
+                            f"{file}, line {reader.line_num}: {tag} is {cell!r}, not a number; the file "
+                            "is garbled, not a CSVLogger log as written"
+                        )
+                    by_tag.setdefault(tag, {})[step] = value
+    except OSError as exc:
+        raise ValueError(f"cannot read {file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{file} is not UTF-8 text (an invalid byte at offset {exc.start}); klmonitor report reads "
+            "the metrics.csv that Lightning's CSVLogger writes"
+        ) from None
+    except csv.Error as exc:
+        raise ValueError(
+            f"{file} is not a CSV file ({exc}); is it the metrics.csv CSVLogger wrote?"
+        ) from None
     data.scalars = _series(by_tag)
     return data
 
@@ -334,7 +426,13 @@ def wandb_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
         try:
             for line in proc.stdout:
                 if line.strip():
-                    yield json.loads(line)
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        raise ValueError(
+                            f"could not read the W&B run file {file}: `wandb leet inspect --json` printed a "
+                            f"line that is not JSON ({line[:80]!r})"
+                        ) from None
         finally:
             proc.stdout.close()
             code = proc.wait()

@@ -42,6 +42,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from klmonitor.report import report
 
+    notes: list[str] = []
     path = report(
         args.logdir,
         out=args.output,
@@ -50,8 +51,11 @@ def _report(args: argparse.Namespace) -> int:
         drift_threshold=args.drift_threshold,
         scale=args.scale,
         format=args.format,
+        notes=notes,
     )
     print(f"wrote {path}")
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -134,10 +138,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"klmonitor {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        print(f"klmonitor {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.command != "report":
+            raise
+        # Whatever a damaged log makes a reader or matplotlib raise: one line, never a traceback.
+        print(
+            f"klmonitor report: error: reading or drawing {args.logdir} failed "
+            f"({type(exc).__name__}: {_one_line(exc)})",
+            file=sys.stderr,
+        )
         return 2
     return code
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -49,6 +49,7 @@ __all__ = [
     "render",
     "report",
     "select_run",
+    "unplottable",
 ]
 
 Scale = Literal["auto", "linear", "log"]
@@ -61,6 +62,36 @@ _LEVEL_COLORS = {"info": "tab:blue", "warn": "tab:orange", "error": "tab:red"}
 _EST_COLORS = {"k1": "tab:blue", "k2": "tab:orange", "k3": "tab:green"}
 _FORMAT_LABEL = {"tensorboard": "TensorBoard", "csv": "CSV", "wandb": "W&B"}
 _LEADING_INT = re.compile(r"^\s*(\d+)")
+PLOT_LIMIT = 1e100
+"""Values beyond this magnitude (and inf, NaN) are read but not drawn: no KL, spread or count a
+monitor logs comes near it (float32 scalars end at 3.4e38), and matplotlib's axis arithmetic
+overflows on values near float64's end (1e308)."""
+
+
+def unplottable(data: RunData) -> dict[str, int]:
+    """``{tag: how many of its values are not drawn}``: inf, NaN, or beyond :data:`PLOT_LIMIT`.
+
+    >>> d = RunData(Path("run"), "kl/", scalars={"kl/k3/mean": (np.arange(3), np.array([0.5, np.inf, 1e308]))})
+    >>> unplottable(d)
+    {'kl/k3/mean': 2}
+    """
+    out = {}
+    for tag, (_, values) in sorted(data.scalars.items()):
+        bad = int((~(np.abs(values) <= PLOT_LIMIT)).sum())
+        if bad:
+            out[tag] = bad
+    return out
+
+
+def _drawable(data: RunData) -> RunData:
+    """``data`` with the values :func:`unplottable` counts set to NaN (matplotlib leaves gaps)."""
+    scalars = {
+        tag: (steps, np.where(np.abs(values) <= PLOT_LIMIT, values, np.nan))
+        for tag, (steps, values) in data.scalars.items()
+    }
+    return RunData(
+        data.run_dir, data.prefix, data.format, scalars, data.alerts, data.histograms, data.alerts_recorded
+    )
 
 
 def panels(data: RunData) -> list[str]:
@@ -470,6 +501,8 @@ def render(
         raise ValueError(f"no {data.prefix} scalars in {data.run_dir}")
     if scale not in ("auto", "linear", "log"):
         raise ValueError(f"scale must be 'auto', 'linear' or 'log', got {scale!r}")
+    dropped = unplottable(data)
+    data = _drawable(data)
     unit = "per sequence" if data.series("sequences") is not None else "per token"
     names = panels(data)
     heights = [_HEIGHTS[n] for n in names]
@@ -497,10 +530,17 @@ def render(
         axes[name].tick_params(labelbottom=False)
     axes[names[-1]].set_xlabel("trainer step (global_step)")
     head = title or f"klmonitor report: {data.run_dir}"
-    fig.suptitle(f"{head}\n{'; '.join(_facts(data, unit))}", fontsize=11)
+    facts = _facts(data, unit)
+    if dropped:
+        facts.append(f"{sum(dropped.values())} value(s) not drawn (inf, NaN or beyond {PLOT_LIMIT:g})")
+    fig.suptitle(f"{head}\n{'; '.join(facts)}", fontsize=11)
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    except (OSError, ValueError) as exc:  # a directory, a read-only place, an unknown extension
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"cannot write the report to {path}: {why}") from None
     return path
 
 
@@ -543,6 +583,7 @@ def report(
     drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
     scale: Scale = "auto",
     format: Format | Literal["auto"] = "auto",
+    notes: list[str] | None = None,
 ) -> Path:
     """Render the dashboard of a run logged under ``logdir``; the ``klmonitor report`` command.
 
@@ -556,16 +597,25 @@ def report(
         scale: y scale of the estimator panel (``"auto"``, ``"linear"``, ``"log"``).
         format: ``"auto"`` (detected from the files) or ``"tensorboard"``, ``"csv"``,
             ``"wandb"``.
+        notes: a list the report appends remarks to, one line each (values it did not draw).
 
     Returns:
         The path written.
 
     Raises:
         FileNotFoundError: ``logdir`` (or ``run``) does not exist.
-        ValueError: no run of that format, or none with ``prefix`` scalars.
+        ValueError: no run of that format, or none with ``prefix`` scalars; a log file that
+            cannot be read, is garbled or corrupt; an image that cannot be written. The
+            message names the file.
     """
     root = Path(logdir)
     data = select_run(root, run=run, prefix=prefix, format=format)
+    dropped = unplottable(data)
+    if dropped and notes is not None:
+        notes.append(
+            f"not drawn (inf, NaN or beyond {PLOT_LIMIT:g}), read from {data.run_dir}: "
+            + ", ".join(f"{tag} ({n})" for tag, n in dropped.items())
+        )
     if out is None:
         out = (root if root.is_dir() else root.parent) / REPORT_NAME
     return render(data, out, drift_threshold=drift_threshold, scale=scale)

@@ -128,7 +128,6 @@ def test_backends_agree_on_log_ratio_concentrated_near_taylor_boundary(dtype: to
     assert_summaries_match(a, b, rtol=BACKEND_RTOL)
 
 
-
 @needs_native
 def test_native_backend_is_used_for_float32_cpu_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
@@ -258,7 +257,9 @@ def _mp_token(logp: float, ref: float, clamp: float = INF) -> list[Any]:
 
 def _to_float(x: Any) -> float:
     """An mpmath number as float64 (+-inf beyond its range)."""
-    return float(x) if abs(x) < mpmath.mpf(1.7976931348623157e308) else math.copysign(INF, float(mpmath.sign(x)))
+    return (
+        float(x) if abs(x) < mpmath.mpf(1.7976931348623157e308) else math.copysign(INF, float(mpmath.sign(x)))
+    )
 
 
 def _rel(got: float, want: float) -> float:
@@ -398,7 +399,12 @@ def _assert_moments_close(got: np.ndarray, want: np.ndarray, what: Any, skip: tu
         rtol = 1e-4 if name == "k2_minus_k3" else 1e-5
         mean, m2 = want[layout.MEAN][k], want[layout.M2][k]
         scale2 = mean * mean + m2 / n
-        assert abs(got[layout.MEAN][k] - mean) <= rtol * math.sqrt(scale2), (what, name, got[layout.MEAN][k], mean)
+        assert abs(got[layout.MEAN][k] - mean) <= rtol * math.sqrt(scale2), (
+            what,
+            name,
+            got[layout.MEAN][k],
+            mean,
+        )
         assert abs(got[layout.M2][k] - m2) <= rtol * n * scale2, (what, name, got[layout.M2][k], m2)
 
 
@@ -427,9 +433,13 @@ def _extreme_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch
     return logp, ref, mask, placed
 
 
-@pytest.mark.parametrize("clamp, threshold", [(INF, 20.0), (40.0, 20.0), (30.0, 20.0), (10.0, 10.0), (5.0, 5.0)])
+@pytest.mark.parametrize(
+    "clamp, threshold", [(INF, 20.0), (40.0, 20.0), (30.0, 20.0), (10.0, 10.0), (5.0, 5.0)]
+)
 @pytest.mark.parametrize("split", ["one", "openmp", "python3", "python7"])
-def test_extreme_count_at_block_and_thread_boundaries(clamp: float, threshold: float, split: str, body: str) -> None:
+def test_extreme_count_at_block_and_thread_boundaries(
+    clamp: float, threshold: float, split: str, body: str
+) -> None:
     # The rescan runs on blocks whose max |l| exceeds min(threshold, 30): tokens at block
     # starts and ends, in the tail and at each thread's first and last token must each be
     # counted once (|l| > threshold, strictly: 20.0 is not), and above a clamp of 30 computed
@@ -478,7 +488,11 @@ def test_no_nan_with_huge_log_ratios(dtype: torch.dtype, body: str) -> None:
     assert acc[layout.COUNT] == want[layout.COUNT] and acc[layout.EXTREME] == want[layout.EXTREME] == 10
     for k, name in enumerate(QUANTITIES):
         assert math.isinf(acc[layout.M2][k]) is (name in HOLD_EXP), (name, acc[layout.M2][k])
-        assert _rel(acc[layout.MEAN][k], want[layout.MEAN][k]) <= 1e-4, (name, acc[layout.MEAN][k], want[layout.MEAN][k])
+        assert _rel(acc[layout.MEAN][k], want[layout.MEAN][k]) <= 1e-4, (
+            name,
+            acc[layout.MEAN][k],
+            want[layout.MEAN][k],
+        )
     # Above l = 700 (e^l at double's limit), without a clamp: counted as non-finite and kept
     # out, as l = +inf is; with a clamp it is clamped like any other token.
     beyond_lp, beyond = logp.clone(), ref.clone()
@@ -740,6 +754,7 @@ _RUNNER = textwrap.dedent(
         saved = dict(os.environ)
         os.environ.update(case["env"])
         _native._library_dir = Path(case["dir"])
+        _native._CHILD_TIMEOUT = case.get("timeout", 120.0)
         _native._reset()
         start = len(messages)
         out = {"name": case["name"]}
@@ -755,6 +770,7 @@ _RUNNER = textwrap.dedent(
         out["reason"] = _native.unavailable_reason()
         out["isa"] = _native.vector_isa()
         out["messages"] = messages[start:]
+        out["child_seconds"] = _native._child_seconds
         os.environ.clear()
         os.environ.update(saved)
         results.append(out)
@@ -796,9 +812,17 @@ def _nobody() -> int:
         return 65534
 
 
-def _native_copy(root: Path, name: str, lib: bytes | None = None) -> Path:
+def _record(lib: bytes) -> str:
+    """The build record setup.py writes beside a library of these bytes, built from moments.c."""
+    source = hashlib.sha256((NATIVE_DIR / "moments.c").read_bytes()).hexdigest()
+    return f"library-sha256 {hashlib.sha256(lib).hexdigest()}\nsource-sha256 {source}\n"
+
+
+def _native_copy(root: Path, name: str, lib: bytes | None = None, built: bytes | None = None) -> Path:
     """A copy of klmonitor/_native (its loader and moments.c) under ``root/name``; ``lib``
-    becomes its compiled library (``None``: none, as after an install without a compiler)."""
+    becomes its compiled library (``None``: none, as after an install without a compiler),
+    with the build record of ``built`` (the bytes the build wrote; default ``lib``: a damaged
+    copy passes ``built=`` the intact library's bytes)."""
     d = root / name
     d.mkdir()
     for f in ("__init__.py", "moments.c"):
@@ -807,6 +831,7 @@ def _native_copy(root: Path, name: str, lib: bytes | None = None) -> Path:
     if lib is not None:
         assert LIB is not None
         (d / LIB.name).write_bytes(lib)
+        (d / (LIB.name + _native.DIGEST_SUFFIX)).write_text(_record(lib if built is None else built))
     return d
 
 
@@ -819,17 +844,26 @@ def _fault_cases(root: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, 
     cases: list[dict[str, Any]] = []
     expect: dict[str, dict[str, Any]] = {}
 
-    def add(name: str, d: Path, use: bool, why: str = "", env: dict[str, str] | None = None, **kw: Any) -> None:
+    def add(
+        name: str, d: Path, use: bool, why: str = "", env: dict[str, str] | None = None, **kw: Any
+    ) -> None:
         cases.append({"name": name, "dir": str(d), "env": env or {}})
         expect[name] = {"use": use, "why": why, **kw}
 
     add("intact", _native_copy(root, "intact", good), True)
     add("not_built", _native_copy(root, "not_built"), False, "not built when klmonitor was installed")
-    add("empty", _native_copy(root, "empty", b""), False, "empty (0 bytes)")
-    add("truncated_half", _native_copy(root, "truncated_half", good[: len(good) // 2]), False, "truncated")
-    add("truncated_tail", _native_copy(root, "truncated_tail", good[:-4096]), False, "truncated")
-    add("truncated_header", _native_copy(root, "truncated_header", good[:40]), False, "cut short")
-    add("not_elf", _native_copy(root, "not_elf", b"#!/bin/sh\necho not a library\n" * 50), False, "not an ELF")
+    add("empty", _native_copy(root, "empty", b"", good), False, "empty (0 bytes)")
+    add(
+        "truncated_half",
+        _native_copy(root, "truncated_half", good[: len(good) // 2], good),
+        False,
+        "truncated",
+    )
+    add("truncated_tail", _native_copy(root, "truncated_tail", good[:-4096], good), False, "truncated")
+    add("truncated_header", _native_copy(root, "truncated_header", good[:40], good), False, "cut short")
+    add(
+        "not_elf", _native_copy(root, "not_elf", b"#!/bin/sh\necho not a library\n" * 50), False, "not an ELF"
+    )
     # A real ELF shared library of this machine without the kernel's functions.
     import _ctypes
 
@@ -837,7 +871,12 @@ def _fault_cases(root: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, 
     add("no_symbols", _native_copy(root, "no_symbols", Path(foreign).read_bytes()), False, "lacks a function")
     other_machine = bytearray(good)
     other_machine[18:20] = (183 if other_machine[18:20] != b"\xb7\x00" else 62).to_bytes(2, "little")
-    add("other_machine", _native_copy(root, "other_machine", bytes(other_machine)), False, "built for ELF machine")
+    add(
+        "other_machine",
+        _native_copy(root, "other_machine", bytes(other_machine), good),
+        False,
+        "built for ELF machine",
+    )
     stale = _native_copy(root, "stale", good)
     (stale / "moments.c").write_text((stale / "moments.c").read_text() + "\n/* edited after the build */\n")
     add("stale", stale, False, "another version")
@@ -850,7 +889,7 @@ def _fault_cases(root: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, 
     add("directory", as_dir, False, "not a regular file")
     dangling = _native_copy(root, "dangling_link")
     os.symlink(root / "nowhere.so", dangling / LIB.name)
-    add("dangling_link", dangling, False, "checking")
+    add("dangling_link", dangling, False, "a link to a missing")
     if AS_ROOT:
         d = _native_copy(root, "other_owner", good)
         os.chown(d / LIB.name, _nobody(), -1)
@@ -867,14 +906,26 @@ def _fault_cases(root: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, 
         "unwritable_cache_and_home",
         intact,
         True,
-        env={"KLMONITOR_CACHE": "/etc/hostname/sub", "HOME": "/proc/self/nothing", "XDG_CACHE_HOME": "/etc/hostname"},
+        env={
+            "KLMONITOR_CACHE": "/etc/hostname/sub",
+            "HOME": "/proc/self/nothing",
+            "XDG_CACHE_HOME": "/etc/hostname",
+        },
     )
-    add("compiler_on_path", intact, True, env={"PATH": str(fake_bin), "CC": str(fake_bin / "cc")}, marker=root / "compiler_ran")
+    add(
+        "compiler_on_path",
+        intact,
+        True,
+        env={"PATH": str(fake_bin), "CC": str(fake_bin / "cc")},
+        marker=root / "compiler_ran",
+    )
     add("no_compiler_on_path", intact, True, env={"PATH": str(root / "empty_bin")})
     if _compiler() is not None:
         source = (NATIVE_DIR / "moments.c").read_text()
         right_hash = hashlib.sha256((NATIVE_DIR / "moments.c").read_bytes()).hexdigest()
-        plant = _build_test_library(root / "plant.so", _PLANT_C.format(source=NATIVE_DIR / "moments.c"), right_hash)
+        plant = _build_test_library(
+            root / "plant.so", _PLANT_C.format(source=NATIVE_DIR / "moments.c"), right_hash
+        )
         # The old cache locations (shared /tmp directory, shared home), stocked with planted
         # libraries under the names the old build used: never looked at.
         shared = root / "shared"
@@ -886,7 +937,11 @@ def _fault_cases(root: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, 
             shutil.copy(plant, d / "moments-8fd9ee36b399ca37.so")
             if AS_ROOT:
                 os.chown(d / "moments-8fd9ee36b399ca37.so", _nobody(), -1)
-        env = {"KLMONITOR_CACHE": str(shared), "HOME": str(root / "home"), "KLM_TEST_MARKER": str(root / "ran_cache")}
+        env = {
+            "KLMONITOR_CACHE": str(shared),
+            "HOME": str(root / "home"),
+            "KLM_TEST_MARKER": str(root / "ran_cache"),
+        }
         add("planted_in_old_cache", intact, True, env=env, marker=root / "ran_cache")
         if AS_ROOT:
             d = _native_copy(root, "planted_other_owner", plant.read_bytes())
@@ -910,7 +965,9 @@ def _fault_cases(root: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, 
         wrong = source.replace("const double em1 = expm1(l);", "const double em1 = exp(l);")
         assert wrong != source
         bad = _build_test_library(root / "wrong_exact.so", wrong, right_hash)
-        add("wrong_exact_numbers", _native_copy(root, "wrong_exact", bad.read_bytes()), False, "wrong numbers")
+        add(
+            "wrong_exact_numbers", _native_copy(root, "wrong_exact", bad.read_bytes()), False, "wrong numbers"
+        )
     return cases, expect
 
 
@@ -947,7 +1004,9 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 @pytest.mark.parametrize("case", FAULTS)
-def test_fault_leaves_training_running_with_the_torch_path_numbers(case: str, fault_results: dict[str, Any]) -> None:
+def test_fault_leaves_training_running_with_the_torch_path_numbers(
+    case: str, fault_results: dict[str, Any]
+) -> None:
     if case not in fault_results["expect"]:
         pytest.skip("needs root (files of another uid) or a C compiler (test libraries)")
     got, want = fault_results["results"][case], fault_results["expect"][case]
@@ -1006,13 +1065,17 @@ def _copy_project(dest: Path) -> Path:
     for f in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / f, dest / f)
     shutil.copytree(
-        ROOT / "klmonitor", dest / "klmonitor", ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd")
+        ROOT / "klmonitor",
+        dest / "klmonitor",
+        ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd", "*.so.sha256"),
     )
     return dest
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> Any:
-    return subprocess.run(args, cwd=cwd, env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        args, cwd=cwd, env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @needs_native
@@ -1022,6 +1085,9 @@ def test_lightning_training_on_a_truncated_library_logs_the_torch_path_numbers(t
     project = _copy_project(tmp_path / "project")
     assert LIB is not None
     (project / "klmonitor" / "_native" / LIB.name).write_bytes(LIB.read_bytes()[: LIB.stat().st_size // 3])
+    (project / "klmonitor" / "_native" / (LIB.name + _native.DIGEST_SUFFIX)).write_text(
+        _record(LIB.read_bytes())
+    )
     damaged = _run([sys.executable, "-c", _LIGHTNING_RUN, str(TESTS), str(tmp_path / "a")], cwd=project)
     assert damaged.returncode == 0, damaged.stderr[-5000:]
     off_env = {**os.environ, "KLMONITOR_NATIVE": "0"}

@@ -30,6 +30,7 @@ from klmonitor.report import (
     render,
     report,
     select_run,
+    unplottable,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -164,7 +165,12 @@ def test_load_run_reads_scalars_alerts_and_histograms(demo_run: DemoResult) -> N
     assert len(data.histograms) == 8
     h = data.histograms[-1]
     assert h.edges.size == h.counts.size + 1 and h.counts.sum() > 0
-    assert panels(data) == ["estimators", "drift", "log_ratio", "by_position"]  # the demo turns by_position on
+    assert panels(data) == [
+        "estimators",
+        "drift",
+        "log_ratio",
+        "by_position",
+    ]  # the demo turns by_position on
 
 
 @pytest.mark.parametrize("fmt", ["tensorboard", "csv", "wandb"])
@@ -194,7 +200,9 @@ def test_every_format_reads_back_what_was_logged(logged: Logged, fmt: str) -> No
     np.testing.assert_allclose(grid, want_grid, rtol=1e-6 if fmt == "tensorboard" else 0)
     for tag in logged.rollout[5]:
         np.testing.assert_allclose(
-            data.scalars[tag][1], [logged.rollout[s][tag] for s in (5, 15)], rtol=1e-6 if fmt == "tensorboard" else 0
+            data.scalars[tag][1],
+            [logged.rollout[s][tag] for s in (5, 15)],
+            rtol=1e-6 if fmt == "tensorboard" else 0,
         )
 
 
@@ -456,3 +464,161 @@ def test_errors_are_one_line_exit_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("klmonitor report: error: ") and message in err[0], err
     assert not (logdir / "klmonitor_report.png").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Unreadable, garbled and extreme inputs (issue 20): one line naming the file, exit 2, never a
+# traceback; extreme but valid values are drawn where finite, and the report says what it left out.
+# --------------------------------------------------------------------------------------------
+def _csv_run(logdir: Path, rows: list[str]) -> Path:
+    logdir.mkdir(parents=True, exist_ok=True)
+    f = logdir / "metrics.csv"
+    f.write_text("step,kl/k3/mean,kl/k3/std,kl/tokens\n" + "".join(r + "\n" for r in rows))
+    return f
+
+
+def _tb_run(logdir: Path) -> Path:
+    w = SummaryWriter(str(logdir))
+    for i in range(1, 6):
+        w.add_scalar("kl/k3/mean", 0.1 * i, 10 * i)
+        w.add_scalar("kl/k2/mean", 0.1 * i, 10 * i)
+    w.close()
+    (f,) = logdir.glob("events.out.tfevents.*")
+    return f
+
+
+def _corrupt_tb(logdir: Path, how: str) -> Path:
+    f = _tb_run(logdir)
+    data = bytearray(f.read_bytes())
+    if how == "flipped":
+        data[len(data) // 2] ^= 0xFF  # inside a record: its checksum no longer matches
+    elif how == "garbage":
+        data = bytearray(b"\x13\x37" * 300)
+    f.write_bytes(bytes(data))
+    return f
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("csv_step_inf", "line 3: step 'inf' is not a whole number"),
+        ("csv_step_1e20", "line 2: step '1e20' is not a whole number"),
+        ("csv_step_nan", "line 2: step 'nan' is not a whole number"),
+        ("csv_invalid_bytes", "is not UTF-8 text"),
+        ("csv_nul_bytes", "line 2: kl/k3/mean is '0\\x00.5', not a number"),
+        ("csv_text_value", "line 3: kl/k3/mean is 'abc', not a number"),
+        ("csv_unreadable", "cannot read"),
+        ("csv_is_directory", "no TensorBoard event files"),
+        ("csv_is_fifo", "no CSV logs"),
+        ("tb_flipped", "is corrupt"),
+        ("tb_garbage", "is corrupt"),
+        ("out_is_directory", "cannot write the report to"),
+        ("out_under_a_file", "cannot write the report to"),
+        ("out_bad_extension", "cannot write the report to"),
+    ],
+)
+def test_garbled_and_unreadable_inputs_are_one_line_exit_2(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    setup: str,
+    message: str,
+) -> None:
+    logdir = tmp_path / "logs"
+    args: list[str] = []
+    named: Path = logdir / "metrics.csv"
+    if setup == "csv_step_inf":
+        _csv_run(logdir, ["10,0.5,1.0,100", "inf,0.25,1.0,100"])
+    elif setup == "csv_step_1e20":
+        _csv_run(logdir, ["1e20,0.5,1.0,100"])
+    elif setup == "csv_step_nan":
+        _csv_run(logdir, ["nan,0.5,1.0,100"])
+    elif setup == "csv_invalid_bytes":
+        _csv_run(logdir, ["10,0.5,1.0,100"]).write_bytes(b"step,kl/k3/mean\n10,\xff\xfe0.5\n")
+    elif setup == "csv_nul_bytes":
+        _csv_run(logdir, ["10,0.5,1.0,100"]).write_bytes(b"step,kl/k3/mean\n10,0\x00.5\n")
+    elif setup == "csv_text_value":
+        _csv_run(logdir, ["10,0.5,1.0,100", "20,abc,1.0,100"])
+    elif setup == "csv_unreadable":
+        _csv_run(logdir, ["10,0.5,1.0,100"])
+        if hasattr(os, "geteuid") and os.geteuid() == 0:  # chmod 000 does not stop root
+            real_open = open
+
+            def denied(file: Any, *a: Any, **kw: Any) -> Any:
+                if Path(str(file)) == named:
+                    raise PermissionError(13, "Permission denied", str(file))
+                return real_open(file, *a, **kw)
+
+            monkeypatch.setattr("builtins.open", denied)
+        else:
+            os.chmod(named, 0)
+    elif setup == "csv_is_directory":
+        (logdir / "metrics.csv").mkdir(parents=True)
+        args = ["--run", "metrics.csv"]
+    elif setup == "csv_is_fifo":
+        logdir.mkdir()
+        os.mkfifo(named)  # opening it would wait for a writer forever
+        args = ["--run", "metrics.csv", "--format", "csv"]
+    elif setup.startswith("tb_"):
+        named = _corrupt_tb(logdir, setup[3:])
+    else:
+        _tb_run(logdir)
+        named = tmp_path / "out.png"
+        if setup == "out_is_directory":
+            named.mkdir()
+        elif setup == "out_under_a_file":
+            named.write_text("a file")
+            named = named / "report.png"
+        else:
+            named = tmp_path / "report.xyz"
+        args = ["-o", str(named)]
+    code = main(["report", str(logdir), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("klmonitor report: error: "), err
+    assert message in err[0] and str(named) in err[0], err[0]
+    assert "Traceback" not in err[0]
+
+
+def test_a_cut_short_event_file_is_read_up_to_its_last_whole_record(tmp_path: Path) -> None:
+    # A run still being written (or killed mid-write) ends in a partial record: not corrupt.
+    f = _tb_run(tmp_path / "run")
+    f.write_bytes(f.read_bytes()[:-7])
+    data = load_run(tmp_path / "run")
+    k3, k2 = data.series("k3/mean"), data.series("k2/mean")
+    assert k3 is not None and k2 is not None
+    assert k3[0].tolist() == [10, 20, 30, 40, 50] and k2[0].tolist() == [10, 20, 30, 40]  # k2 at 50: cut
+
+
+def test_extreme_values_are_drawn_where_finite_and_the_rest_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logdir = tmp_path / "logs"
+    _csv_run(
+        logdir,
+        [
+            "10,0.5,1.0,100",
+            "20,1e308,1e308,100",
+            "30,inf,1.0,100",
+            "40,nan,-inf,100",
+            "50,0.25,1e300,100",
+            "60,0.125,1.0,100",
+        ],
+    )
+    assert main(["report", str(logdir)]) == 0
+    out = capsys.readouterr()
+    png = logdir / "klmonitor_report.png"
+    _check_png(png)
+    data = load_run(logdir)
+    assert data.scalars["kl/k3/mean"][1][1] == 1e308  # read as logged; only the figure leaves it out
+    assert unplottable(data) == {"kl/k3/mean": 3, "kl/k3/std": 3}
+    assert "not drawn" in out.out and "kl/k3/mean (3)" in out.out
+    assert "Traceback" not in out.err
+    # Through TensorBoard as well: float32 scalars of inf and 3e38.
+    w = SummaryWriter(str(tmp_path / "tb"))
+    for step, value in ((1, 0.5), (2, float("inf")), (3, 3e38), (4, float("nan")), (5, 0.25)):
+        w.add_scalar("kl/k3/mean", value, step)
+        w.add_scalar("kl/drift_k2_k3", value, step)
+    w.close()
+    assert main(["report", str(tmp_path / "tb")]) == 0
+    assert "not drawn" in capsys.readouterr().out

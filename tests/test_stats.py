@@ -14,7 +14,7 @@ import mpmath
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -92,15 +92,21 @@ def assert_stats_close(a: EstimatorStats, b: EstimatorStats, rtol: float, label:
     the data makes it, and this bound says so.
     """
     scale = max(rms(a), rms(b))
+    # Below float32's smallest normal (2**-126) a quantity the native kernel computes in float32
+    # is a denormal (k2 = l**2 / 2 of l = 1e-20 is 5e-41) or 0 (of l = 1.18e-38, 7e-77 rounds to
+    # 0; with flush-to-zero on, which any library built with -ffast-math switches on for the
+    # whole process when it is loaded, every denormal result is 0). So its absolute error is up
+    # to 2**-126 however small the value (the torch path computes them in float64): FLT32_ABS.
+    # Above ~1e-38 the relative term dominates, unchanged.
     for field in ("mean", "var", "std", "stderr"):
         x, y = getattr(a, field), getattr(b, field)
         assert math.isnan(x) == math.isnan(y), f"{label}.{field}: {x} vs {y}"
     if math.isnan(a.mean):
         return
-    assert abs(a.mean - b.mean) <= rtol * scale + 1e-300, f"{label}.mean: {a.mean!r} vs {b.mean!r}"
+    d = rtol * scale + FLT32_ABS
+    assert abs(a.mean - b.mean) <= d, f"{label}.mean: {a.mean!r} vs {b.mean!r}"
     if math.isnan(a.var):
         return
-    d = rtol * scale
     # The native kernel sums most squared deviations in float32 blocks: squares below float32's
     # smallest normal (~1.2e-38) lose precision there (denormals, ~1.4e-45 apart), so variances
     # that small agree only absolutely.
@@ -109,6 +115,9 @@ def assert_stats_close(a: EstimatorStats, b: EstimatorStats, rtol: float, label:
 
 
 FLT32_DENORMAL_VAR = 1e-40
+#: float32's smallest normal: the absolute error a per-sample quantity computed in float32 may
+#: carry below float32's normal range (denormal, or flushed to zero).
+FLT32_ABS = 2.0**-126
 
 # Tolerances between the two backends: per token both are within ~1e-6 of the 50-digit values
 # for k1..r - 1 (see test_per_token_values_over_whole_range); the difference k2 - k3 cancels
@@ -183,7 +192,8 @@ def assert_summaries_match(
     assert_consistent(b)
     # The derived fields, where well conditioned, agree directly as well.
     if a.count and a.k3.mean > 1e-6 * rms(a.k3):
-        cond = (tols["k2_minus_k3"] * rms(a.k2_minus_k3) + abs(a.drift) * tols["k3"] * rms(a.k3)) / a.k3.mean
+        err_k3 = tols["k3"] * rms(a.k3) + FLT32_ABS
+        cond = (tols["k2_minus_k3"] * rms(a.k2_minus_k3) + FLT32_ABS + abs(a.drift) * err_k3) / a.k3.mean
         assert abs(a.drift - b.drift) <= 4 * cond + 1e-300, f"drift {a.drift} vs {b.drift}"
     # ess is NaN when every ratio underflows float32 (r - 1 rounds to -1, see
     # test_ess_is_undefined_when_every_ratio_underflows); at that edge (mean r within an ulp of
@@ -423,13 +433,44 @@ def test_property_2d_equals_flattened_at_token_level(backend: str, rows: int, co
     assert_summaries_match(t, flat, rtol=SAME_RTOL)
 
 
+# Values below float32's normal range (l = 1.18e-38 gives k2 = 7e-77, which float32 rounds to 0;
+# l = 1e-20 gives a denormal k2) once failed a purely relative comparison.
+_TINY_L = (1.1754944e-38, 1e-20, -3e-23, 1e-30)
+
+
 @settings(max_examples=150)
 @given(data=batches(max_n=400))
+@example(data=(torch.tensor([0.0]), torch.tensor([1.1754944e-38]), torch.tensor([True])))
+@example(data=(torch.zeros(4), torch.tensor(_TINY_L), torch.tensor([True, True, False, True])))
 def test_property_backends_agree(data) -> None:
     logp, ref, mask = data
     a = summary(logp, ref, mask, backend="auto")
     b = summary(logp, ref, mask, backend="torch")
     assert_summaries_match(a, b, rtol=BACKEND_RTOL)
+
+
+@pytest.mark.skipif(not _native.available(), reason="needs the native kernel")
+@pytest.mark.parametrize("flush", [False, True])
+@pytest.mark.parametrize("body", ["portable", "avx2"])
+@pytest.mark.parametrize("l", [*_TINY_L, -(2.0**-126)])
+def test_backends_agree_below_float32_normal_range(body: str, l: float, flush: bool) -> None:
+    # Whole vectors (8, 16 tokens) and scalar tails (1, 3) of one tiny log-ratio, with each
+    # vector body, with denormals kept and flushed to zero (as after loading a -ffast-math
+    # library): agreement within float32's smallest normal, and no more than that.
+    if body == "avx2" and not _native.cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    before = _native.vector_isa()
+    _native.select_isa(body)
+    torch.set_flush_denormal(flush)
+    try:
+        for n in (1, 3, 8, 16, 19):
+            a = summary(torch.zeros(n), torch.full((n,), l), backend="native")
+            b = summary(torch.zeros(n), torch.full((n,), l), backend="torch")
+            assert_summaries_match(a, b, rtol=BACKEND_RTOL)
+            assert abs(a.k2.mean - b.k2.mean) <= FLT32_ABS and b.k2.mean == pytest.approx(l * l / 2, rel=1e-6)
+    finally:
+        torch.set_flush_denormal(False)
+        _native.select_isa(before or "auto")
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method:UserWarning")
@@ -645,7 +686,9 @@ def test_opt_in_clamp_counted_and_valued_at_the_clamp(backend: str, clamp: float
     s = summary(logp, logp + lr, mask, backend=backend, clamp=clamp, extreme=clamp)
     # |l| > clamp among valid tokens: indices 0, 1, 3 (exactly +-clamp is not clamped).
     assert s.extreme == 3
-    expected = summary(logp, logp + lr.clamp(-clamp, clamp), mask, backend=backend, clamp=clamp, extreme=clamp)
+    expected = summary(
+        logp, logp + lr.clamp(-clamp, clamp), mask, backend=backend, clamp=clamp, extreme=clamp
+    )
     assert expected.extreme == 0
     for name in QUANTITIES:
         assert_stats_close(getattr(s, name), getattr(expected, name), 1e-6, name)

@@ -12,15 +12,21 @@ of its architecture and, on x86-64, an AVX2+FMA+F16C body chosen at run time fro
 one binary runs on every node of a mixed cluster. Nothing is compiled, cached or written at
 run time: no compiler call, no cache directory, no file another user could plant.
 
-Before the library is used, :func:`load` checks that it is owned by you, root or the owner of
-klmonitor's own files and no more writable than they are; that it is a complete ELF shared
-library for this machine (a truncated file would crash the process inside ``dlopen``); that
-it exports every function, with this module's interface version and a hash of the
-``moments.c`` beside it (a stale build is not used); and that it reproduces a float64 numpy
-reference on a small batch (see :func:`_self_test`). Any failure, or ``KLMONITOR_NATIVE=0``,
-leaves :func:`load` returning ``None`` after one warning (naming the file and the fix), and
-KLStats uses its pure-torch path, which gives the same numbers. ``KLMONITOR_NATIVE=portable``
-forces the portable body.
+Before anything of the library is loaded, :func:`load` resolves links and checks the file
+they reach, its directory and the package's directory: owned by you, root or the owner of
+klmonitor's own files and no more writable than they are. It reads the file through one
+descriptor (what it checks is what it loads) and compares its sha256 with the digest setup.py
+recorded beside it when it built it (``_klm_moments*.so.sha256``, which also holds the hash of
+the ``moments.c`` it was built from: a missing or edited ``moments.c`` is a stale build), and
+checks it is a complete ELF shared library for this machine. Then a short-lived child process
+loads it and runs the self-test (:mod:`._selftest`: a float64 numpy reference, at sizes from 1
+token through block boundaries and tails to a batch split over threads, on every body the CPU
+runs): a damaged library that crashes or hangs kills only that child. Only then is it loaded
+here, its interface version and source hash checked and the self-test run once more. The
+child's verdict is kept per (path, sha256) for the process (about 0.4 s, paid once). Any
+failure, or ``KLMONITOR_NATIVE=0``, leaves :func:`load` returning ``None`` after one warning
+(naming the file and the fix), and KLStats uses its pure-torch path, which gives the same
+numbers. ``KLMONITOR_NATIVE=portable`` forces the portable body.
 """
 
 from __future__ import annotations
@@ -30,10 +36,13 @@ import hashlib
 import importlib.machinery
 import logging
 import os
+import signal
 import stat
 import struct
+import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,11 +51,19 @@ import torch
 from torch import Tensor
 
 from klmonitor import _layout
+from klmonitor._native import _selftest
 
 log = logging.getLogger("klmonitor")
 
 #: The interface this module speaks (``klm_abi_version`` in moments.c).
-ABI_VERSION = 3
+ABI_VERSION = _selftest.ABI_VERSION
+#: The build record's suffix: ``_klm_moments*.so.sha256`` holds the library's sha256 and its
+#: source's, written by setup.py when it built the library.
+DIGEST_SUFFIX = ".sha256"
+# No kernel build comes near this; a bigger file is not read.
+_MAX_BYTES = 64 << 20
+# The child process's self-test takes well under a second; a library that hangs is refused.
+_CHILD_TIMEOUT = 120.0
 _STEM = "_klm_moments"
 NOUT = 16
 # Element types the kernel knows (codes as in moments.c).
@@ -65,6 +82,11 @@ _tried = False
 _reason: str | None = None
 _pool: ThreadPoolExecutor | None = None
 _pool_workers = 0
+# The child process's verdict per (resolved path, sha256) of a library, for this process: None
+# (passed) or why not. Checked once however often load() is reset.
+_verdicts: dict[tuple[str, str], str | None] = {}
+# How long the last child check took, in seconds (tests and benchmarks report it).
+_child_seconds: float | None = None
 # Where the library and its moments.c are looked for (tests point it at a copy).
 _library_dir = Path(__file__).parent
 
@@ -78,6 +100,11 @@ def library_path() -> Path | None:
     return None
 
 
+def digest_path(library: Path) -> Path:
+    """The build record beside ``library``: its sha256 and its source's, written by setup.py."""
+    return library.with_name(library.name + DIGEST_SUFFIX)
+
+
 def _owner(uid: int) -> str:
     try:
         import pwd
@@ -87,33 +114,121 @@ def _owner(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _trust_problem(path: Path) -> str | None:
-    """Why ``path`` must not be loaded by this user, or ``None``.
+class _Refused(Exception):
+    """Why the library is not loaded (a sentence about it, for the warning)."""
 
-    Trusted: a regular file owned by this user, root or the owner of klmonitor's own files
-    beside it, and writable by no one who could not also rewrite those files.
+
+def _trust_problem(st: os.stat_result, what: str, ref: os.stat_result) -> str | None:
+    """Why the file or directory ``st`` (called ``what`` in the message) is not to be trusted.
+
+    Trusted: owned by this user, root or the owner of klmonitor's own files (``ref``: the
+    loader's ``__init__.py``), and writable by no one who could not also rewrite those files
+    (whoever can rewrite them already runs code in this process).
     """
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        return "it is not a regular file"
     if not hasattr(os, "getuid"):  # Windows: no POSIX owners to compare
         return None
-    own = path.parent / "__init__.py"
-    ref = os.stat(own if own.exists() else path.parent)
     me = os.getuid()
     if st.st_uid not in (me, 0, ref.st_uid):
         return (
-            f"it is owned by {_owner(st.st_uid)}, not by you ({_owner(me)}), root or the owner of "
+            f"{what} is owned by {_owner(st.st_uid)}, not by you ({_owner(me)}), root or the owner of "
             f"klmonitor's own files ({_owner(ref.st_uid)}), so it may have been planted"
         )
     loose = st.st_mode & 0o022 & ~ref.st_mode
     if loose:
         who = " and ".join(w for bit, w in ((0o020, "its group"), (0o002, "all users")) if loose & bit)
         return (
-            f"it is writable by {who} (mode {stat.filemode(st.st_mode)}), unlike klmonitor's own "
+            f"{what} is writable by {who} (mode {stat.filemode(st.st_mode)}), unlike klmonitor's own "
             f"files ({stat.filemode(ref.st_mode)}), so it may have been replaced"
         )
     return None
+
+
+def _read_record(path: Path, ref: os.stat_result) -> dict[str, str]:
+    """The build record of the library at ``path`` (checked like the library itself)."""
+    record = digest_path(path)
+    try:
+        st = os.lstat(record)
+    except FileNotFoundError:
+        raise _Refused(
+            f"the digest recorded when it was built ({record.name}) is missing beside it, so its "
+            "bytes cannot be verified"
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _Refused(f"its build record {record} is not a regular file")
+    why = _trust_problem(st, f"its build record {record.name}", ref)
+    if why:
+        raise _Refused(why)
+    with open(record, "rb") as f:
+        text = f.read(4096).decode("ascii", "replace")
+    fields = dict(line.split(None, 1) for line in text.splitlines() if len(line.split(None, 1)) == 2)
+    fields = {k: v.strip() for k, v in fields.items()}
+    if len(fields.get("library-sha256", "")) != 64 or len(fields.get("source-sha256", "")) != 64:
+        raise _Refused(f"its build record {record.name} is damaged")
+    return fields
+
+
+def _checked_file(path: Path) -> tuple[int, Path, str, str]:
+    """Open the library for loading after every check that needs no loading; raise _Refused.
+
+    Returns (an open descriptor of the checked file, its resolved path, its sha256, the
+    source's sha256 it was built from). Links are resolved first, and the file they reach and
+    its directory are what is checked, read and, later, loaded (through the descriptor, so the
+    file checked is the file loaded); nothing of it is mapped or run here.
+    """
+    pkg = path.parent
+    own = pkg / "__init__.py"
+    ref = os.stat(own if own.exists() else pkg)
+    linked = os.path.islink(path)
+    try:
+        real = Path(os.path.realpath(path, strict=True))
+    except OSError as exc:
+        raise _Refused(f"it is a link to a missing or unreadable file ({exc})") from None
+    what = f"its link target {real}" if linked else "it"
+    st = os.lstat(real)
+    if not stat.S_ISREG(st.st_mode):
+        raise _Refused(f"{what} is not a regular file")
+    for s, name in ((st, what), (os.stat(real.parent), f"its directory {real.parent}")):
+        why = _trust_problem(s, name, ref)
+        if why:
+            raise _Refused(why)
+    if real.parent != pkg:
+        why = _trust_problem(os.stat(pkg), f"its directory {pkg}", ref)
+        if why:
+            raise _Refused(why)
+    if st.st_size > _MAX_BYTES:
+        raise _Refused(f"{what} is {st.st_size} bytes, far more than the kernel")
+    record = _read_record(path, ref)
+    flags = (
+        os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    )
+    fd = os.open(real, flags)
+    try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+            raise _Refused(f"{what} was replaced while it was being checked")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(_MAX_BYTES + 1)
+        why = _elf_problem(data)  # first: says how a cut or foreign file is damaged
+        if why:
+            raise _Refused(why)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != record["library-sha256"]:
+            raise _Refused(
+                f"its bytes do not match the digest recorded when it was built (sha256 {digest[:16]}..., "
+                f"recorded {record['library-sha256'][:16]}...): it is damaged or was replaced"
+            )
+        source = pkg / "moments.c"
+        if not source.is_file():
+            raise _Refused(
+                f"the source it was built from ({source}) is missing, so whether it is a stale build "
+                "cannot be checked"
+            )
+        if hashlib.sha256(source.read_bytes()).hexdigest() != record["source-sha256"]:
+            raise _Refused(f"it was built from another version of {source} (stale build)")
+        return fd, real, digest, record["source-sha256"]
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 _host_machine: int | None = None
@@ -132,8 +247,8 @@ def _machine_of(path: str) -> int | None:
     return machine
 
 
-def _elf_problem(path: Path) -> str | None:
-    """Why ``path`` is not a complete ELF shared library for this process, or ``None``.
+def _elf_problem(data: bytes) -> str | None:
+    """Why the file holding ``data`` is not a complete ELF shared library for this process.
 
     ``dlopen`` maps a library's segments from the file; where the file is shorter than its
     headers say, touching the missing pages kills the process with SIGBUS. So every header,
@@ -141,11 +256,9 @@ def _elf_problem(path: Path) -> str | None:
     ELF pass where the platform does not use ELF (macOS, Windows), and fail elsewhere.
     """
     global _host_machine
-    size = os.stat(path).st_size
+    size = len(data)
     if size == 0:
         return "it is empty (0 bytes)"
-    with open(path, "rb") as f:
-        data = f.read(min(size, 1 << 16))
     if data[:4] != b"\x7fELF":
         if sys.platform.startswith(("linux", "freebsd")):
             return "it is not an ELF shared library"
@@ -182,9 +295,6 @@ def _elf_problem(path: Path) -> str | None:
         return "its ELF program headers are missing or invalid"
     if e_phoff + e_phnum * e_phentsize > size or e_shoff + e_shnum * e_shentsize > size:
         return f"it is truncated ({size} bytes, shorter than its ELF headers say)"
-    if e_phoff + e_phnum * e_phentsize > len(data):
-        with open(path, "rb") as f:
-            data = f.read(e_phoff + e_phnum * e_phentsize)
     for k in range(e_phnum):
         p_type, p_offset, p_filesz = struct.unpack_from(ph_fmt, data, e_phoff + k * e_phentsize)
         if p_type == 1 and p_offset + p_filesz > size:  # PT_LOAD
@@ -192,110 +302,71 @@ def _elf_problem(path: Path) -> str | None:
     return None
 
 
-def _bind(lib: ctypes.CDLL) -> None:
-    """Declare the kernel's functions (AttributeError where the library lacks one)."""
-    p, i64, f32, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    signatures: dict[str, tuple[list[type], type | None]] = {
-        "klm_abi_version": ([], cint),
-        "klm_source_sha256": ([], ctypes.c_char_p),
-        "klm_select_isa": ([cint], cint),
-        "klm_cpu_has_avx2": ([], cint),
-        "klm_vector_isa": ([], cint),
-        "klm_openmp": ([], cint),
-        "klm_sample_shift": ([p, p, cint, p, i64, f32, p], None),
-        "klm_token_moments": ([p, p, cint, p, i64, i64, p, f32, f32, p], None),
-        "klm_fold": ([p, p, cint, p, i64, f32, f32, cint, p], cint),
-        "klm_fold_sums": ([p, p, p], None),
-        "klm_vector_size": ([], cint),
-        "klm_reads_dtype": ([cint], cint),
-    }
-    for name, (args, res) in signatures.items():
-        fn = getattr(lib, name)
-        fn.argtypes = args
-        fn.restype = res
+# The child process of _check_in_child: drop the current directory from sys.path (nothing
+# planted there may be imported), load _selftest.py by its path (no klmonitor or torch import),
+# and run it on the library at argv[3].
+_CHILD = (
+    "import sys\n"
+    "sys.path[:] = [p for p in sys.path if p not in ('', '.')]\n"
+    "import importlib.util\n"
+    "spec = importlib.util.spec_from_file_location('_klm_selftest', sys.argv[1])\n"
+    "module = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(module)\n"
+    "sys.exit(module.main(sys.argv[2:]))\n"
+)
 
 
-def _reference_moments(
-    logp: np.ndarray, ref: np.ndarray, mask: np.ndarray, clamp: float, threshold: float
-) -> np.ndarray:
-    """The moments vector of one batch in float64 numpy, as the kernel defines it.
+def _fd_path(fd: int) -> str | None:
+    """A path that opens the very file behind ``fd`` (Linux), or ``None``."""
+    return f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else None
 
-    The self-test's reference, independent of klmonitor's torch paths.
 
-    ``logp`` and ``ref`` hold the inputs' values as float64, ``mask`` is bool. Validity, the
-    extreme count and max |l| follow the float32 log-ratio (as the kernel's); the quantities
-    follow the float64 one, clamped to +-clamp.
+def _check_in_child(fd: int, real: Path) -> str | None:
+    """Load and self-test the library in a short-lived child process: why it failed, or ``None``.
+
+    A damaged library may crash (SIGSEGV, an ld.so assertion) or hang when it is loaded or
+    run; here that kills only the child. The child loads the file behind ``fd`` (the bytes
+    the parent verified) and self-tests every body this CPU runs.
     """
-    l32 = ref.astype(np.float32) - logp.astype(np.float32)
-    a32 = np.abs(l32.astype(np.float64))
-    good = mask & np.isfinite(l32)
-    lc = np.clip((ref - logp)[good], -clamp, clamp)
-    em1 = np.expm1(lc)
-    k2, k3 = 0.5 * lc * lc, em1 - lc
-    q = np.stack([-lc, k2, k3, em1 * lc - k3, em1, k2 - k3])
-    out = np.zeros(_layout.SIZE, dtype=np.float64)
-    out[_layout.COUNT] = n = good.sum()
-    out[_layout.MEAN] = q.mean(axis=1)
-    out[_layout.M2] = ((q - out[_layout.MEAN][:, None]) ** 2).sum(axis=1)
-    out[_layout.TOKENS] = n
-    out[_layout.NONFINITE] = (mask & ~np.isfinite(l32)).sum()
-    out[_layout.EXTREME] = (a32[good] > threshold).sum()
-    out[_layout.MAX_ABS] = a32[good].max()
-    return out
-
-
-def _self_test(lib: ctypes.CDLL) -> str | None:
-    """Why the library's numbers differ from a float64 numpy reference on a small batch, or ``None``.
-
-    203 tokens (every branch of the float body's math, masked, NaN and inf tokens, a few with
-    |l| above the extreme threshold and above 30), as float32 and, where the body reads it
-    directly, bf16; with no clamp and with a clamp of 5, and with no clamp where every large
-    |l| is negative (a positive one's e^l would hide their errors): exact counts, and means
-    and M2 within 1e-4 of the samples' scale (the kernel agrees to ~1e-6; a broken build is
-    off by far more).
-    """
-    if lib.klm_vector_size() != _layout.SIZE:
-        return f"its moments vector has {lib.klm_vector_size()} entries, not {_layout.SIZE}"
-    rng = np.random.default_rng(20240611)
-    n = 203
-    logp = -8.0 * rng.random(n)
-    ref = logp + 2.5 * rng.standard_normal(n)
-    ref[:40] = logp[:40] + 0.3 * rng.standard_normal(40)  # the series branch
-    ref[7], ref[50], logp[90] = np.nan, np.inf, -np.inf
-    mask = rng.random(n) < 0.8
-    mask[60:64] = True
-    checks = [_layout.COUNT, _layout.TOKENS, _layout.NONFINITE, _layout.EXTREME]
-    large = {"mixed": [25.0, -24.0, 44.0, -61.0], "negative": [-25.0, -24.0, -44.0, -61.0]}
-    runs = [("mixed", float("inf"), 20.0), ("negative", float("inf"), 20.0), ("mixed", 5.0, 5.0)]
-    for dtype in (torch.float32, torch.bfloat16):
-        if not lib.klm_reads_dtype(_DTYPE_CODES[dtype]):
-            continue
-        for signs, clamp, threshold in runs:
-            ref[60:64] = logp[60:64] + np.array(large[signs])  # above 20, above 30
-            lp = torch.from_numpy(logp.astype(np.float32)).to(dtype)
-            rp = torch.from_numpy(ref.astype(np.float32)).to(dtype)
-            mk = torch.from_numpy(mask)
-            lp64, rp64 = lp.double().numpy(), rp.double().numpy()
-            want = _reference_moments(lp64, rp64, mask, clamp, threshold)
-            got = np.zeros(_layout.SIZE, dtype=np.float64)
-            code = _DTYPE_CODES[dtype]
-            lib.klm_fold(
-                lp.data_ptr(), rp.data_ptr(), code, mk.data_ptr(), n, clamp, threshold, 1, got.ctypes.data
-            )
-            count = want[_layout.COUNT]
-            scale = np.sqrt(want[_layout.MEAN] ** 2 + want[_layout.M2] / count)
-            ok = (
-                np.array_equal(got[checks], want[checks])
-                and abs(got[_layout.MAX_ABS] - want[_layout.MAX_ABS]) <= 1e-6 * want[_layout.MAX_ABS]
-                and np.all(np.abs(got[_layout.MEAN] - want[_layout.MEAN]) <= 1e-4 * scale)
-                and np.all(np.abs(got[_layout.M2] - want[_layout.M2]) <= 1e-4 * count * scale**2)
-            )
-            if not ok:
-                return (
-                    f"it gave wrong numbers on a {dtype} self-test batch ({signs} large |l|, clamp={clamp}) "
-                    f"({got.tolist()} vs {want.tolist()})"
-                )
-    return None
+    global _child_seconds
+    via = _fd_path(fd)
+    if not sys.executable:
+        return "no Python executable is known to run its self-test in a separate process"
+    cmd = [
+        sys.executable,
+        "-c",
+        _CHILD,
+        str(Path(_selftest.__file__)),
+        str(_selftest.layout_path()),
+        via or str(real),
+    ]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd,
+            pass_fds=(fd,) if via else (),
+            capture_output=True,
+            timeout=_CHILD_TIMEOUT,
+            cwd=str(Path(_selftest.__file__).parent),
+        )
+    except subprocess.TimeoutExpired:
+        return f"its self-test did not finish in {_CHILD_TIMEOUT:.0f} s (run in a separate process)"
+    except OSError as exc:
+        return f"the separate process that self-tests it could not start ({exc})"
+    finally:
+        _child_seconds = time.perf_counter() - start
+    out = proc.stdout.decode("utf-8", "replace").strip().splitlines()
+    if proc.returncode == 0 and out and out[-1] == "ok":
+        return None
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        return f"loading and self-testing it crashed a separate test process ({name})"
+    err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+    detail = out[-1] if out else (err[-1] if err else "no output")
+    return f"loading and self-testing it failed in a separate test process (exit {proc.returncode}): {detail[:2000]}"
 
 
 def _open(want: int) -> tuple[ctypes.CDLL | None, str | None]:
@@ -308,31 +379,35 @@ def _open(want: int) -> tuple[ctypes.CDLL | None, str | None]:
         )
     rebuild = "reinstall klmonitor (or, in a source checkout, run `python setup.py build_ext --inplace`)"
     try:
-        why = _trust_problem(path) or _elf_problem(path)
-        if why:
-            return None, f"{path} is not loaded: {why}. Remove it and {rebuild}"
         try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as exc:
-            return None, f"{path} could not be loaded ({exc}); {rebuild}"
+            fd, real, digest, source_sha = _checked_file(path)
+        except _Refused as exc:
+            return None, f"{path} is not loaded: {exc}. Remove it and {rebuild}"
         try:
-            _bind(lib)
+            key = (str(real), digest)
+            if key not in _verdicts:
+                _verdicts[key] = _check_in_child(fd, real)
+            why = _verdicts[key]
+            if why:
+                return None, f"{path} is not used: {why}; {rebuild}"
+            lib = ctypes.CDLL(_fd_path(fd) or str(real))
+        finally:
+            os.close(fd)
+        try:
+            _selftest.bind(lib)
         except AttributeError as exc:
             return None, f"{path} is not klmonitor's kernel (it lacks a function: {exc}); {rebuild}"
         abi = lib.klm_abi_version()
         if abi != ABI_VERSION:
             return None, f"{path} has interface version {abi}, this klmonitor needs {ABI_VERSION}; {rebuild}"
-        source = path.parent / "moments.c"
-        if source.exists():
-            built_from = (lib.klm_source_sha256() or b"").decode("ascii", "replace")
-            if built_from != hashlib.sha256(source.read_bytes()).hexdigest():
-                return None, f"{path} was built from another version of {source} (stale build); {rebuild}"
+        if (lib.klm_source_sha256() or b"").decode("ascii", "replace") != source_sha:
+            return None, f"{path} was built from another version of moments.c than its record says; {rebuild}"
         isa = lib.klm_select_isa(want)
         if want > isa:
             log.warning(
                 "klmonitor: KLMONITOR_NATIVE=avx2, but this CPU or OS lacks AVX2/FMA/F16C; using the portable body."
             )
-        why = _self_test(lib)
+        why = _selftest.run(lib, _layout)
         if why:
             return None, f"{path} is not used: {why}; {rebuild}"
         return lib, None
@@ -375,11 +450,16 @@ def load() -> ctypes.CDLL | None:
         return _lib
 
 
-def _reset() -> None:
-    """Forget the load result so the next :func:`load` checks again (tests)."""
+def _reset(verdicts: bool = False) -> None:
+    """Forget the load result so the next :func:`load` checks again (tests).
+
+    With ``verdicts``, forget the child processes' verdicts too, so the next load runs one again.
+    """
     global _lib, _tried, _reason
     with _lock:
         _lib, _tried, _reason = None, False, None
+        if verdicts:
+            _verdicts.clear()
 
 
 def available() -> bool:
