@@ -156,7 +156,7 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario("clean_w1_slow", "clean", None, every=1, windows=3 * w, lr=1e-3),
         Scenario("clean_w5_kl0", "clean", None, every=5, windows=w, lr=1e-5, note="KL ~0"),
         Scenario(
-            "clean_w5_fast_kl1", "clean", None, every=5, windows=w, lr=1e-2, kl_coef=0.01, note="KL above 1"
+            "clean_w5_fast_kl1", "clean", None, every=5, windows=w, lr=1e-2, kl_coef=0.02, note="KL above 1"
         ),
         Scenario("clean_w10_moderate", "clean", None, every=10, windows=w, lr=3e-3),
         Scenario("clean_w50_slow", "clean", None, every=50, windows=max(6, w // 3), lr=1e-3),

@@ -59,7 +59,7 @@ BAND_SE = 2.0
 RATIO_RANGE = (0.5, 2.0)
 """The importance-ratio range drawn as dashed lines in the rollout panel."""
 _LEVEL_COLORS = {"info": "tab:blue", "warn": "tab:orange", "error": "tab:red"}
-_EST_COLORS = {"k1": "tab:blue", "k2": "tab:orange", "k3": "tab:green"}
+_EST_COLORS = {"k1": "tab:blue", "k2": "tab:orange", "k3": "tab:green", "cv": "black"}
 _FORMAT_LABEL = {"tensorboard": "TensorBoard", "csv": "CSV", "wandb": "W&B"}
 _LEADING_INT = re.compile(r"^\s*(\d+)")
 PLOT_LIMIT = 1e100
@@ -199,10 +199,11 @@ def _band(
 
 
 def _plot_estimators(ax: Any, data: RunData, scale: Scale, unit: str) -> None:
-    series = {n: data.series(f"{n}/mean") for n in ("k1", "k2", "k3")}
-    nonneg = [got[1] for n, got in series.items() if got is not None and n != "k1"]
+    # cv, the headline (honest error bars), when the run logged it (older logs have none).
+    series = {n: data.series(f"{n}/mean") for n in ("k1", "k2", "k3", "cv")}
+    nonneg = [got[1] for n, got in series.items() if got is not None and n in ("k2", "k3")]
     log = _use_log(nonneg, scale)
-    # The log axis' floor comes from k2/k3 (never negative); k1 near 0 would stretch it for nothing.
+    # The log axis' floor comes from k2/k3 (never negative); k1 or cv near 0 would stretch it for nothing.
     positive = np.concatenate([m[np.isfinite(m) & (m > 0)] for m in nonneg] or [np.ones(1)])
     if positive.size == 0:
         positive = np.ones(1)
@@ -215,7 +216,7 @@ def _plot_estimators(ax: Any, data: RunData, scale: Scale, unit: str) -> None:
         color = _EST_COLORS[name]
         label = f"{name} ± {BAND_SE:g} s.e."
         top = max(top, _band(ax, got, _stderr(data, name), color, floor if log else None, label))
-        shown = np.where(mean > 0, mean, np.nan) if log else mean  # k1 < 0 has no place on a log axis
+        shown = np.where(mean > 0, mean, np.nan) if log else mean  # k1, cv < 0: no place on a log axis
         ax.plot(steps, shown, color=color, lw=1.8, marker="o", ms=2.5, label=f"{name} mean")
     _alert_lines(ax, data.alerts)
     if log:

@@ -47,7 +47,7 @@ def test_clean_runs_stay_quiet(bench: ModuleType, name: str, windows: int) -> No
         ("dropout_scoring", 2, 1),
         ("topk50_sampler", 3, 2),
         ("vocab_mismatch_inf", 2, 1),
-        ("runaway_kl", 4, 3),
+        ("runaway_kl", 6, 5),
         ("lr_spike", 12, 8),
         ("stale_rollout_weights", 3, 3),
     ],
