@@ -29,8 +29,9 @@ windows with an ``extreme`` token (and their mean count). The JSON has more: bia
 spread of the errors against the mean stderr.
 
 Run ``python benchmarks/bench_coverage.py`` (200 seeds per regime, 64 x 512 tokens over a
-32K vocabulary; several minutes on 2 cores), ``--quick`` (50 seeds, about 2 minutes) or
-``--seeds N``; ``--json`` prints the results as JSON on stdout (the table on stderr).
+32K vocabulary; 11 minutes on the shared 2-core VM at a load average of 7, less when idle),
+``--quick`` (50 seeds, 2.5 minutes there) or ``--seeds N``; ``--only`` picks regimes by name;
+``--json`` prints the results as JSON on stdout (the table on stderr).
 Figures are in benchmarks/README.md.
 """
 
