@@ -112,9 +112,10 @@ class KLSummary:
             the reverse KL(reference || policy)).
         cv: the control-variate estimate ``k1 + lambda (r - 1)`` with the variance-minimising
             ``lambda`` estimated from the window's own moments (``cv_lambda``): unbiased up to
-            O(1/n), its standard error never above k1's or k3's, and the one whose ±2 standard
-            errors cover the exact KL at their nominal rate where k3's do not (KL of several
-            nats; ``benchmarks/bench_coverage.py``). Its mean is the headline :attr:`kl`.
+            O(1/n), its standard error never above k1's or k3's (k1's when it falls back to
+            k1, below), and the one whose ±2 standard errors cover the exact KL at their
+            nominal rate where k3's do not (KL of several nats, sharpened policies;
+            ``benchmarks/bench_coverage.py``). Its mean is the headline :attr:`kl`.
         cv_lambda: the ``lambda`` used by ``cv`` (1 makes ``cv`` equal k3, 0 equal k1); 1 when
             the window cannot resolve it (fewer than three samples, ``r`` constant, or the
             covariance below float rounding, as when the policy is at the reference); 0 when
