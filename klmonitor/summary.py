@@ -113,12 +113,15 @@ class KLSummary:
             the reverse KL(reference || policy)).
         cv: the control-variate estimate ``k1 + lambda (r - 1)`` with the variance-minimising
             ``lambda`` estimated from the window's own moments (``cv_lambda``): unbiased up to
-            O(1/n), its standard error never above k1's or k3's, and the one whose ±2 standard
-            errors cover the exact KL at their nominal rate where k3's do not (KL of several
-            nats; ``benchmarks/bench_coverage.py``). Its mean is the headline :attr:`kl`.
+            O(1/n), its standard error never above k1's or k3's (k1's when it falls back to
+            k1, below), and the one whose ±2 standard errors cover the exact KL at their
+            nominal rate where k3's do not (KL of several nats, sharpened policies;
+            ``benchmarks/bench_coverage.py``). Its mean is the headline :attr:`kl`.
         cv_lambda: the ``lambda`` used by ``cv`` (1 makes ``cv`` equal k3, 0 equal k1); 1 when
             the window cannot resolve it (fewer than three samples, ``r`` constant, or the
-            covariance below float rounding, as when the policy is at the reference).
+            covariance below float rounding, as when the policy is at the reference); 0 when
+            the mean of ``r - 1`` is more than 4 standard errors from 0 (``cv`` is then k1:
+            the window has not sampled ``r``'s distribution, or not from the policy).
         r_minus_1: the control variate ``r - 1``; its mean is 0 when the samples come from
             the policy, so ``r_minus_1.z`` far from 0 flags a sampling mismatch.
         k2_minus_k3: the paired difference ``k2 - k3``, for the significance of ``drift``.
@@ -284,6 +287,9 @@ class KLSummary:
 # Below this share of Var(k1) + Var(r - 1), the covariance of k3 and r - 1 is float rounding
 # (float32 per-token values: about 1e-7 relative each) and cv stays k3.
 _CV_ROUNDING = 1e-6
+# Beyond this many standard errors from 0, the window's mean of r - 1 (0 under the policy)
+# says the window has not sampled r's distribution, and cv falls back to k1 (lambda 0).
+_CV_MAX_Z = 4.0
 
 
 def _control_variate(
@@ -296,6 +302,14 @@ def _control_variate(
     loses nothing to cancellation, where ``Var(k1) - Cov(k1, r - 1)**2 / Var(r - 1)`` would
     subtract two nearly equal numbers. The covariance follows from the variances already kept
     (``k3 = k1 + (r - 1)``): ``Cov(k3, r - 1) = (Var(k3) + Var(r - 1) - Var(k1)) / 2``.
+
+    When the window's mean of ``r - 1`` is more than ``_CV_MAX_Z`` standard errors from 0,
+    ``cv`` is k1 (``lambda = 0``). Under the policy that mean is 0; this far from it, the
+    reference's mass sits on tokens the window has not sampled (a sharpened policy, tokens
+    the policy has given up) or the tokens were not sampled from the policy, and
+    ``lambda (r - 1)`` would carry that error into the estimate with a standard error blind
+    to it (``benchmarks/bench_coverage.py``: cv covered the exact KL in 0.36 of the windows
+    of a policy sharpened to KL 2, k1 in all of them). k1's values do not involve ``r``.
     """
     a, b, c = k1.var, rm1.var, k3.var
     mu = 0.0
@@ -305,6 +319,8 @@ def _control_variate(
             mu = -cov / b
     if mu == 0.0:
         return EstimatorStats(k3.mean, k3.var, k3.std, k3.stderr), 1.0
+    if abs(rm1.z) > _CV_MAX_Z:
+        return EstimatorStats(k1.mean, k1.var, k1.std, k1.stderr), 0.0
     cov = 0.5 * (c + b - a)
     # The least-squares residual can round below 0 or above the two it improves on.
     var = min(max(c - cov * cov / b, 0.0), a, c)

@@ -45,7 +45,8 @@ def test_token_level_matches_float64(backend: str, scale: float) -> None:
 def test_sequence_level_is_over_sequence_sums() -> None:
     g = torch.Generator().manual_seed(2)
     logp = torch.randn(300, 40, generator=g) - 2
-    ref = logp + 0.3 * torch.randn(300, 40, generator=g)
+    # E[r] = 1 (- 0.3^2 / 2), as under the policy; without it r - 1 sits 12 stderr from 0 and cv is k1.
+    ref = logp + 0.3 * torch.randn(300, 40, generator=g) - 0.045
     mask = torch.rand(300, 40, generator=g) > 0.2
     s = KLStats(level="sequence")
     s.update(logp, ref, mask)
@@ -95,3 +96,30 @@ def test_logged_by_the_monitor() -> None:
     for key in ("kl/cv/mean", "kl/cv/std", "kl/cv/var", "kl/cv/stderr", "kl/cv/lambda"):
         assert key in m
     assert m["kl/cv/mean"] == res.summary.cv.mean
+
+
+def test_reference_mass_the_window_never_samples_gives_k1() -> None:
+    # The reference puts 10 % of its mass on tokens the policy never emits: every sampled token
+    # has r = 0.9, so the window's mean of r - 1 is -0.1 with a standard error of float32
+    # rounding, where it is 0 under the policy. The exact KL(q || p) is -log 0.9 (= k1, whose
+    # values do not involve r). Fitting lambda on the rounding gave cv = -0.0049 +- 4e-11: a
+    # negative KL 2.6e9 standard errors from the truth. cv falls back to k1 (lambda 0).
+    g = torch.Generator().manual_seed(6)
+    logq = -0.1 - 10 * torch.rand(32768, generator=g)
+    got = KLStats()
+    got.update(logq, logq + math.log(0.9))
+    s = got.compute()
+    assert abs(s.r_minus_1.z) > 1e6
+    assert s.cv_lambda == 0.0
+    assert (s.cv.mean, s.cv.var, s.cv.stderr) == (s.k1.mean, s.k1.var, s.k1.stderr)
+    assert s.kl == pytest.approx(-math.log(0.9), rel=2e-6)
+
+
+def test_mean_of_r_minus_1_far_from_0_gives_k1_at_sequence_level() -> None:
+    g = torch.Generator().manual_seed(7)
+    logq = -0.1 - 10 * torch.rand(64, 32, generator=g)
+    s = KLStats(level="sequence")
+    s.update(logq, logq + math.log(0.9) + 1e-3 * torch.randn(64, 32, generator=g))
+    got = s.compute()
+    assert got.cv_lambda == 0.0 and got.cv.mean == got.k1.mean
+    assert got.cv.mean == pytest.approx(-32 * math.log(0.9), rel=1e-3)
