@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from klmonitor.alerts import DEFAULT_DRIFT_THRESHOLD
+
 
 def _reproduce(args: argparse.Namespace) -> int:
     from klmonitor.experiment import format_table, gaussian_experiment
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="a small real RL fine-tune on CPU (well under a minute), monitored by KLMonitor",
         description="Fine-tune a tiny GRU policy with a KL-penalised policy gradient under a "
-        "Lightning Trainer, monitored by KLMonitor; the policy drifts and the drift alert fires.",
+        "Lightning Trainer, monitored by KLMonitor; the policy drifts past its KL budget and the kl_budget alert fires.",
     )
     demo.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     demo.add_argument("--kl-coef", type=float, default=0.1, help="KL penalty coefficient (default 0.1)")
@@ -124,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="log format to read (default auto: detected from the files)",
     )
     rpt.add_argument("--prefix", default="kl/", help="metric prefix (default kl/)")
-    rpt.add_argument("--drift-threshold", type=float, default=0.1, help="drift threshold drawn (default 0.1)")
+    rpt.add_argument(
+        "--drift-threshold",
+        type=float,
+        default=DEFAULT_DRIFT_THRESHOLD,
+        help=f"drift threshold drawn (default {DEFAULT_DRIFT_THRESHOLD:g}, the drift rule's)",
+    )
     rpt.add_argument(
         "--scale", choices=("auto", "linear", "log"), default="auto", help="y scale of the KL panel"
     )
