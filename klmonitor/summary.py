@@ -290,6 +290,8 @@ _CV_ROUNDING = 1e-6
 # Beyond this many standard errors from 0, the window's mean of r - 1 (0 under the policy)
 # says the window has not sampled r's distribution, and cv falls back to k1 (lambda 0).
 _CV_MAX_Z = 4.0
+# Below this 1 - corr(k3, r - 1)**2 the residual variance is float rounding (see _control_variate).
+_CV_COLLINEAR = 1e-6
 
 
 def _control_variate(
@@ -319,9 +321,13 @@ def _control_variate(
             mu = -cov / b
     if mu == 0.0:
         return EstimatorStats(k3.mean, k3.var, k3.std, k3.stderr), 1.0
-    if abs(rm1.z) > _CV_MAX_Z:
-        return EstimatorStats(k1.mean, k1.var, k1.std, k1.stderr), 0.0
     cov = 0.5 * (c + b - a)
+    # k3 almost a linear function of r - 1 (a window carried by a few tokens with a large
+    # positive l, where k3 ~ r - 1): the residual c - cov**2 / b is the difference of two nearly
+    # equal numbers (up to ~1e21 for l = 25) that the moments (float32 per-token values) do not
+    # resolve, and the best lambda tends to 0 anyway: k1 is the estimate.
+    if abs(rm1.z) > _CV_MAX_Z or (c > 0 and 1.0 - cov * cov / (b * c) < _CV_COLLINEAR):
+        return EstimatorStats(k1.mean, k1.var, k1.std, k1.stderr), 0.0
     # The least-squares residual can round below 0 or above the two it improves on.
     var = min(max(c - cov * cov / b, 0.0), a, c)
     std = math.sqrt(var)

@@ -191,13 +191,13 @@ def test_gpt2_generate_defaults_fire_and_top_k_0_is_quiet() -> None:
 
 
 def test_drift_message_blames_sampling_when_k1_and_k3_disagree() -> None:
-    rule = DriftRule(patience=1)
+    rule = DriftRule(0.1, patience=1)  # the mechanism, at the old threshold (the default is 2.0)
     bad = window("noise", 2.0, "temp0.7", seed=0).summary  # drifted, and sampled at T = 0.7
     alert = rule.evaluate(bad, 0)
     assert alert is not None
     assert "not a learning-rate signal" in alert.message and "k1 and k3 disagree" in alert.message
     honest = window("noise", 2.0, seed=0).summary
-    alert = DriftRule(patience=1).evaluate(honest, 0)
+    alert = DriftRule(0.1, patience=1).evaluate(honest, 0)
     assert alert is not None
     assert "learning rate" in alert.message and "k1 and k3 disagree" not in alert.message
 

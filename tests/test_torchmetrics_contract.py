@@ -365,7 +365,12 @@ def test_forward_equals_update_and_compute(backend: str, setup: str) -> None:
         assert isinstance(out, KLSummary)  # forward returns the batch's summary, not a tensor
         alone = KLStats(backend=backend)
         alone.update(*batch)
-        assert out == alone.compute()
+        if backend == "compile":  # compiled graphs may sum in another order: the last bits differ
+            got, want = out.to_dict(), alone.compute().to_dict()
+            assert got.keys() == want.keys()
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+        else:
+            assert out == alone.compute()
         assert_moments_close(_vector(stats), _reference(batches[: k + 1]))
     assert stats.compute().tokens == int(_reference(batches)[layout.TOKENS])
 
