@@ -167,6 +167,18 @@ void klm_sample_shift(const void* logp, const void* ref, int dtype, const uint8_
         for (int k = 0; k < NQ; k++) acc[k] += q[k];
         cnt += 1;
     }
+    /* Every sampled token masked (a masked prefix of a short batch): take the first valid
+     * token instead, or the sums are shifted by 0 and a variance far below the mean's square
+     * is lost to float32 rounding of S2 - S1^2 / n. */
+    for (int64_t i = 0; cnt == 0 && mask && i < n; i++) {
+        if (!mask[i]) continue;
+        float l = load1(ref, i, dtype) - load1(logp, i, dtype);
+        if (!(absf(l) <= FLT_BIG)) continue;
+        float q[NQ];
+        quantities(minf(maxf(l, -c), c), q);
+        for (int k = 0; k < NQ; k++) acc[k] += q[k];
+        cnt += 1;
+    }
     for (int k = 0; k < NQ; k++) shift[k] = cnt > 0 ? (float)(acc[k] / cnt) : 0.f;
 }
 
