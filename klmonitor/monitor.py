@@ -95,6 +95,13 @@ def _host_array(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
+# Additive numbers per rank up to which the window's accumulators travel whole in its one
+# all_gather (the core statistics, the ratio range, the initial check, the position profile:
+# 5 + 2 x buckets numbers) rather than in a second collective, an all_reduce; beyond (top_tokens,
+# top_sequences) the all_reduce keeps what a rank receives from growing with the world size.
+_GATHER_WHOLE = 64
+
+
 def _distributed() -> tuple[int, int]:
     """``(rank, world size)`` of an initialised ``torch.distributed`` job, else ``(0, 1)``."""
     dist = torch.distributed
@@ -153,9 +160,10 @@ class Monitor:
             show the top sequences and tokens as text.
 
     Under an initialised ``torch.distributed``, :meth:`step` and :meth:`flush` reduce the
-    window over all ranks with two collectives (an ``all_gather`` of a few hundred bytes per
-    rank and an ``all_reduce`` of the additive diagnostics, whose size does not grow with the
-    number of ranks), so every rank must call them at the same steps (and every rank must call
+    window over all ranks with one ``all_gather`` of a few hundred bytes per rank, plus, with
+    ``top_tokens`` or ``top_sequences``, one ``all_reduce`` of the additive diagnostics (whose
+    size does not grow with the number of ranks), so every rank must call them at the same
+    steps (and every rank must call
     :meth:`flush`, whether or not it saw a batch since the last window); every rank gets the
     same :class:`WindowResult`. The step and batch count of each rank travel in the gather: ranks that end a window at different steps are
     warned about (an error under ``strict=True``), never merged silently.
@@ -652,21 +660,23 @@ class Monitor:
                 self._sink_call(sink, "flush", sink.finalize)
 
     def _reduce(self, step: int) -> tuple[KLSummary, list[int], list[int]]:
-        """The window over all ranks: two collectives, one host transfer.
+        """The window over all ranks: one or two collectives, one host transfer.
 
         One ``all_gather`` of what every rank needs of every other, small: each rank's ``step``
         and batch count, the moments vectors (merged by Chan's rule), the ratio range's min and
         max, the top sequences' scores. Then one ``all_reduce`` (sum) of every additive part
         (token and position sums and counts, the initial check, the winning top sequences),
-        whose size does not grow with the world size. Returned with the summary as
-        ``(summary, steps by rank, batches by rank)``.
+        whose size does not grow with the world size. When the additive parts are a few numbers
+        (no ``top_tokens`` nor ``top_sequences``) they travel whole in the gather instead: one
+        collective. Returned with the summary as ``(summary, steps by rank, batches by rank)``.
         """
         dev = self.stats.summary_vector().device
         parts = self._parts()
         vectors = [p.vector(dev) for p in parts]
+        whole = sum(p.summed_size for p in parts) <= _GATHER_WHOLE
         header = torch.tensor([float(step), float(self._batches)], dtype=torch.float64, device=dev)
         small = [header, self.stats.summary_vector(), self.rollout_stats.summary_vector().to(dev)]
-        small += [p.gathered(v) for p, v in zip(parts, vectors, strict=True)]
+        small += [v if whole else p.gathered(v) for p, v in zip(parts, vectors, strict=True)]
         sizes = [v.numel() for v in small]
         flat = torch.cat([v.reshape(-1) for v in small])
         rank, world = _distributed()
@@ -678,13 +688,16 @@ class Monitor:
             rows = flat.reshape(1, -1)
             rank = 0
         pieces = torch.split(rows, sizes, dim=1)
-        shares = [p.summed(v, r, rank) for p, v, r in zip(parts, vectors, pieces[3:], strict=True)]
-        total = torch.cat(shares)
-        if world > 1 and total.numel():
-            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
-        totals = torch.split(total, [s.numel() for s in shares])
         host = [pieces[0].reshape(-1), mom.merge_rows(pieces[1]), mom.merge_rows(pieces[2])]
-        host += [p.host(p.join(t, r)) for p, t, r in zip(parts, totals, pieces[3:], strict=True)]
+        if whole:
+            host += [p.host(p.merge_rows(r)) for p, r in zip(parts, pieces[3:], strict=True)]
+        else:
+            shares = [p.summed(v, r, rank) for p, v, r in zip(parts, vectors, pieces[3:], strict=True)]
+            total = torch.cat(shares)
+            if world > 1:
+                torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+            totals = torch.split(total, [s.numel() for s in shares])
+            host += [p.host(p.join(t, r)) for p, t, r in zip(parts, totals, pieces[3:], strict=True)]
         values = torch.cat(host).cpu().tolist()  # the window's one host transfer
         it = iter(values)
 

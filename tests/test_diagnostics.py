@@ -259,7 +259,7 @@ def _describe(mon: Monitor) -> dict[str, Any]:
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    calls: dict[str, list[Any]] = {"between": [], "logging": []}
+    calls: dict[str, list[Any]] = {"between": [], "logging": [], "core": []}
     gather, reduce = dist.all_gather, dist.all_reduce
     phase = ["between"]
 
@@ -284,6 +284,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             assert mon.step(step) is None
         phase[0] = "logging"
         assert mon.step(5) is not None
+        # Without top_tokens and top_sequences the additive parts are a few numbers: they
+        # travel whole in the one all_gather.
+        core = Monitor(by_position=True, log_every_n_steps=1)
+        core.update(**_rank_batches(rank)[0])
+        phase[0] = "core"
+        assert core.step(1) is not None
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps({**_describe(mon), "calls": calls}))
     finally:
         dist.all_gather, dist.all_reduce = gather, reduce  # type: ignore[assignment]
@@ -316,6 +322,7 @@ def test_two_processes_equal_one_process_over_the_union(tmp_path: Path) -> None:
     want_calls = {
         "between": [],
         "logging": [["all_gather", WORLD, small], ["all_reduce", "RedOpType.SUM", additive]],
+        "core": [["all_gather", WORLD, 8 * (2 + 2 * SIZE + 3 + 2 * 12 + 4)]],
     }
     for r in got:
         assert r["calls"] == want_calls
