@@ -163,9 +163,9 @@ class Monitor:
     window over all ranks with one ``all_gather`` of a few hundred bytes per rank, plus, with
     ``top_tokens`` or ``top_sequences``, one ``all_reduce`` of the additive diagnostics (whose
     size does not grow with the number of ranks), so every rank must call them at the same
-    steps (and every rank must call
-    :meth:`flush`, whether or not it saw a batch since the last window); every rank gets the
-    same :class:`WindowResult`. The step and batch count of each rank travel in the gather: ranks that end a window at different steps are
+    steps (and every rank must call :meth:`flush`, whether or not it saw a batch since the
+    last window); every rank gets the same :class:`WindowResult`. The step and batch count
+    of each rank travel in the gather: ranks that end a window at different steps are
     warned about (an error under ``strict=True``), never merged silently.
 
     A monitor may be fed from several threads (a rollout thread calling :meth:`update` while
@@ -686,7 +686,6 @@ class Monitor:
             rows = torch.stack(gathered)
         else:
             rows = flat.reshape(1, -1)
-            rank = 0
         pieces = torch.split(rows, sizes, dim=1)
         host = [pieces[0].reshape(-1), mom.merge_rows(pieces[1]), mom.merge_rows(pieces[2])]
         if whole:
