@@ -2,7 +2,10 @@
 
 Each accumulator keeps one float64 vector of a fixed size on the tensors' device, updated with
 no host sync (no ``.item()``, no boolean indexing, no branch on values), and merged exactly
-over ranks from the rows an ``all_gather`` stacks (:meth:`merge_rows`). At a logging step
+over ranks in two collectives shared by every accumulator: each says what every rank needs of
+every other (:meth:`~_Accumulator.gathered`, small: an ``all_gather``) and what merges by a sum
+(:meth:`~_Accumulator.summed`: an ``all_reduce``, whose size does not grow with the world
+size), and :meth:`~_Accumulator.join` rebuilds the merged window from the two. At a logging step
 :meth:`host` picks the few numbers worth moving to the host and :meth:`read` turns them into
 the plain dataclasses of :mod:`klmonitor.summary`.
 
@@ -63,10 +66,36 @@ class _Accumulator:
         if self._v is not None:
             self._v = self._zeros().to(self._v.device)
 
-    @staticmethod
-    def merge_rows(rows: Tensor) -> Tensor:
-        """Merge the windows of several ranks (``[R, size]``): here, their sum."""
-        return rows.sum(0)
+    # -- merging over ranks: gathered (all_gather), then summed (all_reduce SUM), then join --
+    #: Numbers of :meth:`gathered` and :meth:`summed` (per rank, per window).
+    gathered_size: int = 0
+
+    @property
+    def summed_size(self) -> int:
+        """Length of :meth:`summed`'s vector."""
+        return self.size - self.gathered_size
+
+    def gathered(self, vector: Tensor) -> Tensor:
+        """What every rank needs of every other rank's window (``all_gather``-ed): here nothing."""
+        return vector[:0]
+
+    def summed(self, vector: Tensor, rows: Tensor, rank: int) -> Tensor:
+        """This rank's share of the part merged by a sum (``all_reduce``-d): here all of it.
+
+        ``rows``: the ranks' :meth:`gathered` vectors (``[R, gathered_size]``), identical on
+        every rank; ``rank``: this rank's row in it.
+        """
+        return vector
+
+    def join(self, total: Tensor, rows: Tensor) -> Tensor:
+        """The merged window (laid out as :meth:`vector`) from the ranks' summed ``total`` and ``rows``."""
+        return total
+
+    def merge_rows(self, rows: Tensor) -> Tensor:
+        """Merge the windows of several ranks (``[R, size]``) as the collectives do, in one process."""
+        gathered = torch.stack([self.gathered(r) for r in rows])
+        total = torch.stack([self.summed(r, gathered, i) for i, r in enumerate(rows)]).sum(0)
+        return self.join(total, gathered)
 
     def host(self, merged: Tensor) -> Tensor:
         """What :meth:`read` needs of the merged window (moved to the host with the rest)."""
@@ -169,9 +198,16 @@ class RatioRange(_Accumulator):
         out = ((lr.abs() > _LN2) & valid).sum(dtype=torch.float64)
         self._v = torch.stack([torch.minimum(v[0], lo), torch.maximum(v[1], hi), v[2] + out])
 
-    @staticmethod
-    def merge_rows(rows: Tensor) -> Tensor:  # noqa: D102
-        return torch.stack([rows[:, 0].amin(), rows[:, 1].amax(), rows[:, 2].sum()])
+    gathered_size = 2  # min and max are gathered; the count is summed
+
+    def gathered(self, vector: Tensor) -> Tensor:  # noqa: D102
+        return vector[:2]
+
+    def summed(self, vector: Tensor, rows: Tensor, rank: int) -> Tensor:  # noqa: D102
+        return vector[2:]
+
+    def join(self, total: Tensor, rows: Tensor) -> Tensor:  # noqa: D102
+        return torch.cat([rows[:, 0].amin().reshape(1), rows[:, 1].amax().reshape(1), total])
 
     def problem(self, values: Sequence[float]) -> str | None:  # noqa: D102
         if len(values) != self.size:
@@ -261,6 +297,11 @@ _F = 6
 class TopSequences(_Accumulator):
     """The ``k`` sequences of the window with the largest summed k3.
 
+    Merged over ranks in two phases that ride on the two collectives of the window: the ranks'
+    ``k`` scores are gathered (``k`` numbers per rank), every rank picks the same ``k`` winners
+    from them, and each rank puts the winners it holds at their place in a ``k`` rows' vector,
+    zeros elsewhere, which the sum completes (``x + 0 == x``: exact).
+
     Args:
         k: how many sequences are kept.
         max_len: token ids and per-token k3 kept per sequence (the first ``max_len``).
@@ -271,6 +312,11 @@ class TopSequences(_Accumulator):
         self.k, self.max_len = k, max_len
         self.width = _F + 2 * max_len
         self.size = k * self.width
+        self.gathered_size = k
+
+    @property
+    def summed_size(self) -> int:  # noqa: D102
+        return self.size
 
     def _zeros(self) -> Tensor:
         rows = torch.zeros(self.k, self.width, dtype=torch.float64)
@@ -311,8 +357,16 @@ class TopSequences(_Accumulator):
     def _top(self, candidates: Tensor) -> Tensor:
         return candidates.index_select(0, candidates[:, _SCORE].topk(self.k).indices)
 
-    def merge_rows(self, rows: Tensor) -> Tensor:  # type: ignore[override]  # noqa: D102
-        return self._top(rows.reshape(-1, self.width)).reshape(-1)
+    def gathered(self, vector: Tensor) -> Tensor:  # noqa: D102
+        return vector.reshape(self.k, self.width)[:, _SCORE]
+
+    def summed(self, vector: Tensor, rows: Tensor, rank: int) -> Tensor:  # noqa: D102
+        # The k largest of the ranks' scores, in the order one topk over every rank's rows gives.
+        win = rows.reshape(-1).topk(self.k).indices
+        owner, slot = win // self.k, win % self.k
+        mine = (owner == rank).reshape(-1, 1)
+        picked = vector.reshape(self.k, self.width).index_select(0, slot)
+        return torch.where(mine, picked, 0.0).reshape(-1)
 
     def config(self) -> dict[str, int]:  # noqa: D102
         return {"k": self.k, "max_len": self.max_len}

@@ -95,6 +95,13 @@ def _host_array(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
+# Additive numbers per rank up to which the window's accumulators travel whole in its one
+# all_gather (the core statistics, the ratio range, the initial check, the position profile:
+# 5 + 2 x buckets numbers) rather than in a second collective, an all_reduce; beyond (top_tokens,
+# top_sequences) the all_reduce keeps what a rank receives from growing with the world size.
+_GATHER_WHOLE = 64
+
+
 def _distributed() -> tuple[int, int]:
     """``(rank, world size)`` of an initialised ``torch.distributed`` job, else ``(0, 1)``."""
     dist = torch.distributed
@@ -153,10 +160,12 @@ class Monitor:
             show the top sequences and tokens as text.
 
     Under an initialised ``torch.distributed``, :meth:`step` and :meth:`flush` reduce the
-    window over all ranks with one collective, so every rank must call them at the same
+    window over all ranks with one ``all_gather`` of a few hundred bytes per rank, plus, with
+    ``top_tokens`` or ``top_sequences``, one ``all_reduce`` of the additive diagnostics (whose
+    size does not grow with the number of ranks), so every rank must call them at the same
     steps (and every rank must call :meth:`flush`, whether or not it saw a batch since the
     last window); every rank gets the same :class:`WindowResult`. The step and batch count
-    of each rank travel in that collective: ranks that end a window at different steps are
+    of each rank travel in the gather: ranks that end a window at different steps are
     warned about (an error under ``strict=True``), never merged silently.
 
     A monitor may be fed from several threads (a rollout thread calling :meth:`update` while
@@ -623,7 +632,7 @@ class Monitor:
     def flush(self, step: int) -> WindowResult | None:
         """End the open window now (end of training); ``None`` when no batch came since the last one.
 
-        Under several processes every rank must call it (it joins the window's collective even
+        Under several processes every rank must call it (it joins the window's collectives even
         on a rank that saw no batch since the last window); it returns ``None`` on every rank
         when no rank had a batch, else the same :class:`WindowResult` on every rank.
         """
@@ -651,19 +660,26 @@ class Monitor:
                 self._sink_call(sink, "flush", sink.finalize)
 
     def _reduce(self, step: int) -> tuple[KLSummary, list[int], list[int]]:
-        """The window over all ranks: one ``all_gather`` of every accumulator, one host transfer.
+        """The window over all ranks: one or two collectives, one host transfer.
 
-        Each rank's ``step`` and batch count travel in the same collective; returned with the
-        summary as ``(summary, steps by rank, batches by rank)``.
+        One ``all_gather`` of what every rank needs of every other, small: each rank's ``step``
+        and batch count, the moments vectors (merged by Chan's rule), the ratio range's min and
+        max, the top sequences' scores. Then one ``all_reduce`` (sum) of every additive part
+        (token and position sums and counts, the initial check, the winning top sequences),
+        whose size does not grow with the world size. When the additive parts are a few numbers
+        (no ``top_tokens`` nor ``top_sequences``) they travel whole in the gather instead: one
+        collective. Returned with the summary as ``(summary, steps by rank, batches by rank)``.
         """
         dev = self.stats.summary_vector().device
         parts = self._parts()
+        vectors = [p.vector(dev) for p in parts]
+        whole = sum(p.summed_size for p in parts) <= _GATHER_WHOLE
         header = torch.tensor([float(step), float(self._batches)], dtype=torch.float64, device=dev)
-        local = [header, self.stats.summary_vector(), self.rollout_stats.summary_vector().to(dev)]
-        local += [p.vector(dev) for p in parts]
-        sizes = [v.numel() for v in local]
-        flat = torch.cat([v.reshape(-1) for v in local])
-        world = _distributed()[1]
+        small = [header, self.stats.summary_vector(), self.rollout_stats.summary_vector().to(dev)]
+        small += [v if whole else p.gathered(v) for p, v in zip(parts, vectors, strict=True)]
+        sizes = [v.numel() for v in small]
+        flat = torch.cat([v.reshape(-1) for v in small])
+        rank, world = _distributed()
         if world > 1:
             gathered = [torch.empty_like(flat) for _ in range(world)]
             torch.distributed.all_gather(gathered, flat)
@@ -672,7 +688,15 @@ class Monitor:
             rows = flat.reshape(1, -1)
         pieces = torch.split(rows, sizes, dim=1)
         host = [pieces[0].reshape(-1), mom.merge_rows(pieces[1]), mom.merge_rows(pieces[2])]
-        host += [p.host(p.merge_rows(piece)) for p, piece in zip(parts, pieces[3:], strict=True)]
+        if whole:
+            host += [p.host(p.merge_rows(r)) for p, r in zip(parts, pieces[3:], strict=True)]
+        else:
+            shares = [p.summed(v, r, rank) for p, v, r in zip(parts, vectors, pieces[3:], strict=True)]
+            total = torch.cat(shares)
+            if world > 1:
+                torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+            totals = torch.split(total, [s.numel() for s in shares])
+            host += [p.host(p.join(t, r)) for p, t, r in zip(parts, totals, pieces[3:], strict=True)]
         values = torch.cat(host).cpu().tolist()  # the window's one host transfer
         it = iter(values)
 
@@ -710,7 +734,7 @@ class Monitor:
         self._batches = 0
 
     def _end_window(self, step: int, flushing: bool = False) -> WindowResult | None:
-        # Every rank gets here: the one collective of the window.
+        # Every rank gets here: the collectives of the window.
         summary, steps, batches = self._reduce(step)
         if flushing and sum(batches) == 0:
             return None  # no rank had a batch since the last window: every rank returns None

@@ -146,3 +146,39 @@ def test_cuda_benchmark_logic_runs_on_cpu() -> None:
         assert ours["naive_over_ours"] == pytest.approx(row["naive_ms"] / ours["ms"])
         assert row["agreement_vs_float64"]["torch"] <= 1.0
     assert out["sync"]["torch"].startswith("not checked")
+
+
+def test_collective_benchmark_counts_bytes_that_do_not_grow_with_the_vocabulary_times_ranks() -> None:
+    # bench_collective.py in a real 2-process gloo run, small vocabulary: the per-rank sizes it
+    # records are those the configuration gives, and the issue-26 bound holds: with every
+    # diagnostic on, a rank receives the additive table once plus the small gather per rank.
+    from klmonitor._layout import SIZE
+
+    script = SCRIPT.with_name("bench_collective.py")
+    vocab = 1000
+    proc = subprocess.run(
+        [sys.executable, str(script), "--vocab", str(vocab), "--worlds", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    out = json.loads(proc.stdout)
+    got = out["measured"]["2"]
+    name = f"top_tokens=10 (vocab {vocab:,})"
+    table = 8 * (2 * vocab + 1)
+    small = 8 * (2 + 2 * SIZE + 2)  # header, two moments vectors, ratio min and max
+    assert got[name]["after"]["calls"] == ["all_gather", "all_reduce"]
+    assert got[name]["after"]["gathered"] == small
+    assert got[name]["after"]["summed"] == table + 8 * (1 + 4)  # + ratio count, initial check
+    assert got[name]["before"]["calls"] == ["all_gather"]
+    assert got[name]["before"]["gathered"] == table + small + 8 * (1 + 4)
+    assert got["core statistics"]["after"]["calls"] == ["all_gather"]
+    every = got["all diagnostics"]["after"]
+    seq_rows = 8 * 5 * (6 + 2 * 256)
+    assert every["result_bytes"] <= table + seq_rows + 2 * 4096
+    assert got["all diagnostics"]["before"]["result_bytes"] >= 2 * table
+    # Scaled: after, the growth from 8 to 1024 ranks is the small gather only.
+    scaled = out["scaled"]["all diagnostics"]
+    grow = scaled["1024"]["after"]["result_bytes"] - scaled["8"]["after"]["result_bytes"]
+    assert grow == (1024 - 8) * every["gathered"] and every["gathered"] <= 512

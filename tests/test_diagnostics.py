@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.tensorboard import SummaryWriter
 
 from klmonitor import Monitor
+from klmonitor._layout import SIZE
 from klmonitor.diagnostics import bucket_labels
 
 VOCAB = 40
@@ -258,15 +259,23 @@ def _describe(mon: Monitor) -> dict[str, Any]:
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    calls = {"between": 0, "logging": 0}
-    original = dist.all_gather
+    calls: dict[str, list[Any]] = {"between": [], "logging": [], "core": []}
+    gather, reduce = dist.all_gather, dist.all_reduce
     phase = ["between"]
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls[phase[0]] += 1
-        return original(*args, **kwargs)
+    def counting_gather(out: list[torch.Tensor], t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls[phase[0]].append(["all_gather", len(out), t.numel() * t.element_size()])
+        return gather(out, t, *args, **kwargs)
 
-    dist.all_gather = counting  # type: ignore[assignment]
+    def counting_reduce(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls[phase[0]].append(
+            ["all_reduce", str(kwargs.get("op", args[0] if args else None)), t.numel() * 8]
+        )
+        assert t.dtype == torch.float64
+        return reduce(t, *args, **kwargs)
+
+    dist.all_gather = counting_gather  # type: ignore[assignment]
+    dist.all_reduce = counting_reduce  # type: ignore[assignment]
     try:
         mon = _mon(log_every_n_steps=5)
         for b in _rank_batches(rank):
@@ -275,9 +284,15 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             assert mon.step(step) is None
         phase[0] = "logging"
         assert mon.step(5) is not None
+        # Without top_tokens and top_sequences the additive parts are a few numbers: they
+        # travel whole in the one all_gather.
+        core = Monitor(by_position=True, log_every_n_steps=1)
+        core.update(**_rank_batches(rank)[0])
+        phase[0] = "core"
+        assert core.step(1) is not None
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps({**_describe(mon), "calls": calls}))
     finally:
-        dist.all_gather = original  # type: ignore[assignment]
+        dist.all_gather, dist.all_reduce = gather, reduce  # type: ignore[assignment]
         dist.destroy_process_group()
 
 
@@ -298,8 +313,19 @@ def test_two_processes_equal_one_process_over_the_union(tmp_path: Path) -> None:
             single.update(**b)
     single.step(5)
     want = _describe(single)
+    # Per window: one all_gather of the small rest (header 2, two moments vectors, ratio min and
+    # max, the top sequences' k scores) and one all_reduce (sum) of the additive parts, sized
+    # from the configuration alone: top_tokens 2 * vocab + 1, positions 2 * 12 buckets, the
+    # ratio count 1, the initial check 4, top sequences k rows of 6 + 2 * max_len.
+    small = 8 * (2 + 2 * SIZE + 2 + 3)
+    additive = 8 * ((2 * VOCAB + 1) + 2 * 12 + 1 + 4 + 3 * (6 + 2 * 256))
+    want_calls = {
+        "between": [],
+        "logging": [["all_gather", WORLD, small], ["all_reduce", "RedOpType.SUM", additive]],
+        "core": [["all_gather", WORLD, 8 * (2 + 2 * SIZE + 3 + 2 * 12 + 4)]],
+    }
     for r in got:
-        assert r["calls"] == {"between": 0, "logging": 1}
+        assert r["calls"] == want_calls
         assert r["metrics"].keys() == want["metrics"].keys()
         for key, value in want["metrics"].items():
             assert r["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
@@ -309,3 +335,66 @@ def test_two_processes_equal_one_process_over_the_union(tmp_path: Path) -> None:
     assert got[0] == got[1]
     assert set(got[0]["ranks"]) == {0, 1}  # the union's top sequences come from both ranks
     assert math.isfinite(got[0]["metrics"]["kl/rollout/k3/mean"])
+
+
+def test_four_ranks_merged_as_the_collectives_do_equal_one_accumulator_over_the_union() -> None:
+    """Each accumulator's gathered/summed/join merge of 4 ranks' windows is the union's window.
+
+    The merge is that of ``Monitor._reduce`` (gathered rows, each rank's summed share, a sum,
+    join), run in one process; the union's window is one accumulator fed every rank's batches,
+    and top tokens are checked against numpy sums.
+    """
+    from klmonitor.diagnostics import InitialCheck, PositionProfile, RatioRange, TopSequences, TopTokens
+
+    g = torch.Generator().manual_seed(11)
+    ranks = [
+        [_batch(g, b=4 + r, t=15 + 2 * r, scale=0.1 + 0.1 * r) for _ in range(1 + r % 2)] for r in range(4)
+    ]
+    ranks[2][0]["ref_logprobs"][1] -= 2.0  # the top sequence comes from rank 2
+    ranks[3][0]["ref_logprobs"][0] -= 1.0  # the next from rank 3
+
+    def make() -> list[Any]:
+        return [
+            InitialCheck(),
+            RatioRange(),
+            PositionProfile(6),
+            TopSequences(k=4, max_len=8),
+            TopTokens(VOCAB, k=5),
+        ]
+
+    def feed(parts: list[Any], b: dict[str, torch.Tensor], rank: int) -> None:
+        k3 = torch.from_numpy(_k3(b))
+        lr = b["ref_logprobs"] - b["logprobs"]
+        parts[0].update(b["logprobs"], b["ref_logprobs"], b["mask"])
+        parts[1].update(lr, b["mask"])
+        parts[2].update(k3, b["mask"])
+        parts[3].update(k3, b["mask"], b["token_ids"], step=1, rank=rank)
+        parts[4].update(k3, b["mask"], b["token_ids"])
+
+    per_rank = [make() for _ in ranks]
+    union = make()
+    for r, batches in enumerate(ranks):
+        for b in batches:
+            feed(per_rank[r], b, r)
+            feed(union, b, r)
+    dev = torch.device("cpu")
+    for i, acc in enumerate(union):
+        rows = torch.stack([p[i].vector(dev) for p in per_rank])
+        merged, want = acc.merge_rows(rows), acc.vector(dev)
+        assert acc.gathered_size + acc.summed_size >= acc.size > 0
+        assert merged.shape == want.shape
+        assert torch.allclose(merged, want, rtol=1e-12, atol=1e-12), type(acc).__name__
+    # Exact where the numbers are counts, ranges or copies.
+    ratio = union[1].merge_rows(torch.stack([p[1].vector(dev) for p in per_rank]))
+    assert ratio.tolist() == union[1].vector(dev).tolist()
+    seqs = union[3].merge_rows(torch.stack([p[3].vector(dev) for p in per_rank]))
+    assert seqs.tolist() == union[3].vector(dev).tolist()
+    assert [s.rank for s in union[3].read(seqs.tolist(), None)][:2] == [2, 3]
+    toks = union[4].merge_rows(torch.stack([p[4].vector(dev) for p in per_rank]))
+    ids = np.concatenate([b["token_ids"].numpy().ravel() for bs in ranks for b in bs])
+    k3 = np.concatenate([_k3(b).ravel() for bs in ranks for b in bs])
+    use = np.concatenate([b["mask"].numpy().ravel() for bs in ranks for b in bs])
+    counts = np.bincount(ids[use], minlength=VOCAB)
+    sums = np.bincount(ids[use], weights=k3[use], minlength=VOCAB)
+    assert toks[VOCAB:-1].tolist() == counts.astype(float).tolist()
+    np.testing.assert_allclose(toks[:VOCAB].numpy(), sums, rtol=1e-12, atol=1e-15)
