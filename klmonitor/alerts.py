@@ -508,7 +508,8 @@ class KLBudgetRule(Rule):
 class SpikeRule(Rule):
     """The KL jumps far above its recent running mean.
 
-    Keeps the finite KL values (``summary.kl``, the mean of k3) of the last ``window``
+    Keeps the finite KL values (the mean of k3: never negative, one estimator in every window,
+    where the headline ``summary.kl`` switches to k1 in some) of the last ``window``
     windows. With at least ``min_history`` of them, the measured value is the jump in robust
     standard deviations, ``(kl - mean) / max(std, rel_floor * |mean|, abs_floor)``, and the
     rule fires when it exceeds ``threshold``. The floors keep a flat history (a KL of 1e-7,
@@ -578,7 +579,7 @@ class SpikeRule(Rule):
 
     def measure(self, summary: KLSummary) -> float | None:
         """``(kl - mean) / scale`` of the recent history; ``None`` before ``min_history``."""
-        kl = summary.kl
+        kl = summary.k3.mean
         if len(self._history) < self.min_history or not math.isfinite(kl):
             return None
         mean, scale = self._baseline()
@@ -587,9 +588,9 @@ class SpikeRule(Rule):
     def message(self, value: float, summary: KLSummary) -> str:
         """Say how big the jump is against the recent history."""
         mean, _ = self._baseline()
-        times = f", {summary.kl / mean:.3g}x its recent mean" if mean > 0 else ""
+        times = f", {summary.k3.mean / mean:.3g}x its recent mean" if mean > 0 else ""
         return (
-            f"KL jumped to {_fmt(summary.kl)} from a recent mean of {_fmt(mean)} over the last "
+            f"KL (k3) jumped to {_fmt(summary.k3.mean)} from a recent mean of {_fmt(mean)} over the last "
             f"{len(self._history)} windows{times} ({_fmt(value)} standard deviations; threshold "
             f"{_fmt(self.threshold)}). Check this step's batch (an outlier prompt or reward), a "
             "learning-rate spike, or a policy collapse."
@@ -597,8 +598,8 @@ class SpikeRule(Rule):
 
     def observe(self, summary: KLSummary) -> None:
         """Append this window's KL to the history (finite values only)."""
-        if math.isfinite(summary.kl):
-            self._history.append(float(summary.kl))
+        if math.isfinite(summary.k3.mean):
+            self._history.append(float(summary.k3.mean))
 
     @property
     def history(self) -> list[float]:

@@ -177,8 +177,8 @@ class Monitor:
     >>> for step in (1, 2, 3):
     ...     mon.update(torch.tensor([-1.0, -2.0]), torch.tensor([-1.1, -1.8]))
     ...     res = mon.step(step)
-    >>> res is None, seen, round(mon.last_summary.kl, 5)
-    (True, [2], 0.00982)
+    >>> res is None, seen, round(mon.last_summary.k3.mean, 5)
+    (True, [2], 0.01312)
     >>> mon.flush(3).step, seen
     (3, [2, 3])
     """

@@ -235,7 +235,7 @@ def test_spike_after_stable_history() -> None:
     assert len(rule.history) == 8
     alert = rule.evaluate(spike, 8)
     assert alert is not None and alert.rule == "spike" and alert.value > 6
-    assert "KL jumped to" in alert.message and "recent mean" in alert.message
+    assert "KL (k3) jumped to" in alert.message and "recent mean" in alert.message
 
 
 def test_spike_needs_history_and_ignores_drops_and_nonfinite() -> None:
@@ -447,7 +447,7 @@ def test_state_dict_layout() -> None:
     }
     # No window held the untrained policy's batches (summary.initial): nothing checked yet.
     assert state["rules"]["initial_kl"] == {"streak": 0, "cooldown_left": 0, "checked": False}
-    assert state["rules"]["spike"]["history"] == pytest.approx([LOW().kl] * 3 + [HIGH().kl] * 2)
+    assert state["rules"]["spike"]["history"] == pytest.approx([LOW().k3.mean] * 3 + [HIGH().k3.mean] * 2)
     assert [a["rule"] for a in state["history"]] == ["kl_budget"]  # drift at KL 0.4: below 1.0
 
 
