@@ -4,7 +4,9 @@
 this class mixed into each package's ``Callback``: Lightning's events become
 :class:`~klmonitor.Monitor` calls (batch end -> ``update`` and ``step``, end of training ->
 ``flush``; checkpoints -> ``state_dict``). ``trainer`` and ``pl_module`` are used through
-their public attributes only, which both packages share.
+their public attributes, which both packages share, and one private counter: the step
+Lightning's loggers number a batch with (see :func:`_lightning_log_step`), so kl/* land on
+the user's own ``self.log`` steps.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ class LightningAdapter:
     (by ``trainer.global_step``) the window is reduced over all ranks, logged to every logger
     of the Trainer on rank 0, checked by the alert rules (identically on every rank), and
     reset. The window still open when training ends is flushed.
+
+    A window is logged at the step Lightning writes its last batch's ``self.log`` values with
+    (the step before that batch's optimizer step: with ``log_every_n_steps=50``, at 49, 99,
+    ...), so kl/* sit beside the user's metrics in every logger (TensorBoard, CSV, W&B's
+    ``trainer/global_step``); :class:`~klmonitor.alerts.Alert`'s ``step`` is that step too.
+    The window flushed at the end is logged at its last batch's step.
 
     Logged metrics (``prefix`` defaults to ``kl/``; see :meth:`KLSummary.to_dict`):
     ``{k1,k2,k3,kl_pq}/{mean,std,var,stderr,rel_std}``, ``drift_k2_k3``, ``drift_z``,
@@ -129,6 +137,7 @@ class LightningAdapter:
             )
         self.extract = extract
         self.progress_bar = check_bool(progress_bar, "progress_bar")
+        self._log_step: int | None = None  # Lightning's logging step of the last batch seen
         self.monitor = Monitor(
             log_every_n_steps=log_every_n_steps or 50,
             rules=rules,
@@ -192,6 +201,7 @@ class LightningAdapter:
         mon.reset_window()
         mon.to(pl_module.device)
         mon.set_sinks(list(trainer.loggers) if trainer.is_global_zero else [])
+        self._log_step = None
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -202,13 +212,15 @@ class LightningAdapter:
             self.monitor.skipped_batch()
         else:
             self.monitor.update(**inputs)
-        res = self.monitor.step(int(trainer.global_step))
+        self._log_step = _lightning_log_step(trainer)
+        res = self.monitor.step(int(trainer.global_step), log_step=self._log_step)
         if res is not None:
             self._after_window(trainer, pl_module, res, in_batch=True)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        """Flush the window still open, so the last steps are not lost."""
-        res = self.monitor.flush(int(trainer.global_step))
+        """Flush the window still open (at its last batch's step), so the last steps are not lost."""
+        log_step = self._log_step if self._log_step is not None else max(0, int(trainer.global_step) - 1)
+        res = self.monitor.flush(int(trainer.global_step), log_step=log_step)
         if res is not None:
             self._after_window(trainer, pl_module, res, in_batch=False)
         self.monitor.close()
@@ -280,3 +292,19 @@ class LightningAdapter:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (checked: a bad state warns and starts fresh)."""
         self.monitor.load_state_dict(state_dict)
+
+
+def _lightning_log_step(trainer: Any) -> int:
+    """The step Lightning writes this batch's ``self.log`` values at, read in ``on_train_batch_end``.
+
+    Lightning's loggers number a training batch by the optimizer-stepping batches before it
+    (``fit_loop.epoch_loop._batches_that_stepped``, raised only after ``on_train_batch_end``),
+    so ``log_every_n_steps=50`` writes at 49, 99, ... while ``trainer.global_step`` already
+    counts this batch's optimizer step. Both packages (1.x and 2.x) keep that counter; without
+    it, ``global_step - 1`` is the same number for one optimizer under automatic optimization.
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    stepped = getattr(loop, "_batches_that_stepped", None)
+    if isinstance(stepped, int) and not isinstance(stepped, bool) and stepped >= 0:
+        return stepped
+    return max(0, int(trainer.global_step) - 1)

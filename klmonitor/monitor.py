@@ -596,7 +596,7 @@ class Monitor:
 
     # -- window boundaries -----------------------------------------------------------------
     @_locked
-    def step(self, step: int) -> WindowResult | None:
+    def step(self, step: int, log_step: int | None = None) -> WindowResult | None:
         """Call once per optimizer step (after it) with the step count; ends the window at a boundary.
 
         Windows are ``(0, N]``, ``(N, 2N]``, ... in steps; with gradient accumulation the
@@ -606,31 +606,43 @@ class Monitor:
         run, a checkpoint's state from a later run) is warned about once and the schedule
         restarts from it (an error under ``strict=True``).
 
+        Args:
+            step: the optimizer step count; the window schedule follows it.
+            log_step: the step number a window ending here is written to the sinks and alerted
+                at (``WindowResult.step``, ``Alert.step``); ``None``: ``step``. For a framework
+                that numbers its own logs differently, so kl/* land among the user's metrics
+                (Lightning logs a batch's ``self.log`` at the step before its optimizer step).
+
         Returns:
             the :class:`WindowResult` when a window ended, else ``None``.
         """
         step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
+        if log_step is not None:
+            log_step = check_int(log_step, "log_step", low=0, hint=" (the step the window is logged at)")
         if step < self._step_seen and step <= self._last_logged_step:
             self._step_went_back(step)
         self._step_seen = step
         if step > 0:  # an optimizer step has changed the policy
             self._untrained = False
         if step >= (self._last_logged_step // self._every + 1) * self._every:
-            return self._end_window(step)
+            return self._end_window(step, log_step=log_step)
         return None
 
     @_locked
-    def flush(self, step: int) -> WindowResult | None:
+    def flush(self, step: int, log_step: int | None = None) -> WindowResult | None:
         """End the open window now (end of training); ``None`` when no batch came since the last one.
 
         Under several processes every rank must call it (it joins the window's collective even
         on a rank that saw no batch since the last window); it returns ``None`` on every rank
         when no rank had a batch, else the same :class:`WindowResult` on every rank.
+        ``log_step`` is as in :meth:`step`.
         """
         step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
+        if log_step is not None:
+            log_step = check_int(log_step, "log_step", low=0, hint=" (the step the window is logged at)")
         if self._batches == 0 and _distributed()[1] == 1:
             return None
-        return self._end_window(step, flushing=True)
+        return self._end_window(step, flushing=True, log_step=log_step)
 
     def _step_went_back(self, step: int) -> None:
         self.problem(
@@ -709,8 +721,12 @@ class Monitor:
             part.reset()
         self._batches = 0
 
-    def _end_window(self, step: int, flushing: bool = False) -> WindowResult | None:
-        # Every rank gets here: the one collective of the window.
+    def _end_window(
+        self, step: int, flushing: bool = False, log_step: int | None = None
+    ) -> WindowResult | None:
+        # Every rank gets here: the one collective of the window. The schedule follows ``step``;
+        # the window is written and alerted at ``log_step`` (the caller's numbering of its logs).
+        shift = 0 if log_step is None else log_step - step
         summary, steps, batches = self._reduce(step)
         if flushing and sum(batches) == 0:
             return None  # no rank had a batch since the last window: every rank returns None
@@ -723,9 +739,10 @@ class Monitor:
         self._last_logged_step = step
         self._windows += 1
         self.last_summary = summary
+        step += shift
         if len(set(steps)) > 1:
-            by_rank = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
-            step = max(steps)
+            by_rank = ", ".join(f"rank {r}: step {s + shift}" for r, s in enumerate(steps))
+            step = max(0, max(steps) + shift)
             self.problem(
                 "ddp-steps",
                 f"klmonitor: the ranks ended this window at different steps ({by_rank}): their step "

@@ -73,8 +73,9 @@ def test_fast_demo_writes_tensorboard_scalars_text_and_histogram(fast_run: DemoR
         "kl/tokens",
     ):
         assert name in tags["scalars"], name
-    assert [e.step for e in acc.Scalars("kl/k3/mean")] == [5, 10, 15, 20, 25, 30, 35, 40]
-    assert "reward" in tags["scalars"]
+    # at the steps Lightning writes the demo's own self.log("reward") with (its log grid)
+    assert [e.step for e in acc.Scalars("kl/k3/mean")] == [4, 9, 14, 19, 24, 29, 34, 39]
+    assert [e.step for e in acc.Scalars("reward")] == [4, 9, 14, 19, 24, 29, 34, 39]
     assert "kl/log_ratio" in tags["histograms"]
     alert_tags = [t for t in tags["tensors"] if t.startswith("kl/alerts")]
     assert alert_tags, tags["tensors"]
@@ -117,7 +118,7 @@ def test_csv_logger(tmp_path: Path) -> None:
     )
     with open(result.run_dir / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("kl/k3/mean")]
-    assert [int(r["step"]) for r in rows] == [5, 10]
+    assert [int(r["step"]) for r in rows] == [4, 9]
     assert "metrics.csv" in str(result)
 
 

@@ -7,6 +7,7 @@ Every test runs under both packages: a real Trainer with each package's TensorBo
 
 from __future__ import annotations
 
+import csv
 import importlib
 import math
 from pathlib import Path
@@ -59,10 +60,10 @@ def test_trainer_run_logs_everything_to_tensorboard(tmp_path: Path, package: str
 
     acc = events(tmp_path)
     k3 = {e.step: e.value for e in acc.Scalars("kl/k3/mean")}
-    assert sorted(k3) == [5, 10, 12]  # two windows and the flushed rest
+    assert sorted(k3) == [4, 9, 11]  # two windows and the flushed rest, at their last batch's step
     for lo, hi in ((0, 5), (5, 10), (10, 12)):
         want = window_reference(model.seen, lo, hi)
-        assert k3[hi] == pytest.approx(want["k3/mean"], rel=1e-5)
+        assert k3[hi - 1] == pytest.approx(want["k3/mean"], rel=1e-5)
         assert acc.Scalars("kl/k1/std")[[5, 10, 12].index(hi)].value == pytest.approx(
             want["k1/std"], rel=1e-5
         )
@@ -72,6 +73,69 @@ def test_trainer_run_logs_everything_to_tensorboard(tmp_path: Path, package: str
     alerts = [parse_alert_text(text) for text in texts(acc, "kl/alerts")]
     assert alerts and all(a is not None and a[0] == "kl_budget" for a in alerts)
     assert [a.rule for a in mon.alert_history] == ["kl_budget"] * len(mon.alert_history)
+
+
+def _csv_steps(path: Path, column: str) -> list[int]:
+    with open(path) as f:
+        return sorted({int(r["step"]) for r in csv.DictReader(f) if r.get(column)})
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_kl_lands_on_lightnings_own_step_grid_beside_self_log(
+    tmp_path: Path, package: str, accumulate: int
+) -> None:
+    # The user's self.log("reward") in training_step is written by Lightning at the step
+    # before the batch's optimizer step (log_every_n_steps=5: 4, 9, 14); each window's kl/*
+    # must land on those very steps, in TensorBoard and in the CSV file of the same run.
+    pl = _pl(package)
+    model = _model(package, lr=0.5, log_reward=True)
+    mon = _monitor_cls(package)(max_kl=1e-6)  # the Trainer's log_every_n_steps (5)
+    tb = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    csv_logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    make_trainer(
+        tmp_path,
+        15,
+        loggers=[tb, csv_logger],
+        callbacks=[mon],
+        package=package,
+        accumulate_grad_batches=accumulate,
+    ).fit(model)
+
+    acc = events(tb.log_dir)
+    reward_steps = sorted(e.step for e in acc.Scalars("reward"))
+    assert reward_steps == [4, 9, 14]
+    k3 = {e.step: e.value for e in acc.Scalars("kl/k3/mean")}
+    assert sorted(k3) == reward_steps
+    for name in ("kl/tokens", "kl/k1/mean", "kl/band/k3_upper"):
+        assert sorted(e.step for e in acc.Scalars(name)) == reward_steps, name
+    assert sorted(e.step for e in acc.Histograms("kl/log_ratio")) == reward_steps
+    # the window logged at step 4 holds the optimizer steps 0..4 (the batches before step 5)
+    for logged, (lo, hi) in zip(reward_steps, ((0, 5), (5, 10), (10, 15)), strict=True):
+        assert k3[logged] == pytest.approx(window_reference(model.seen, lo, hi)["k3/mean"], rel=1e-5)
+    # alerts are stamped (and written) with the step their window is logged at
+    assert [a.step for a in mon.alert_history] == [4]  # kl_budget, then its cooldown
+    assert [parse_alert_text(t)[2] for t in texts(acc, "kl/alerts")] == [4]  # type: ignore[index]
+
+    metrics = Path(csv_logger.log_dir) / "metrics.csv"
+    assert _csv_steps(metrics, "reward") == reward_steps
+    assert _csv_steps(metrics, "kl/k3/mean") == reward_steps
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_flushed_window_lands_at_its_last_batchs_step(tmp_path: Path, package: str) -> None:
+    # 12 steps with windows of 5: windows at 4 and 9 as Lightning's grid; the rest (steps
+    # 10..11's batches) is flushed at the step Lightning numbers the last batch with (11),
+    # the global_step its training_step saw.
+    pl = _pl(package)
+    model = _model(package, log_reward=True)
+    mon = _monitor_cls(package)(log_every_n_steps=5)
+    tb = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    make_trainer(tmp_path, 12, loggers=[tb], callbacks=[mon], package=package).fit(model)
+    tokens = {e.step: e.value for e in events(tb.log_dir).Scalars("kl/tokens")}
+    assert sorted(tokens) == [4, 9, model.seen[-1]["step"]] == [4, 9, 11]
+    assert tokens[11] == window_reference(model.seen, 10, 12)["tokens"]
+    assert mon.last_summary is not None and mon.monitor.windows == 3
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -146,10 +210,10 @@ def test_reused_for_a_second_fit_starts_fresh_and_writes_the_layout_again(
     ).fit(second)
     acc = events(tmp_path / "b")
     k3 = {e.step: e.value for e in acc.Scalars("kl/k3/mean")}
-    assert sorted(k3) == [4, 6]
+    assert sorted(k3) == [3, 5]
     # The second run's first window holds its own steps 0..3 only (none of the first run's).
-    assert k3[4] == pytest.approx(window_reference(second.seen, 0, 4)["k3/mean"], rel=1e-5)
-    assert k3[6] == pytest.approx(window_reference(second.seen, 4, 6)["k3/mean"], rel=1e-5)
+    assert k3[3] == pytest.approx(window_reference(second.seen, 0, 4)["k3/mean"], rel=1e-5)
+    assert k3[5] == pytest.approx(window_reference(second.seen, 4, 6)["k3/mean"], rel=1e-5)
     assert acc.PluginTagToContent("custom_scalars")
 
 
@@ -288,5 +352,5 @@ def test_initial_kl_judges_the_untrained_policy_only(tmp_path: Path, package: st
         WrongReference(lr=0.5)
     )
     fired = [a for a in mon.alert_history if a.rule == "initial_kl"]
-    assert len(fired) == 1 and fired[0].step == 5, mon.alert_history
+    assert len(fired) == 1 and fired[0].step == 4, mon.alert_history
     assert "differ by more than float rounding" in fired[0].message
