@@ -276,6 +276,7 @@ class Monitor:
         self.last_summary: KLSummary | None = None
         self._last_logged_step = 0
         self._batches = 0
+        self._mask_bad: Tensor | None = None  # this rank's mask values other than 0/1, on device
         self._windows = 0
         self._hist: Tensor | None = None
         self._hist_pos = 0
@@ -456,6 +457,12 @@ class Monitor:
                 exc,
             )
             return
+        bad_mask = self.stats.last_invalid_mask  # a numeric mask's values other than 0/1, on device
+        if bad_mask is not None:
+            # Added up on device (no host sync) and read at the window's end, only when the
+            # window has non-finite tokens: that is where the mask is named (see _end_window).
+            held = self._mask_bad
+            self._mask_bad = bad_mask if held is None else held + bad_mask.to(held.device)
         logp, ref = logprobs.detach(), ref_logprobs.detach()
         uses_ids = self.sequences is not None or self.tokens is not None
         ids = self._checked_ids(token_ids, logp) if token_ids is not None and uses_ids else None
@@ -720,6 +727,7 @@ class Monitor:
         for part in self._parts():
             part.reset()
         self._batches = 0
+        self._mask_bad = None
 
     def _end_window(
         self, step: int, flushing: bool = False, log_step: int | None = None
@@ -730,6 +738,7 @@ class Monitor:
         summary, steps, batches = self._reduce(step)
         if flushing and sum(batches) == 0:
             return None  # no rank had a batch since the last window: every rank returns None
+        mask_bad = self._mask_bad
         hist = None
         if self._hist is not None:
             values = self._hist.cpu().numpy()
@@ -757,17 +766,42 @@ class Monitor:
                 f"klmonitor: no valid tokens in the window ending at step {step} (every token masked, "
                 "non-finite, or every batch skipped); check the mask. Nothing but counts is logged.",
             )
+        bad_mask_note = self._bad_mask_note(summary, mask_bad, step)
         if summary.nonfinite and self.strict:
             raise KLMonitorInputError(
-                f"klmonitor: {summary.nonfinite} tokens had a NaN or infinite log-ratio in the window "
-                f"ending at step {step} (strict=True)"
+                f"klmonitor: {summary.nonfinite} tokens had a NaN or infinite log-ratio or a mask value "
+                f"other than 0 or 1 in the window ending at step {step} (strict=True)." + bad_mask_note
             )
+        if bad_mask_note:
+            self.problem("mask-values", "klmonitor:" + bad_mask_note)
         alerts = self.engine.evaluate(summary, step)
         stop = any(a.stop or a.rule in self.stop_on for a in alerts)
         metrics = summary.to_dict(self.prefix)
         if self.is_writer:
             self._write(step, summary, metrics, hist, alerts, stop)
         return WindowResult(step, summary, alerts, stop, metrics, hist if self.histogram else None)
+
+    def _bad_mask_note(self, summary: KLSummary, mask_bad: Tensor | None, step: int) -> str:
+        """The mask's part of a window's non-finite count, named (``""`` when it has none).
+
+        Read only in a window with non-finite tokens (known on the host after the reduction,
+        the same on every rank): one scalar of this rank, after the window's transfer.
+        """
+        if not summary.nonfinite or mask_bad is None:
+            return ""
+        n = int(mask_bad.item())
+        if n <= 0:
+            return ""
+        rank, world = _distributed()
+        where = f" on rank {rank}" if world > 1 else ""
+        return (
+            f" the mask held {n} values other than 0 and 1 (e.g. 0.5 from a soft mask, 2 from a summed "
+            f"one, -1, NaN) in the window ending at step {step}{where}. The mask says which tokens count, "
+            "it is not a weight: those tokens are left out of the KL statistics and counted in "
+            "kl/nonfinite (the nonfinite alert's count), not NaN log-probs. Pass mask.bool() (or "
+            "mask > 0), or a mask of 0s and 1s. A numeric mask is checked on its device, without a host "
+            "sync per step, so this shows at the window's end."
+        )
 
     def _write(
         self,

@@ -139,6 +139,28 @@ def test_flushed_window_lands_at_its_last_batchs_step(tmp_path: Path, package: s
 
 
 @pytest.mark.parametrize("package", PACKAGES)
+def test_a_soft_mask_is_named_once(tmp_path: Path, package: str) -> None:
+    # training_step returns a float mask with 0.5 for some tokens (a soft mask): one warning
+    # names the mask and its count at the first window's end, none for the later windows.
+    base = lightning_toy_policy() if package == "lightning" else ToyPolicy
+
+    class SoftMask(base):  # type: ignore[misc, valid-type]
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            out = super().training_step(batch, batch_idx)
+            soft = out["mask"].float()
+            soft[:, 0] = 0.5
+            out["mask"] = soft
+            return out
+
+    mon = _monitor_cls(package)(log_every_n_steps=2)
+    with pytest.warns(UserWarning) as caught:
+        make_trainer(tmp_path, 6, callbacks=[mon], package=package).fit(SoftMask(batch=8))
+    named = [str(w.message) for w in caught if "the mask held" in str(w.message)]
+    assert len(named) == 1 and "the mask held 16 values other than 0 and 1" in named[0], named
+    assert mon.last_summary is not None and mon.last_summary.nonfinite == 16  # 8 rows x 2 steps
+
+
+@pytest.mark.parametrize("package", PACKAGES)
 def test_lightning_cli_accepts_the_callback_from_the_command_line_and_yaml(
     tmp_path: Path, package: str
 ) -> None:
