@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import importlib
+import inspect
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,64 @@ def test_a_soft_mask_is_named_once(tmp_path: Path, package: str) -> None:
     named = [str(w.message) for w in caught if "the mask held" in str(w.message)]
     assert len(named) == 1 and "the mask held 16 values other than 0 and 1" in named[0], named
     assert mon.last_summary is not None and mon.last_summary.nonfinite == 16  # 8 rows x 2 steps
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_takes_every_monitor_argument_with_the_monitors_defaults(package: str) -> None:
+    # One definition: the Monitor's own signature. Every argument but those the Trainer
+    # provides (sinks: its loggers; rank) is accepted, with the same default
+    # (log_every_n_steps: None takes the Trainer's), and reaches the monitor.
+    from klmonitor._args import MONITOR_ARGS
+
+    cls = _monitor_cls(package)
+    params = inspect.signature(cls.__init__).parameters
+    missing = sorted(set(MONITOR_ARGS) - {"sinks", "rank"} - set(params))
+    assert missing == []
+    differ = {
+        n: (params[n].default, d) for n, d in MONITOR_ARGS.items() if n in params and params[n].default != d
+    }
+    assert differ == {"log_every_n_steps": (None, 50)}
+    mon = cls(position_rows=4, backend="torch", by_position=True, top_tokens=2, vocab_size=9)
+    assert mon.monitor.position_rows == 4 and mon.monitor.stats.backend == "torch"
+    assert mon.monitor.tokens is not None and mon.monitor.tokens.vocab_size == 9
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_a_misspelled_keyword_names_the_public_class_and_the_fix(package: str) -> None:
+    cls = _monitor_cls(package)
+    with pytest.raises(TypeError, match=rf"^klmonitor\.{package}\.KLMonitor\(\) got an unexpected keyword "
+                       r"argument 'max_kll'; did you mean 'max_kl'\?$"):  # fmt: skip
+        cls(max_kll=0.1)
+    with pytest.raises(TypeError, match=r"'position_row'; did you mean 'position_rows'\?"):
+        cls(position_row=4)
+    with pytest.raises(TypeError, match=r"'zzz'; it takes log_every_n_steps, prefix, "):
+        cls(zzz=1)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_lightning_cli_help_describes_every_argument_in_plain_text(
+    package: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli_mod = importlib.import_module(
+        f"{'lightning.pytorch' if package == 'lightning' else 'pytorch_lightning'}.cli"
+    )
+    model_cls = lightning_toy_policy() if package == "lightning" else ToyPolicy
+    with pytest.raises(SystemExit):
+        cli_mod.LightningCLI(
+            model_cls, args=["fit", "--trainer.callbacks.help", f"klmonitor.{package}.KLMonitor"]
+        )
+    out = capsys.readouterr().out
+    assert ":class:" not in out and "``" not in out and ":func:" not in out and ":attr:" not in out
+    # each option's block: the text between its "--trainer.callbacks.NAME" line and the next option
+    blocks = re.split(r"\n  --trainer\.callbacks\.", out.split("Help for --trainer.callbacks.help")[1])[1:]
+    described = {}
+    for block in blocks:
+        name, _, rest = block.partition(" ")
+        text = rest.split("(type:")[0]
+        described[name] = " ".join(text.split()[1:]) if name.isidentifier() else ""
+    for name in inspect.signature(_monitor_cls(package).__init__).parameters:
+        if name != "self":
+            assert len(described.get(name, "")) > 10, (name, described.get(name))
 
 
 @pytest.mark.parametrize("package", PACKAGES)
