@@ -4,15 +4,19 @@
 this class mixed into each package's ``Callback``: Lightning's events become
 :class:`~klmonitor.Monitor` calls (batch end -> ``update`` and ``step``, end of training ->
 ``flush``; checkpoints -> ``state_dict``). ``trainer`` and ``pl_module`` are used through
-their public attributes only, which both packages share.
+their public attributes, which both packages share, and one private counter: the step
+Lightning's loggers number a batch with (see :func:`_lightning_log_step`), so kl/* land on
+the user's own ``self.log`` steps.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
+from klmonitor._args import check_keywords, monitor_kwargs
 from klmonitor._validate import check_bool, check_int, check_str
 from klmonitor.alerts import Alert, Rule
 from klmonitor.monitor import Monitor, WindowResult
@@ -24,6 +28,8 @@ __all__ = ["Extract", "LightningAdapter"]
 #: go on with ``rollout_logprobs`` and ``token_ids``, or be a dict with the keys of Monitor.update.
 Extract = Callable[[Any, Any, Any], Any]
 _UPDATE_ARGS = ("logprobs", "ref_logprobs", "mask", "rollout_logprobs", "token_ids")
+#: Monitor arguments the Trainer provides (its step count and loggers, its rank): not taken.
+_TRAINERS_ARGS = ("log_every_n_steps", "sinks", "rank")
 
 
 class LightningAdapter:
@@ -38,6 +44,12 @@ class LightningAdapter:
     of the Trainer on rank 0, checked by the alert rules (identically on every rank), and
     reset. The window still open when training ends is flushed.
 
+    A window is logged at the step Lightning writes its last batch's ``self.log`` values with
+    (the step before that batch's optimizer step: with ``log_every_n_steps=50``, at 49, 99,
+    ...), so kl/* sit beside the user's metrics in every logger (TensorBoard, CSV, W&B's
+    ``trainer/global_step``); :class:`~klmonitor.alerts.Alert`'s ``step`` is that step too.
+    The window flushed at the end is logged at its last batch's step.
+
     Logged metrics (``prefix`` defaults to ``kl/``; see :meth:`KLSummary.to_dict`):
     ``{k1,k2,k3,kl_pq}/{mean,std,var,stderr,rel_std}``, ``drift_k2_k3``, ``drift_z``,
     ``r_minus_1/{mean,stderr,z}``, ``ess_fraction``, ``tokens`` (and ``sequences`` at
@@ -46,40 +58,64 @@ class LightningAdapter:
     alerts as text under ``alerts``; W&B gets the histogram and ``run.alert``.
 
     Args:
-        log_every_n_steps: optimizer steps per window; ``None`` takes the Trainer's.
+        log_every_n_steps: optimizer steps per window; None takes the Trainer's.
         prefix: prefix of every logged name; several monitors in one Trainer need distinct ones.
-        level: ``"token"`` or ``"sequence"`` statistics (see :class:`~klmonitor.KLStats`).
-        logprobs_key: key of the policy log-probs in ``training_step``'s output dict.
+        level: "token" or "sequence" statistics (see klmonitor.KLStats).
+        logprobs_key: key of the policy log-probs in training_step's output dict.
         ref_logprobs_key: key of the reference log-probs.
         mask_key: key of the optional mask (a missing mask key means every token counts).
         rollout_logprobs_key: key of the optional log-probs of the rollout engine that sampled
-            the tokens (adds KL(rollout || trainer) under ``kl/rollout/``).
-        token_ids_key: key of the optional sampled token ids (for ``top_sequences`` text and
-            ``top_tokens``).
-        extract: ``callable(outputs, batch, pl_module) -> (logprobs, ref_logprobs, mask)``
-            (optionally followed by ``rollout_logprobs``, ``token_ids``; or a dict with those
-            keys) for other output structures; replaces the keys.
-        rules: alert rules; ``None`` uses :func:`klmonitor.alerts.default_rules` with
-            ``max_kl``; ``[]`` disables alerts.
+            the tokens (adds KL(rollout || trainer) under kl/rollout/).
+        token_ids_key: key of the optional sampled token ids (for top_sequences text and
+            top_tokens).
+        extract: callable(outputs, batch, pl_module) -> (logprobs, ref_logprobs, mask)
+            (optionally followed by rollout_logprobs, token_ids; or a dict with those keys)
+            for other output structures; replaces the keys.
+        rules: alert rules; None uses klmonitor.alerts.default_rules with max_kl; [] disables
+            alerts.
         max_kl: a KL budget per token (or per sequence at sequence level) for the default
-            rules' ``kl_budget`` rule.
-        on_alert: a callable, or a list of them, called with each :class:`Alert` on rank 0.
-        stop_on: names of rules whose firing stops training (``trainer.should_stop``), in
-            addition to rules built with ``stop_training=True``; decided on every rank alike.
+            rules' kl_budget rule.
+        on_alert: a callable, or a list of them, called with each Alert on rank 0.
+        stop_on: names of rules whose firing stops training (trainer.should_stop), in addition
+            to rules built with stop_training=True; decided on every rank alike.
         histogram: log a histogram of (a sample of) the window's log-ratios.
         histogram_samples: log-ratios kept per window for the histogram.
-        progress_bar: show the headline KL estimate (``cv``, see :attr:`KLSummary.kl`) in
-            Lightning's progress bar, as ``<prefix>cv``.
+        progress_bar: show the headline KL estimate (cv, see KLSummary.kl) in Lightning's
+            progress bar, as <prefix>cv.
         strict: raise on bad input instead of warning once and skipping the step.
-        clamp: ``None`` (default): exact values, no clamp; a number clamps log-ratios to
-            ``[-clamp, clamp]`` as peers do (biased; see :class:`~klmonitor.KLStats`).
-        extreme: tokens with ``|log-ratio|`` above this many nats (default 20) are counted in
-            ``kl/extreme`` and fire the ``extreme`` rule; their values still count exactly.
-        alert_history_size: alerts kept in ``alert_history`` (oldest dropped first).
+        clamp: None (default): exact values, no clamp; a number clamps log-ratios to
+            [-clamp, clamp] as peers do (biased; see klmonitor.KLStats).
+        extreme: tokens with |log-ratio| above this many nats (default 20) are counted in
+            kl/extreme and fire the extreme rule; their values still count exactly.
+        backend: how the statistics are computed: "auto" (the native C kernel on CPU, the fused
+            Triton kernel on CUDA), "torch", "native", "triton" or "compile" (see
+            klmonitor.KLStats).
+        alert_history_size: alerts kept in alert_history (oldest dropped first).
         wandb_alert_wait_s: W&B's minimum seconds between two alerts with the same title.
-        by_position, position_buckets, top_sequences, top_sequences_max_len, top_tokens,
-            vocab_size, decode: where the KL comes from; see :class:`~klmonitor.Monitor`.
+        by_position: keep the mean k3 per position bucket ([B, T] inputs), logged as
+            kl/by_position/<bucket>/k3.
+        position_buckets: buckets of token positions: 0-1, 2-3, 4-7, ..., the last open-ended.
+        position_rows: rows of each batch the position profile reads (an evenly strided
+            sample); None reads every row (exact).
+        top_sequences: keep the window's K sequences with the largest summed k3 (0: off),
+            logged as a table kl/top_sequences.
+        top_sequences_max_len: token ids and per-token k3 kept per top sequence.
+        top_tokens: keep the K vocabulary entries contributing the most summed k3 (0: off;
+            needs token ids and vocab_size).
+        vocab_size: the size of the id table of top_tokens (len(tokenizer)).
+        decode: callable(token_ids: list[int]) -> str (e.g. a tokenizer's decode) to show the
+            top sequences and tokens as text.
+
+    The Monitor's other arguments are the Trainer's: sinks (its loggers) and rank.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Check the keywords first, so a misspelled one names the public class and the fix."""
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):  # a subclass's **kw
+            accepted = [n for n in params if n != "self"]
+            check_keywords(f"{cls.__module__}.{cls.__qualname__}", kwargs, accepted)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -102,10 +138,12 @@ class LightningAdapter:
         strict: bool = False,
         clamp: float | None = None,
         extreme: float = 20.0,
+        backend: Literal["auto", "torch", "native", "triton", "compile"] = "auto",
         alert_history_size: int = 1000,
         wandb_alert_wait_s: float = 300.0,
         by_position: bool = False,
         position_buckets: int = 12,
+        position_rows: int | None = 16,
         top_sequences: int = 0,
         top_sequences_max_len: int = 256,
         top_tokens: int = 0,
@@ -129,29 +167,10 @@ class LightningAdapter:
             )
         self.extract = extract
         self.progress_bar = check_bool(progress_bar, "progress_bar")
-        self.monitor = Monitor(
-            log_every_n_steps=log_every_n_steps or 50,
-            rules=rules,
-            max_kl=max_kl,
-            on_alert=on_alert,
-            stop_on=stop_on,
-            prefix=prefix,
-            level=level,
-            histogram=histogram,
-            histogram_samples=histogram_samples,
-            strict=strict,
-            clamp=clamp,
-            extreme=extreme,
-            alert_history_size=alert_history_size,
-            wandb_alert_wait_s=wandb_alert_wait_s,
-            by_position=by_position,
-            position_buckets=position_buckets,
-            top_sequences=top_sequences,
-            top_sequences_max_len=top_sequences_max_len,
-            top_tokens=top_tokens,
-            vocab_size=vocab_size,
-            decode=decode,
-        )
+        self._log_step: int | None = None  # Lightning's logging step of the last batch seen
+        # Every Monitor argument this signature has, by name (klmonitor._args keeps them in step).
+        given = monitor_kwargs(locals(), skip=_TRAINERS_ARGS)
+        self.monitor = Monitor(log_every_n_steps=log_every_n_steps or 50, **given)
 
     # -- views of the monitor --------------------------------------------------------------
     @property
@@ -192,6 +211,7 @@ class LightningAdapter:
         mon.reset_window()
         mon.to(pl_module.device)
         mon.set_sinks(list(trainer.loggers) if trainer.is_global_zero else [])
+        self._log_step = None
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -202,13 +222,15 @@ class LightningAdapter:
             self.monitor.skipped_batch()
         else:
             self.monitor.update(**inputs)
-        res = self.monitor.step(int(trainer.global_step))
+        self._log_step = _lightning_log_step(trainer)
+        res = self.monitor.step(int(trainer.global_step), log_step=self._log_step)
         if res is not None:
             self._after_window(trainer, pl_module, res, in_batch=True)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        """Flush the window still open, so the last steps are not lost."""
-        res = self.monitor.flush(int(trainer.global_step))
+        """Flush the window still open (at its last batch's step), so the last steps are not lost."""
+        log_step = self._log_step if self._log_step is not None else max(0, int(trainer.global_step) - 1)
+        res = self.monitor.flush(int(trainer.global_step), log_step=log_step)
         if res is not None:
             self._after_window(trainer, pl_module, res, in_batch=False)
         self.monitor.close()
@@ -280,3 +302,19 @@ class LightningAdapter:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (checked: a bad state warns and starts fresh)."""
         self.monitor.load_state_dict(state_dict)
+
+
+def _lightning_log_step(trainer: Any) -> int:
+    """The step Lightning writes this batch's ``self.log`` values at, read in ``on_train_batch_end``.
+
+    Lightning's loggers number a training batch by the optimizer-stepping batches before it
+    (``fit_loop.epoch_loop._batches_that_stepped``, raised only after ``on_train_batch_end``),
+    so ``log_every_n_steps=50`` writes at 49, 99, ... while ``trainer.global_step`` already
+    counts this batch's optimizer step. Both packages (1.x and 2.x) keep that counter; without
+    it, ``global_step - 1`` is the same number for one optimizer under automatic optimization.
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    stepped = getattr(loop, "_batches_that_stepped", None)
+    if isinstance(stepped, int) and not isinstance(stepped, bool) and stepped >= 0:
+        return stepped
+    return max(0, int(trainer.global_step) - 1)

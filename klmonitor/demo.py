@@ -240,7 +240,9 @@ class _History(pl.Callback):
     def _take(self, trainer: pl.Trainer) -> None:
         s = self.monitor.last_summary
         if s is not None and (not self.summaries or self.summaries[-1][1] is not s):
-            self.summaries.append((int(trainer.global_step), s))
+            # the step the window was logged at (Lightning's grid, as in TensorBoard)
+            step = self.monitor._log_step
+            self.summaries.append((int(trainer.global_step) if step is None else step, s))
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         self._take(trainer)

@@ -285,6 +285,7 @@ class Monitor:
         self.last_summary: KLSummary | None = None
         self._last_logged_step = 0
         self._batches = 0
+        self._mask_bad: Tensor | None = None  # this rank's mask values other than 0/1, on device
         self._windows = 0
         self._hist: Tensor | None = None
         self._hist_pos = 0
@@ -465,6 +466,12 @@ class Monitor:
                 exc,
             )
             return
+        bad_mask = self.stats.last_invalid_mask  # a numeric mask's values other than 0/1, on device
+        if bad_mask is not None:
+            # Added up on device (no host sync) and read at the window's end, only when the
+            # window has non-finite tokens: that is where the mask is named (see _end_window).
+            held = self._mask_bad
+            self._mask_bad = bad_mask if held is None else held + bad_mask.to(held.device)
         logp, ref = logprobs.detach(), ref_logprobs.detach()
         uses_ids = self.sequences is not None or self.tokens is not None
         ids = self._checked_ids(token_ids, logp) if token_ids is not None and uses_ids else None
@@ -605,7 +612,7 @@ class Monitor:
 
     # -- window boundaries -----------------------------------------------------------------
     @_locked
-    def step(self, step: int) -> WindowResult | None:
+    def step(self, step: int, log_step: int | None = None) -> WindowResult | None:
         """Call once per optimizer step (after it) with the step count; ends the window at a boundary.
 
         Windows are ``(0, N]``, ``(N, 2N]``, ... in steps; with gradient accumulation the
@@ -615,31 +622,43 @@ class Monitor:
         run, a checkpoint's state from a later run) is warned about once and the schedule
         restarts from it (an error under ``strict=True``).
 
+        Args:
+            step: the optimizer step count; the window schedule follows it.
+            log_step: the step number a window ending here is written to the sinks and alerted
+                at (``WindowResult.step``, ``Alert.step``); ``None``: ``step``. For a framework
+                that numbers its own logs differently, so kl/* land among the user's metrics
+                (Lightning logs a batch's ``self.log`` at the step before its optimizer step).
+
         Returns:
             the :class:`WindowResult` when a window ended, else ``None``.
         """
         step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
+        if log_step is not None:
+            log_step = check_int(log_step, "log_step", low=0, hint=" (the step the window is logged at)")
         if step < self._step_seen and step <= self._last_logged_step:
             self._step_went_back(step)
         self._step_seen = step
         if step > 0:  # an optimizer step has changed the policy
             self._untrained = False
         if step >= (self._last_logged_step // self._every + 1) * self._every:
-            return self._end_window(step)
+            return self._end_window(step, log_step=log_step)
         return None
 
     @_locked
-    def flush(self, step: int) -> WindowResult | None:
+    def flush(self, step: int, log_step: int | None = None) -> WindowResult | None:
         """End the open window now (end of training); ``None`` when no batch came since the last one.
 
         Under several processes every rank must call it (it joins the window's collectives even
         on a rank that saw no batch since the last window); it returns ``None`` on every rank
         when no rank had a batch, else the same :class:`WindowResult` on every rank.
+        ``log_step`` is as in :meth:`step`.
         """
         step = check_int(step, "step", low=0, hint=" (the optimizer step count)")
+        if log_step is not None:
+            log_step = check_int(log_step, "log_step", low=0, hint=" (the step the window is logged at)")
         if self._batches == 0 and _distributed()[1] == 1:
             return None
-        return self._end_window(step, flushing=True)
+        return self._end_window(step, flushing=True, log_step=log_step)
 
     def _step_went_back(self, step: int) -> None:
         self.problem(
@@ -732,12 +751,18 @@ class Monitor:
         for part in self._parts():
             part.reset()
         self._batches = 0
+        self._mask_bad = None
 
-    def _end_window(self, step: int, flushing: bool = False) -> WindowResult | None:
-        # Every rank gets here: the collectives of the window.
+    def _end_window(
+        self, step: int, flushing: bool = False, log_step: int | None = None
+    ) -> WindowResult | None:
+        # Every rank gets here: the collectives of the window. The schedule follows ``step``;
+        # the window is written and alerted at ``log_step`` (the caller's numbering of its logs).
+        shift = 0 if log_step is None else log_step - step
         summary, steps, batches = self._reduce(step)
         if flushing and sum(batches) == 0:
             return None  # no rank had a batch since the last window: every rank returns None
+        mask_bad = self._mask_bad
         hist = None
         if self._hist is not None:
             values = self._hist.cpu().numpy()
@@ -747,9 +772,10 @@ class Monitor:
         self._last_logged_step = step
         self._windows += 1
         self.last_summary = summary
+        step += shift
         if len(set(steps)) > 1:
-            by_rank = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
-            step = max(steps)
+            by_rank = ", ".join(f"rank {r}: step {s + shift}" for r, s in enumerate(steps))
+            step = max(0, max(steps) + shift)
             self.problem(
                 "ddp-steps",
                 f"klmonitor: the ranks ended this window at different steps ({by_rank}): their step "
@@ -764,17 +790,42 @@ class Monitor:
                 f"klmonitor: no valid tokens in the window ending at step {step} (every token masked, "
                 "non-finite, or every batch skipped); check the mask. Nothing but counts is logged.",
             )
+        bad_mask_note = self._bad_mask_note(summary, mask_bad, step)
         if summary.nonfinite and self.strict:
             raise KLMonitorInputError(
-                f"klmonitor: {summary.nonfinite} tokens had a NaN or infinite log-ratio in the window "
-                f"ending at step {step} (strict=True)"
+                f"klmonitor: {summary.nonfinite} tokens had a NaN or infinite log-ratio or a mask value "
+                f"other than 0 or 1 in the window ending at step {step} (strict=True)." + bad_mask_note
             )
+        if bad_mask_note:
+            self.problem("mask-values", "klmonitor:" + bad_mask_note)
         alerts = self.engine.evaluate(summary, step)
         stop = any(a.stop or a.rule in self.stop_on for a in alerts)
         metrics = summary.to_dict(self.prefix)
         if self.is_writer:
             self._write(step, summary, metrics, hist, alerts, stop)
         return WindowResult(step, summary, alerts, stop, metrics, hist if self.histogram else None)
+
+    def _bad_mask_note(self, summary: KLSummary, mask_bad: Tensor | None, step: int) -> str:
+        """The mask's part of a window's non-finite count, named (``""`` when it has none).
+
+        Read only in a window with non-finite tokens (known on the host after the reduction,
+        the same on every rank): one scalar of this rank, after the window's transfer.
+        """
+        if not summary.nonfinite or mask_bad is None:
+            return ""
+        n = int(mask_bad.item())
+        if n <= 0:
+            return ""
+        rank, world = _distributed()
+        where = f" on rank {rank}" if world > 1 else ""
+        return (
+            f" the mask held {n} values other than 0 and 1 (e.g. 0.5 from a soft mask, 2 from a summed "
+            f"one, -1, NaN) in the window ending at step {step}{where}. The mask says which tokens count, "
+            "it is not a weight: those tokens are left out of the KL statistics and counted in "
+            "kl/nonfinite (the nonfinite alert's count), not NaN log-probs. Pass mask.bool() (or "
+            "mask > 0), or a mask of 0s and 1s. A numeric mask is checked on its device, without a host "
+            "sync per step, so this shows at the window's end."
+        )
 
     def _write(
         self,

@@ -167,6 +167,9 @@ class KLStats(Metric):
         self.backend = backend
         self._triton_failed = False
         self._warned_state_cast = False
+        # The last update's count of numeric mask values other than 0 and 1 (a device scalar;
+        # None for a bool or no mask): a Monitor adds these up to name the mask at its window's end.
+        self.last_invalid_mask: Tensor | None = None
         self.add_state("_acc", default=mom.empty(), dist_reduce_fx=mom.merge_rows)
         # torchmetrics' MetricCollection shares one state between metrics whose states are
         # equal after the first update (compute groups). Two KLStats that differ in a setting
@@ -298,6 +301,7 @@ class KLStats(Metric):
 
     # -- validation (shapes and dtypes; mask values on device, never on the host) -----------
     def _check(self, logprobs: Any, ref_logprobs: Any, mask: Any) -> Tensor | None:
+        self.last_invalid_mask = None
         for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor of log-probs, got {type(t).__name__}")
@@ -370,7 +374,9 @@ class KLStats(Metric):
             self.to(logprobs.device)
         unit = torch.zeros_like(self._acc)
         unit[mom.NONFINITE] = 1.0
-        self._acc = self._acc + unit * invalid.sum(dtype=torch.float64)
+        n_invalid = invalid.sum(dtype=torch.float64)
+        self._acc = self._acc + unit * n_invalid
+        self.last_invalid_mask = n_invalid
         return counted
 
     def update(self, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor | None = None) -> None:

@@ -39,6 +39,7 @@ from typing import Any, cast
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from klmonitor._args import MONITOR_ARGS, check_keywords
 from klmonitor._validate import check_int, check_str
 from klmonitor.monitor import Monitor, WindowResult
 
@@ -123,6 +124,13 @@ class KLMonitorCallback(TrainerCallback):
             logging_dir = check_str(os.fspath(logging_dir), "logging_dir")
         self.log_every_n_steps = log_every_n_steps
         self.logging_dir = logging_dir
+        if monitor is None:  # a misspelled keyword names this class and the closest argument
+            own = ["monitor", "log_every_n_steps", "logging_dir"]
+            check_keywords(
+                f"{type(self).__module__}.{type(self).__qualname__}",
+                monitor_kwargs,
+                own + [n for n in MONITOR_ARGS if n not in own],
+            )
         self.monitor = monitor if monitor is not None else Monitor(**monitor_kwargs)
         # Sinks the user gave are kept; otherwise they are chosen from report_to per run.
         self._user_sinks = bool(self.monitor.sinks)

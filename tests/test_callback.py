@@ -44,14 +44,17 @@ def test_tensorboard_values_match_independent_computation(tmp_path: Path) -> Non
     ):
         assert name in tags, name
     k3 = _scalars(acc, "kl/k3/mean")
-    assert sorted(k3) == [5, 10, 15, 20]
+    # the window of optimizer steps (hi - 5, hi] is logged at hi - 1, Lightning's step for its last batch
+    assert sorted(k3) == [4, 9, 14, 19]
     for hi in (5, 10, 15, 20):
         ref = window_reference(model.seen, hi - 5, hi)
-        assert _scalars(acc, "kl/tokens")[hi] == ref["tokens"]
+        assert _scalars(acc, "kl/tokens")[hi - 1] == ref["tokens"]
         for key in ("k1/mean", "k2/mean", "k3/mean", "k1/std", "k3/std"):
-            got = _scalars(acc, f"kl/{key}")[hi]
+            got = _scalars(acc, f"kl/{key}")[hi - 1]
             assert got == pytest.approx(ref[key], rel=2e-4, abs=1e-7), (hi, key)
-        assert _scalars(acc, "kl/drift_k2_k3")[hi] == pytest.approx(ref["drift_k2_k3"], rel=5e-3, abs=1e-6)
+        assert _scalars(acc, "kl/drift_k2_k3")[hi - 1] == pytest.approx(
+            ref["drift_k2_k3"], rel=5e-3, abs=1e-6
+        )
     # the histogram and the margin-chart bands
     assert "kl/log_ratio" in acc.Tags()["histograms"]
     assert "kl/band/k3_upper" in tags
@@ -66,8 +69,8 @@ def test_csv_logger_and_every_logger_gets_metrics(tmp_path: Path) -> None:
     make_trainer(tmp_path, 12, loggers=[csv_logger, tb], callbacks=[mon]).fit(model)
     rows = list(csv.DictReader(open(Path(csv_logger.log_dir) / "metrics.csv")))
     steps = sorted({int(r["step"]) for r in rows if r.get("kl/k3/mean")})
-    assert steps == [4, 8, 12]
-    assert sorted(_scalars(events(Path(tb.log_dir)), "kl/k3/mean")) == [4, 8, 12]
+    assert steps == [3, 7, 11]
+    assert sorted(_scalars(events(Path(tb.log_dir)), "kl/k3/mean")) == [3, 7, 11]
 
 
 def test_window_flushed_at_train_end(tmp_path: Path) -> None:
@@ -76,8 +79,8 @@ def test_window_flushed_at_train_end(tmp_path: Path) -> None:
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     make_trainer(tmp_path, 13, loggers=[tb], callbacks=[mon]).fit(model)
     tokens = _scalars(events(Path(tb.log_dir)), "kl/tokens")
-    assert sorted(tokens) == [5, 10, 13]
-    assert tokens[13] == window_reference(model.seen, 10, 13)["tokens"]
+    assert sorted(tokens) == [4, 9, 12]  # the rest flushed at its last batch's step
+    assert tokens[12] == window_reference(model.seen, 10, 13)["tokens"]
     assert sum(tokens.values()) == window_reference(model.seen, 0, 13)["tokens"]
 
 
@@ -96,7 +99,7 @@ def test_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         summary = logger.experiment.summary
         ref = window_reference(model.seen, 5, 10)
         assert summary["kl/k3/mean"] == pytest.approx(ref["k3/mean"], rel=2e-4)
-        assert summary["trainer/global_step"] == 10
+        assert summary["trainer/global_step"] == 9  # Lightning's step of the 10th batch's self.log
         assert any(a.rule == "kl_budget" for a in mon.alert_history)
     finally:
         wandb.finish()
@@ -180,7 +183,7 @@ def test_drift_alert_fires_under_real_drift_and_reaches_tensorboard(tmp_path: Pa
     assert "drift" in rules, [(a.rule, a.step, a.value) for a in mon.alert_history]
     assert seen == mon.alert_history
     drift_alert = next(a for a in mon.alert_history if a.rule == "drift")
-    assert drift_alert.step % 5 == 0 and drift_alert.message
+    assert drift_alert.step % 5 == 4 and drift_alert.message  # logged at 4, 9, ... (Lightning's grid)
     acc = events(Path(tb.log_dir))
     tag = next(t for t in acc.Tags()["tensors"] if t.startswith("kl/alerts"))
     texts = [t.tensor_proto.string_val[0] for t in acc.Tensors(tag)]
@@ -225,7 +228,7 @@ def test_nonfinite_tokens_counted_and_alerted(tmp_path: Path) -> None:
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     make_trainer(tmp_path, 6, loggers=[tb], callbacks=[mon]).fit(model)
     acc = events(Path(tb.log_dir))
-    assert _scalars(acc, "kl/nonfinite") == {3: 6.0, 6: 6.0}  # 2 bad tokens per step
+    assert _scalars(acc, "kl/nonfinite") == {2: 6.0, 5: 6.0}  # 2 bad tokens per step
     assert all(math.isfinite(v) for v in _scalars(acc, "kl/k3/mean").values())
     assert "nonfinite" in {a.rule for a in mon.alert_history}
 
@@ -267,7 +270,7 @@ def test_failing_logger_warns_once_others_keep_working(tmp_path: Path) -> None:
         make_trainer(tmp_path, 8, loggers=[_BrokenLogger(), tb], callbacks=[mon]).fit(ToyPolicy())
     ours = [w for w in caught if "tracker down" in str(w.message)]
     assert len(ours) == 1
-    assert sorted(_scalars(events(Path(tb.log_dir)), "kl/k3/mean")) == [2, 4, 6, 8]
+    assert sorted(_scalars(events(Path(tb.log_dir)), "kl/k3/mean")) == [1, 3, 5, 7]
 
 
 def test_failing_on_alert_callable_does_not_stop_training(tmp_path: Path) -> None:
@@ -287,10 +290,10 @@ def test_gradient_accumulation_windows_follow_optimizer_steps(tmp_path: Path) ->
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     make_trainer(tmp_path, 6, loggers=[tb], callbacks=[mon], accumulate_grad_batches=3).fit(model)
     tokens = _scalars(events(Path(tb.log_dir)), "kl/tokens")
-    assert sorted(tokens) == [2, 4, 6]
+    assert sorted(tokens) == [1, 3, 5]
     assert len(model.seen) == 18  # 3 micro-batches per optimizer step, all monitored
     for hi in (2, 4, 6):
-        assert tokens[hi] == window_reference(model.seen, hi - 2, hi)["tokens"]
+        assert tokens[hi - 1] == window_reference(model.seen, hi - 2, hi)["tokens"]
 
 
 def test_manual_optimization(tmp_path: Path) -> None:
@@ -299,8 +302,8 @@ def test_manual_optimization(tmp_path: Path) -> None:
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     make_trainer(tmp_path, 9, loggers=[tb], callbacks=[mon]).fit(model)
     k3 = _scalars(events(Path(tb.log_dir)), "kl/k3/mean")
-    assert sorted(k3) == [3, 6, 9]
-    assert k3[9] == pytest.approx(window_reference(model.seen, 6, 9)["k3/mean"], rel=2e-4)
+    assert sorted(k3) == [2, 5, 8]
+    assert k3[8] == pytest.approx(window_reference(model.seen, 6, 9)["k3/mean"], rel=2e-4)
 
 
 def test_extract_callable(tmp_path: Path) -> None:
@@ -343,7 +346,7 @@ def test_resume_from_checkpoint_alerts_and_logs_like_uninterrupted(tmp_path: Pat
     assert [a.to_dict() for a in resumed.alert_history] == [a.to_dict() for a in full.alert_history]
     assert full.alert_history, "the run should drift enough to alert"
     a, b = _scalars(events(full_dir), "kl/k3/mean"), _scalars(events(resumed_dir), "kl/k3/mean")
-    for step in range(20, 41, 4):
+    for step in range(19, 40, 4):
         assert b[step] == pytest.approx(a[step], rel=1e-9), step
 
 

@@ -337,18 +337,19 @@ def test_run_exercised_what_it_should(ddp_run: dict[str, Any]) -> None:
 def test_logged_statistics_equal_one_process_over_the_union(ddp_run: dict[str, Any]) -> None:
     scalars = _scalars(ddp_run["tb_dir"])
     stop = _stop_step(ddp_run)
-    expected_steps = list(range(EVERY, stop + 1, EVERY))
-    assert sorted(scalars["kl/k3/mean"]) == expected_steps
+    ends = list(range(EVERY, stop + 1, EVERY))
+    # the window (hi - EVERY, hi] is logged at hi - 1, Lightning's step for its last batch
+    assert sorted(scalars["kl/k3/mean"]) == [hi - 1 for hi in ends]
     saw_nonfinite = False
-    for hi in expected_steps:
+    for hi in ends:
         lr, nonfinite = _union_log_ratios(ddp_run["inputs"], hi - EVERY, hi)
         ref = _reference(lr)
-        assert scalars["kl/tokens"][hi] == ref["tokens"], hi
-        assert scalars["kl/nonfinite"][hi] == nonfinite, hi
+        assert scalars["kl/tokens"][hi - 1] == ref["tokens"], hi
+        assert scalars["kl/nonfinite"][hi - 1] == nonfinite, hi
         saw_nonfinite |= nonfinite > 0
         for key in ("k1/mean", "k2/mean", "k3/mean", "kl_pq/mean", "k1/std", "k2/std", "k3/std"):
-            assert scalars[f"kl/{key}"][hi] == pytest.approx(ref[key], rel=2e-4, abs=1e-7), (hi, key)
-        assert scalars["kl/drift_k2_k3"][hi] == pytest.approx(ref["drift_k2_k3"], rel=5e-3, abs=1e-6), hi
+            assert scalars[f"kl/{key}"][hi - 1] == pytest.approx(ref[key], rel=2e-4, abs=1e-7), (hi, key)
+        assert scalars["kl/drift_k2_k3"][hi - 1] == pytest.approx(ref["drift_k2_k3"], rel=5e-3, abs=1e-6), hi
         # the union, not one rank's share (rank 1 sends nothing usable in (8, 12])
         own = [_union_log_ratios([recs], hi - EVERY, hi)[0].size for recs in ddp_run["inputs"]]
         assert sum(own) == ref["tokens"] and own[0] > 0, (hi, own)
@@ -365,7 +366,7 @@ def test_only_rank_zero_writes(ddp_run: dict[str, Any]) -> None:
     assert not (out / "logger_rank1.jsonl").exists(), "rank 1 called a logger"
     lines = [json.loads(x) for x in (out / "logger_rank0.jsonl").read_text().splitlines()]
     steps = [x["step"] for x in lines if any(k.startswith("kl/") for k in x["keys"])]
-    assert steps == list(range(EVERY, _stop_step(ddp_run) + 1, EVERY))
+    assert steps == list(range(EVERY - 1, _stop_step(ddp_run), EVERY))
     reports = ddp_run["reports"]
     assert reports[0]["sinks"] == 2 and reports[1]["sinks"] == 0
 
@@ -374,7 +375,7 @@ def test_every_rank_makes_the_same_alert_and_stop_decisions(ddp_run: dict[str, A
     r0, r1 = ddp_run["reports"]
     assert r0["alerts"], "the budget rule should have fired"
     assert r0["alerts"] == r1["alerts"]
-    assert r0["global_step"] == r1["global_step"] == r0["alerts"][-1]["step"]
+    assert r0["global_step"] == r1["global_step"] == r0["alerts"][-1]["step"] + 1  # logged at the step before
     assert r0["should_stop"] and r1["should_stop"]
     assert r0["windows"] == r1["windows"] == r0["global_step"] // EVERY
     # ... and they are the decisions of one process fed the union of the data
@@ -383,7 +384,7 @@ def test_every_rank_makes_the_same_alert_and_stop_decisions(ddp_run: dict[str, A
         lr, _ = _union_log_ratios(ddp_run["inputs"], hi - EVERY, hi)
         stats = KLStats(backend="torch")
         stats.update(torch.from_numpy(np.zeros_like(lr)), torch.from_numpy(lr))
-        engine.evaluate(stats.compute(), hi)
+        engine.evaluate(stats.compute(), hi - 1)
     expected = [a.to_dict() for a in engine.history]
     assert [(a["rule"], a["step"], a["level"]) for a in r0["alerts"]] == [
         (a["rule"], a["step"], a["level"]) for a in expected

@@ -36,7 +36,7 @@ def test_lightning_rlhf(tmp_path: Path) -> None:
     assert "final KL per token: k1" in out
     tb = tmp_path / "logs" / "lightning_rlhf" / "version_0"
     data = load_run(tb)
-    assert data.scalars["kl/k3/mean"][0].tolist() == [10, 20]
+    assert data.scalars["kl/k3/mean"][0].tolist() == [9, 19]  # Lightning's log grid
     assert list((tmp_path / "logs" / "wandb").glob("offline-run-*/*.wandb"))
 
 

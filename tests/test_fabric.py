@@ -56,7 +56,9 @@ def test_fabric_run_logs_to_every_fabric_logger(tmp_path: Path) -> None:
         lr = np.concatenate(seen[window])
         assert k3[step] == pytest.approx(float(np.mean(np.expm1(lr) - lr)), rel=1e-5)
     assert acc.Tags()["histograms"] == ["kl/log_ratio"] and acc.PluginTagToContent("custom_scalars")
-    assert [parse_alert_text(t)[0] for t in texts(acc, "kl/alerts")] == [a.rule for a in monitor.alert_history]  # type: ignore[index]
+    assert [parse_alert_text(t)[0] for t in texts(acc, "kl/alerts")] == [
+        a.rule for a in monitor.alert_history
+    ]  # type: ignore[index]
     assert "kl_budget" in [a.rule for a in monitor.alert_history]
     csv_text = next((tmp_path / "csv").rglob("metrics.csv")).read_text()
     assert "kl/k3/mean" in csv_text.splitlines()[0]

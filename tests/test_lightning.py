@@ -7,8 +7,11 @@ Every test runs under both packages: a real Trainer with each package's TensorBo
 
 from __future__ import annotations
 
+import csv
 import importlib
+import inspect
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +62,10 @@ def test_trainer_run_logs_everything_to_tensorboard(tmp_path: Path, package: str
 
     acc = events(tmp_path)
     k3 = {e.step: e.value for e in acc.Scalars("kl/k3/mean")}
-    assert sorted(k3) == [5, 10, 12]  # two windows and the flushed rest
+    assert sorted(k3) == [4, 9, 11]  # two windows and the flushed rest, at their last batch's step
     for lo, hi in ((0, 5), (5, 10), (10, 12)):
         want = window_reference(model.seen, lo, hi)
-        assert k3[hi] == pytest.approx(want["k3/mean"], rel=1e-5)
+        assert k3[hi - 1] == pytest.approx(want["k3/mean"], rel=1e-5)
         assert acc.Scalars("kl/k1/std")[[5, 10, 12].index(hi)].value == pytest.approx(
             want["k1/std"], rel=1e-5
         )
@@ -72,6 +75,149 @@ def test_trainer_run_logs_everything_to_tensorboard(tmp_path: Path, package: str
     alerts = [parse_alert_text(text) for text in texts(acc, "kl/alerts")]
     assert alerts and all(a is not None and a[0] == "kl_budget" for a in alerts)
     assert [a.rule for a in mon.alert_history] == ["kl_budget"] * len(mon.alert_history)
+
+
+def _csv_steps(path: Path, column: str) -> list[int]:
+    with open(path) as f:
+        return sorted({int(r["step"]) for r in csv.DictReader(f) if r.get(column)})
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_kl_lands_on_lightnings_own_step_grid_beside_self_log(
+    tmp_path: Path, package: str, accumulate: int
+) -> None:
+    # The user's self.log("reward") in training_step is written by Lightning at the step
+    # before the batch's optimizer step (log_every_n_steps=5: 4, 9, 14); each window's kl/*
+    # must land on those very steps, in TensorBoard and in the CSV file of the same run.
+    pl = _pl(package)
+    model = _model(package, lr=0.5, log_reward=True)
+    mon = _monitor_cls(package)(max_kl=1e-6)  # the Trainer's log_every_n_steps (5)
+    tb = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    csv_logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    make_trainer(
+        tmp_path,
+        15,
+        loggers=[tb, csv_logger],
+        callbacks=[mon],
+        package=package,
+        accumulate_grad_batches=accumulate,
+    ).fit(model)
+
+    acc = events(tb.log_dir)
+    reward_steps = sorted(e.step for e in acc.Scalars("reward"))
+    assert reward_steps == [4, 9, 14]
+    k3 = {e.step: e.value for e in acc.Scalars("kl/k3/mean")}
+    assert sorted(k3) == reward_steps
+    for name in ("kl/tokens", "kl/k1/mean", "kl/band/k3_upper"):
+        assert sorted(e.step for e in acc.Scalars(name)) == reward_steps, name
+    assert sorted(e.step for e in acc.Histograms("kl/log_ratio")) == reward_steps
+    # the window logged at step 4 holds the optimizer steps 0..4 (the batches before step 5)
+    for logged, (lo, hi) in zip(reward_steps, ((0, 5), (5, 10), (10, 15)), strict=True):
+        assert k3[logged] == pytest.approx(window_reference(model.seen, lo, hi)["k3/mean"], rel=1e-5)
+    # alerts are stamped (and written) with the step their window is logged at
+    assert [a.step for a in mon.alert_history] == [4]  # kl_budget, then its cooldown
+    assert [parse_alert_text(t)[2] for t in texts(acc, "kl/alerts")] == [4]  # type: ignore[index]
+
+    metrics = Path(csv_logger.log_dir) / "metrics.csv"
+    assert _csv_steps(metrics, "reward") == reward_steps
+    assert _csv_steps(metrics, "kl/k3/mean") == reward_steps
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_flushed_window_lands_at_its_last_batchs_step(tmp_path: Path, package: str) -> None:
+    # 12 steps with windows of 5: windows at 4 and 9 as Lightning's grid; the rest (steps
+    # 10..11's batches) is flushed at the step Lightning numbers the last batch with (11),
+    # the global_step its training_step saw.
+    pl = _pl(package)
+    model = _model(package, log_reward=True)
+    mon = _monitor_cls(package)(log_every_n_steps=5)
+    tb = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    make_trainer(tmp_path, 12, loggers=[tb], callbacks=[mon], package=package).fit(model)
+    tokens = {e.step: e.value for e in events(tb.log_dir).Scalars("kl/tokens")}
+    assert sorted(tokens) == [4, 9, model.seen[-1]["step"]] == [4, 9, 11]
+    assert tokens[11] == window_reference(model.seen, 10, 12)["tokens"]
+    assert mon.last_summary is not None and mon.monitor.windows == 3
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_a_soft_mask_is_named_once(tmp_path: Path, package: str) -> None:
+    # training_step returns a float mask with 0.5 for some tokens (a soft mask): one warning
+    # names the mask and its count at the first window's end, none for the later windows.
+    base = lightning_toy_policy() if package == "lightning" else ToyPolicy
+
+    class SoftMask(base):  # type: ignore[misc, valid-type]
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            out = super().training_step(batch, batch_idx)
+            soft = out["mask"].float()
+            soft[:, 0] = 0.5
+            out["mask"] = soft
+            return out
+
+    mon = _monitor_cls(package)(log_every_n_steps=2)
+    with pytest.warns(UserWarning) as caught:
+        make_trainer(tmp_path, 6, callbacks=[mon], package=package).fit(SoftMask(batch=8))
+    named = [str(w.message) for w in caught if "the mask held" in str(w.message)]
+    assert len(named) == 1 and "the mask held 16 values other than 0 and 1" in named[0], named
+    assert mon.last_summary is not None and mon.last_summary.nonfinite == 16  # 8 rows x 2 steps
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_takes_every_monitor_argument_with_the_monitors_defaults(package: str) -> None:
+    # One definition: the Monitor's own signature. Every argument but those the Trainer
+    # provides (sinks: its loggers; rank) is accepted, with the same default
+    # (log_every_n_steps: None takes the Trainer's), and reaches the monitor.
+    from klmonitor._args import MONITOR_ARGS
+
+    cls = _monitor_cls(package)
+    params = inspect.signature(cls.__init__).parameters
+    missing = sorted(set(MONITOR_ARGS) - {"sinks", "rank"} - set(params))
+    assert missing == []
+    differ = {
+        n: (params[n].default, d) for n, d in MONITOR_ARGS.items() if n in params and params[n].default != d
+    }
+    assert differ == {"log_every_n_steps": (None, 50)}
+    mon = cls(position_rows=4, backend="torch", by_position=True, top_tokens=2, vocab_size=9)
+    assert mon.monitor.position_rows == 4 and mon.monitor.stats.backend == "torch"
+    assert mon.monitor.tokens is not None and mon.monitor.tokens.vocab_size == 9
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_a_misspelled_keyword_names_the_public_class_and_the_fix(package: str) -> None:
+    cls = _monitor_cls(package)
+    with pytest.raises(TypeError, match=rf"^klmonitor\.{package}\.KLMonitor\(\) got an unexpected keyword "
+                       r"argument 'max_kll'; did you mean 'max_kl'\?$"):  # fmt: skip
+        cls(max_kll=0.1)
+    with pytest.raises(TypeError, match=r"'position_row'; did you mean 'position_rows'\?"):
+        cls(position_row=4)
+    with pytest.raises(TypeError, match=r"'zzz'; it takes log_every_n_steps, prefix, "):
+        cls(zzz=1)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_lightning_cli_help_describes_every_argument_in_plain_text(
+    package: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli_mod = importlib.import_module(
+        f"{'lightning.pytorch' if package == 'lightning' else 'pytorch_lightning'}.cli"
+    )
+    model_cls = lightning_toy_policy() if package == "lightning" else ToyPolicy
+    with pytest.raises(SystemExit):
+        cli_mod.LightningCLI(
+            model_cls, args=["fit", "--trainer.callbacks.help", f"klmonitor.{package}.KLMonitor"]
+        )
+    out = capsys.readouterr().out
+    assert ":class:" not in out and "``" not in out and ":func:" not in out and ":attr:" not in out
+    # each option's block: the text between its "--trainer.callbacks.NAME" line and the next option
+    blocks = re.split(r"\n  --trainer\.callbacks\.", out.split("Help for --trainer.callbacks.help")[1])[1:]
+    described = {}
+    for block in blocks:
+        name, _, rest = block.partition(" ")
+        text = rest.split("(type:")[0]
+        described[name] = " ".join(text.split()[1:]) if name.isidentifier() else ""
+    for name in inspect.signature(_monitor_cls(package).__init__).parameters:
+        if name != "self":
+            assert len(described.get(name, "")) > 10, (name, described.get(name))
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -146,10 +292,10 @@ def test_reused_for_a_second_fit_starts_fresh_and_writes_the_layout_again(
     ).fit(second)
     acc = events(tmp_path / "b")
     k3 = {e.step: e.value for e in acc.Scalars("kl/k3/mean")}
-    assert sorted(k3) == [4, 6]
+    assert sorted(k3) == [3, 5]
     # The second run's first window holds its own steps 0..3 only (none of the first run's).
-    assert k3[4] == pytest.approx(window_reference(second.seen, 0, 4)["k3/mean"], rel=1e-5)
-    assert k3[6] == pytest.approx(window_reference(second.seen, 4, 6)["k3/mean"], rel=1e-5)
+    assert k3[3] == pytest.approx(window_reference(second.seen, 0, 4)["k3/mean"], rel=1e-5)
+    assert k3[5] == pytest.approx(window_reference(second.seen, 4, 6)["k3/mean"], rel=1e-5)
     assert acc.PluginTagToContent("custom_scalars")
 
 
@@ -288,5 +434,5 @@ def test_initial_kl_judges_the_untrained_policy_only(tmp_path: Path, package: st
         WrongReference(lr=0.5)
     )
     fired = [a for a in mon.alert_history if a.rule == "initial_kl"]
-    assert len(fired) == 1 and fired[0].step == 5, mon.alert_history
+    assert len(fired) == 1 and fired[0].step == 4, mon.alert_history
     assert "differ by more than float rounding" in fired[0].message

@@ -2,12 +2,15 @@
 
 A numeric mask value other than 0 or 1 (0.5, -1, 2, NaN, inf) cannot raise in ``update``
 without a host sync, so the token is left out of the statistics and counted in
-``summary.nonfinite``, where ``kl/nonfinite`` and the ``nonfinite`` alert show it.
+``summary.nonfinite``, where ``kl/nonfinite`` and the ``nonfinite`` alert show it; a
+:class:`~klmonitor.Monitor` also counts them apart on device and names the mask in a warning
+at the window's end.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -17,8 +20,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from klmonitor import KLStats, KLSummary
+from klmonitor import KLStats, KLSummary, Monitor
 from klmonitor.alerts import NonFiniteRule
+from klmonitor.monitor import KLMonitorInputError
 
 BACKENDS = ["auto", "torch"]
 NUMERIC = [torch.uint8, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -150,3 +154,66 @@ def test_complex_mask_is_rejected_with_the_fix() -> None:
     logp, ref, keep = _batch(10)
     with pytest.raises(TypeError, match=r"bool mask or a numeric one holding 0 and 1"):
         KLStats().update(logp, ref, keep.to(torch.complex64))
+
+
+def _soft(keep: torch.Tensor, every: int, value: float = 0.5) -> torch.Tensor:
+    """A float 0/1 mask with ``value`` at every ``every``-th token (a soft mask's half weights)."""
+    mask = keep.float()
+    mask[::every] = value
+    return mask
+
+
+def _mask_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "the mask held" in str(w.message)]
+
+
+def test_monitor_names_a_soft_mask_at_the_windows_end_once_without_a_host_sync() -> None:
+    # Windows of 2 steps; 0.5s in the mask of steps 1, 2 and 4: the first window's end names
+    # the mask with its count (not "NaN"), the second says nothing more (once per kind), and
+    # update/step between logging steps copy nothing to the host.
+    mon = Monitor(log_every_n_steps=2, histogram=False)
+    batches = [_batch(seed=s) for s in range(4)]
+    masks = [_soft(k, 7) if i in (0, 1, 3) else k.float() for i, (_, _, k) in enumerate(batches)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = []
+        for step, ((logp, ref, _), mask) in enumerate(zip(batches, masks, strict=True), start=1):
+            with _SyncRecorder() as rec:
+                mon.update(logp, ref, mask)
+                if step % 2:
+                    assert mon.step(step) is None
+            assert rec.bad == [], step
+            if step % 2 == 0:
+                assert len(_mask_warnings(caught)) == (step > 2), "named before the window's end"
+                res = mon.step(step)
+                assert res is not None
+                results.append(res)
+                assert len(_mask_warnings(caught)) == 1, _mask_warnings(caught)
+    want = [int((m[::7] == 0.5).sum()) for m in masks]  # the 0.5s the helper planted, counted apart
+    first, second = results
+    assert first.summary.nonfinite == want[0] + want[1] and second.summary.nonfinite == want[3]
+    (message,) = _mask_warnings(caught)
+    assert f"the mask held {want[0] + want[1]} values other than 0 and 1" in message
+    assert "ending at step 2" in message and "mask.bool()" in message and "not a weight" in message
+    assert "nonfinite" in [a.rule for a in first.alerts]
+
+
+def test_nan_log_probs_with_a_clean_numeric_mask_do_not_blame_the_mask() -> None:
+    logp, ref, keep = _batch(seed=3)
+    ref = ref.clone()
+    ref[:5] = float("nan")
+    mon = Monitor(log_every_n_steps=1, histogram=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon.update(logp, ref, torch.ones_like(logp))
+        res = mon.step(1)
+    assert res is not None and res.summary.nonfinite == 5
+    assert _mask_warnings(caught) == []
+
+
+def test_strict_names_the_mask_in_its_error() -> None:
+    logp, ref, keep = _batch(seed=4)
+    mon = Monitor(log_every_n_steps=1, strict=True)
+    mon.update(logp, ref, _soft(keep, 10))
+    with pytest.raises(KLMonitorInputError, match=r"the mask held 200 values other than 0 and 1"):
+        mon.step(1)

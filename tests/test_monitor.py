@@ -76,6 +76,36 @@ def test_windows_follow_steps_and_match_float64_reference() -> None:
     assert mon.windows == 3
 
 
+def test_log_step_labels_the_window_and_its_alerts_but_not_the_schedule() -> None:
+    # An adapter whose framework numbers its logs one step earlier (Lightning) passes log_step:
+    # the windows still end at optimizer steps 3, 6 and the flush, as without it, with the same
+    # statistics; the sinks, WindowResult.step and Alert.step get the adapter's numbers.
+    g = torch.Generator().manual_seed(3)
+    batches = [_batch(g, shift=0.3) for _ in range(7)]
+    runs = {}
+    for shifted in (False, True):
+        rec = Recorder()
+        mon = Monitor(log_every_n_steps=3, sinks=rec, rules=[KLBudgetRule(1e-6, cooldown=0)])
+        ended = []
+        for step, b in enumerate(batches, start=1):
+            mon.update(*b)
+            res = mon.step(step, log_step=step - 1) if shifted else mon.step(step)
+            if res is not None:
+                ended.append(res)
+        last = mon.flush(7, log_step=6) if shifted else mon.flush(7)
+        assert last is not None
+        ended.append(last)
+        runs[shifted] = (rec, ended, mon)
+    (rec0, plain, mon0), (rec1, shifted_res, mon1) = runs[False], runs[True]
+    assert [s for s, _ in rec0.calls] == [3, 6, 7] and [r.step for r in plain] == [3, 6, 7]
+    assert [s for s, _ in rec1.calls] == [2, 5, 6] and [r.step for r in shifted_res] == [2, 5, 6]
+    assert [r.metrics for r in shifted_res] == [r.metrics for r in plain]
+    assert [a.step for a in mon1.alert_history] == [2, 5, 6] and len(mon0.alert_history) == 3
+    assert mon1.state_dict()["last_logged_step"] == mon0.state_dict()["last_logged_step"] == 7
+    with pytest.raises(ValueError, match="log_step"):
+        mon1.step(8, log_step=-1)
+
+
 def test_alerts_stop_and_on_alert() -> None:
     got: list[Any] = []
     mon = Monitor(log_every_n_steps=1, max_kl=1e-4, stop_on="kl_budget", on_alert=got.append)

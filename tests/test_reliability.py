@@ -453,16 +453,17 @@ def test_random_bad_outputs_training_finishes_warns_once_per_kind(tmp_path: Path
 
     # every window logged, every scalar finite, the window statistics those of the accepted steps
     scalars = _all_scalars(Path(tb.log_dir))
-    assert sorted(scalars["kl/tokens"]) == list(range(every, steps + 1, every))
+    # the window (hi - every, hi] is logged at hi - 1: Lightning's step for its last batch
+    assert sorted(scalars["kl/tokens"]) == list(range(every - 1, steps, every))
     assert all(math.isfinite(v) for series in scalars.values() for v in series.values())
     for hi in range(every, steps + 1, every):
         want = _window_reference(model.fed, hi - every, hi)
-        assert scalars["kl/tokens"][hi] == want["tokens"], hi
-        assert scalars["kl/nonfinite"][hi] == want["nonfinite"], hi
+        assert scalars["kl/tokens"][hi - 1] == want["tokens"], hi
+        assert scalars["kl/nonfinite"][hi - 1] == want["nonfinite"], hi
         if want["tokens"]:
-            assert scalars["kl/k3/mean"][hi] == pytest.approx(want["k3"].mean(), rel=2e-3, abs=1e-7), hi
+            assert scalars["kl/k3/mean"][hi - 1] == pytest.approx(want["k3"].mean(), rel=2e-3, abs=1e-7), hi
         else:
-            assert "kl/k3/mean" not in scalars or hi not in scalars["kl/k3/mean"]
+            assert "kl/k3/mean" not in scalars or hi - 1 not in scalars["kl/k3/mean"]
     if seen["nan"] or seen["inf"]:
         assert sum(scalars["kl/nonfinite"].values()) > 0
         assert "nonfinite" in {a.rule for a in mon.alert_history}
@@ -569,8 +570,8 @@ def test_flaky_logger_and_broken_tensorboard_extras(tmp_path: Path, monkeypatch:
     assert sum("log a histogram" in m for m in ours) == 1, ours
     assert sum("log an alert" in m for m in ours) == 1, ours
     assert len(ours) == 3, ours
-    assert flaky.received == [2, 6, 10]  # the calls that got through
-    assert sorted(_all_scalars(Path(tb.log_dir))["kl/k3/mean"]) == [2, 4, 6, 8, 10, 12]
+    assert flaky.received == [1, 5, 9]  # the calls that got through
+    assert sorted(_all_scalars(Path(tb.log_dir))["kl/k3/mean"]) == [1, 3, 5, 7, 9, 11]
     assert len(mon.alert_history) == 6
 
 
@@ -584,7 +585,7 @@ def test_tracker_dying_mid_run_does_not_kill_training(tmp_path: Path) -> None:
         trainer.fit(ToyPolicy())
     assert trainer.global_step == 6
     assert sum("tracker is gone" in m for m in _ours(caught)) >= 1
-    assert sorted(_all_scalars(Path(tb.log_dir))["kl/k3/mean"]) == [2, 4, 6]
+    assert sorted(_all_scalars(Path(tb.log_dir))["kl/k3/mean"]) == [1, 3, 5]
 
 
 @pytest.fixture
@@ -621,11 +622,11 @@ def test_wandb_alert_api_raising(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert sum("503" in m for m in ours) == 1, ours
     assert len(ours) == 1, ours
     acc = _events(Path(tb.log_dir))
-    assert sorted(e.step for e in acc.Scalars("kl/k3/mean")) == [2, 4, 6, 8]
+    assert sorted(e.step for e in acc.Scalars("kl/k3/mean")) == [1, 3, 5, 7]
     alert_tag = next(t for t in acc.Tags()["tensors"] if t.startswith("kl/alerts"))
     assert len(acc.Tensors(alert_tag)) == 4  # TensorBoard still got every alert
     assert run.summary["kl/k3/mean"] == pytest.approx(
-        _all_scalars(Path(tb.log_dir))["kl/k3/mean"][8], rel=1e-6
+        _all_scalars(Path(tb.log_dir))["kl/k3/mean"][7], rel=1e-6
     )
 
 
@@ -645,7 +646,7 @@ def test_wandb_disabled_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wa
     # disabled is the user's choice, not a failure: the W&B sink's calls are no-ops, no warning
     assert ours == [], ours
     assert [sink.kind for sink in mon.monitor.sinks] == ["wandb", "tensorboard"]
-    assert sorted(_all_scalars(Path(tb.log_dir))["kl/k3/mean"]) == [2, 4, 6, 8]
+    assert sorted(_all_scalars(Path(tb.log_dir))["kl/k3/mean"]) == [1, 3, 5, 7]
     assert len(mon.alert_history) == 4
 
 
@@ -692,18 +693,19 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, every: int, save_at: i
     resumed, resumed_dir = _resumable_run(tmp_path / "part", every, steps, None, str(ckpts[0]))
 
     # alerts on both sides of the checkpoint: the history is restored and the rules carry on
-    assert any(a.step <= save_at for a in full.alert_history), "no alert before the checkpoint"
-    assert any(a.step > save_at for a in full.alert_history), "no alert after the checkpoint"
+    # (a window ending at optimizer step s is logged, and alerted, at s - 1)
+    assert any(a.step < save_at for a in full.alert_history), "no alert before the checkpoint"
+    assert any(a.step >= save_at for a in full.alert_history), "no alert after the checkpoint"
     assert [a.to_dict() for a in resumed.alert_history] == [a.to_dict() for a in full.alert_history]
     a, b = _all_scalars(full_dir), _all_scalars(resumed_dir)
-    after = [s for s in range(every, steps + 1, every) if s > save_at]
+    after = [s - 1 for s in range(every, steps + 1, every) if s > save_at]
     if steps % every:
-        after.append(steps)  # the flushed last window
+        after.append(steps - 1)  # the flushed last window
     for tag, series in a.items():
         if tag.startswith("kl/initial/"):  # the untrained policy's check: the first window only
-            assert sorted(series) == [every] and b[tag] == series, tag
+            assert sorted(series) == [every - 1] and b[tag] == series, tag
             continue
-        assert [s for s in sorted(series) if s > save_at] == after, tag
+        assert [s for s in sorted(series) if s >= save_at] == after, tag
         for step in after:
             assert b[tag][step] == pytest.approx(series[step], rel=1e-9, abs=1e-12), (tag, step)
 

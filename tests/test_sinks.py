@@ -29,8 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-
-
 def _feed(mon: Monitor, steps: int, seed: int = 0, shift: float = 0.3, extras: bool = False) -> list[Any]:
     g = torch.Generator().manual_seed(seed)
     results = []
@@ -176,7 +174,9 @@ def test_readme_table_lists_exactly_what_is_logged(tmp_path: Path) -> None:
         writer.close()
         tags = events(tmp_path / level).Tags()
         logged |= set(tags["scalars"]) | set(tags["histograms"])
-        logged |= {t.removesuffix("/text_summary") for t in tags["tensors"] if t != "custom_scalars__config__"}
+        logged |= {
+            t.removesuffix("/text_summary") for t in tags["tensors"] if t != "custom_scalars__config__"
+        }
     patterns = _readme_metric_patterns()
     unlisted = sorted(n for n in logged if not any(re.fullmatch(p, n) for p in patterns))
     never = sorted(p for p in patterns if not any(re.fullmatch(p, n) for n in logged))

@@ -264,3 +264,17 @@ def test_clamp_and_extreme_reach_the_monitor() -> None:
     assert KLMonitorCallback(clamp=10.0).monitor.stats.clamp == 10.0
     with pytest.raises(ValueError, match="extreme"):
         KLMonitorCallback(extreme=0)
+
+
+def test_a_misspelled_keyword_names_the_callback_and_the_fix() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"^klmonitor\.transformers\.KLMonitorCallback\(\) got an unexpected keyword argument "
+        r"'max_kll'; did you mean 'max_kl'\?$",
+    ):
+        KLMonitorCallback(max_kll=0.1)
+    with pytest.raises(TypeError, match=r"'loging_dir'; did you mean 'logging_dir'\?"):
+        KLMonitorCallback(loging_dir="x")
+    # every Monitor argument is taken (position_rows and backend included)
+    cb = KLMonitorCallback(position_rows=4, backend="torch", by_position=True, max_kl=0.1)
+    assert cb.monitor.position_rows == 4 and cb.monitor.stats.backend == "torch"

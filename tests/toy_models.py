@@ -40,6 +40,7 @@ class _ToyPolicyBody:
             (mismatched reference shape) or "missing" (no ref key), applied on every step.
         output: "dict" (default) or "tensor" (return only the loss).
         manual: manual optimisation instead of automatic.
+        log_reward: ``self.log("reward", ...)`` every step, as users do (Lightning's own grid).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class _ToyPolicyBody:
         output: str = "dict",
         manual: bool = False,
         record: bool = True,
+        log_reward: bool = False,
     ) -> None:
         super().__init__()  # the LightningModule's
         g = torch.Generator().manual_seed(seed)
@@ -66,6 +68,7 @@ class _ToyPolicyBody:
         self.bad, self.output = bad, output
         self.automatic_optimization = not manual
         self.record = record
+        self.log_reward = log_reward
         self.seen: list[dict[str, Any]] = []
 
     def _data(self, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,6 +89,8 @@ class _ToyPolicyBody:
         tokens, logp, ref, mask = self._data(batch_idx)
         reward = self.pull * (tokens == 0).float().sum(-1)
         adv = reward - reward.mean()
+        if self.log_reward:
+            self.log("reward", reward.mean())
         loss = -(adv * (logp * mask).sum(-1)).mean() + 1e-3 * (logp * mask).sum() / mask.sum().clamp_min(1)
         if self.record:
             self.seen.append(
@@ -140,10 +145,17 @@ def lightning_toy_policy() -> type:
 
 
 def make_trainer(
-    tmp_path: Any, steps: int, loggers: Any = None, callbacks: Any = None, package: str = "pytorch_lightning", **kw: Any
+    tmp_path: Any,
+    steps: int,
+    loggers: Any = None,
+    callbacks: Any = None,
+    package: str = "pytorch_lightning",
+    **kw: Any,
 ) -> Any:
     """A quiet CPU Trainer for tests (of ``package``: ``pytorch_lightning`` or ``lightning``)."""
-    trainer_cls = pl.Trainer if package == "pytorch_lightning" else __import__("lightning.pytorch").pytorch.Trainer
+    trainer_cls = (
+        pl.Trainer if package == "pytorch_lightning" else __import__("lightning.pytorch").pytorch.Trainer
+    )
     return trainer_cls(
         max_steps=steps,
         accelerator="cpu",
