@@ -4,9 +4,7 @@
 this class mixed into each package's ``Callback``: Lightning's events become
 :class:`~klmonitor.Monitor` calls (batch end -> ``update`` and ``step``, end of training ->
 ``flush``; checkpoints -> ``state_dict``). ``trainer`` and ``pl_module`` are used through
-their public attributes, which both packages share, and one private counter: the step
-Lightning's loggers number a batch with (see :func:`_lightning_log_step`), so kl/* land on
-the user's own ``self.log`` steps.
+their public attributes only, which both packages share.
 """
 
 from __future__ import annotations
@@ -167,7 +165,11 @@ class LightningAdapter:
             )
         self.extract = extract
         self.progress_bar = check_bool(progress_bar, "progress_bar")
-        self._log_step: int | None = None  # Lightning's logging step of the last batch seen
+        # The step Lightning's loggers number the current batch's self.log values with, read as
+        # trainer.global_step when the batch starts (before its optimizer step), and that of the
+        # last batch seen (for the window flushed at the end).
+        self._batch_step: int | None = None
+        self._log_step: int | None = None
         # Every Monitor argument this signature has, by name (klmonitor._args keeps them in step).
         given = monitor_kwargs(locals(), skip=_TRAINERS_ARGS)
         self.monitor = Monitor(log_every_n_steps=log_every_n_steps or 50, **given)
@@ -211,7 +213,18 @@ class LightningAdapter:
         mon.reset_window()
         mon.to(pl_module.device)
         mon.set_sinks(list(trainer.loggers) if trainer.is_global_zero else [])
-        self._log_step = None
+        self._batch_step = self._log_step = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """Note the step this batch's ``self.log`` values are written at (before its optimizer step).
+
+        Lightning numbers a training batch's logs by the optimizer steps before it: with
+        ``log_every_n_steps=50`` it writes at 49, 99, ..., while ``trainer.global_step`` in
+        ``on_train_batch_end`` already counts this batch's optimizer step. (With several
+        optimizers stepped by hand in one batch the two numberings differ; kl/* then follow
+        ``global_step`` at the batch's start.)
+        """
+        self._batch_step = int(trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -222,7 +235,9 @@ class LightningAdapter:
             self.monitor.skipped_batch()
         else:
             self.monitor.update(**inputs)
-        self._log_step = _lightning_log_step(trainer)
+        self._log_step = (
+            self._batch_step if self._batch_step is not None else max(0, int(trainer.global_step) - 1)
+        )
         res = self.monitor.step(int(trainer.global_step), log_step=self._log_step)
         if res is not None:
             self._after_window(trainer, pl_module, res, in_batch=True)
@@ -302,19 +317,3 @@ class LightningAdapter:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (checked: a bad state warns and starts fresh)."""
         self.monitor.load_state_dict(state_dict)
-
-
-def _lightning_log_step(trainer: Any) -> int:
-    """The step Lightning writes this batch's ``self.log`` values at, read in ``on_train_batch_end``.
-
-    Lightning's loggers number a training batch by the optimizer-stepping batches before it
-    (``fit_loop.epoch_loop._batches_that_stepped``, raised only after ``on_train_batch_end``),
-    so ``log_every_n_steps=50`` writes at 49, 99, ... while ``trainer.global_step`` already
-    counts this batch's optimizer step. Both packages (1.x and 2.x) keep that counter; without
-    it, ``global_step - 1`` is the same number for one optimizer under automatic optimization.
-    """
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    stepped = getattr(loop, "_batches_that_stepped", None)
-    if isinstance(stepped, int) and not isinstance(stepped, bool) and stepped >= 0:
-        return stepped
-    return max(0, int(trainer.global_step) - 1)
