@@ -174,6 +174,7 @@ def phase_callback(args: argparse.Namespace) -> dict[str, Any]:
     trainer = SimpleNamespace(
         global_step=0,
         is_global_zero=True,
+        global_rank=0,
         loggers=[logger],
         world_size=1,
         should_stop=False,
@@ -194,6 +195,8 @@ def phase_callback(args: argparse.Namespace) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for step in range(1, args.steps + 1):
+            trainer.global_step = step - 1  # Lightning's order: batch start, optimizer step, batch end
+            mon.on_train_batch_start(trainer, module, None, step)  # type: ignore[arg-type]
             trainer.global_step = step
             out = bad if step % 97 == 0 else outputs[step % len(outputs)]
             mon.on_train_batch_end(trainer, module, out, None, step)  # type: ignore[arg-type]
@@ -204,7 +207,7 @@ def phase_callback(args: argparse.Namespace) -> dict[str, Any]:
         windows=logger.windows,
         alert_history=len(mon.alert_history),
         history_bound=args.history,
-        warned_kinds=len(mon._warned),
+        warned_kinds=len(mon.monitor.warned),
     )
 
 
