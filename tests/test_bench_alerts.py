@@ -38,7 +38,9 @@ def test_clean_runs_stay_quiet(bench: ModuleType, name: str, windows: int) -> No
     res = bench.run(_scenario(bench, name, windows), seed=0)
     assert {k: v for k, v in res["fired"].items() if v is not None} == {}, res["messages"]
     if name == "clean_w5_fast_kl1":
-        assert res["kl_max"] > 1.0  # a healthy run far from the reference
+        # A healthy run far from the reference (0.87 nats per token in 8 windows, 1.2 in the
+        # benchmark's 30), where the drift rule's old default of 0.1 fired.
+        assert res["kl_max"] > 0.5
 
 
 @pytest.mark.parametrize(
