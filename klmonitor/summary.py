@@ -314,14 +314,10 @@ def _control_variate(
     of a policy sharpened to KL 2, k1 in all of them). k1's values do not involve ``r``.
     """
     a, b, c = k1.var, rm1.var, k3.var
-    mu = 0.0
-    if n > 2 and math.isfinite(a + b + c) and b > 0:
-        cov = 0.5 * (c + b - a)
-        if abs(cov) > _CV_ROUNDING * (a + b):
-            mu = -cov / b
-    if mu == 0.0:
-        return EstimatorStats(k3.mean, k3.var, k3.std, k3.stderr), 1.0
     cov = 0.5 * (c + b - a)
+    if not (n > 2 and math.isfinite(a + b + c) and b > 0 and abs(cov) > _CV_ROUNDING * (a + b)):
+        return EstimatorStats(k3.mean, k3.var, k3.std, k3.stderr), 1.0
+    mu = -cov / b
     # k3 almost a linear function of r - 1 (a window carried by a few tokens with a large
     # positive l, where k3 ~ r - 1): the residual c - cov**2 / b is the difference of two nearly
     # equal numbers (up to ~1e21 for l = 25) that the moments (float32 per-token values) do not
