@@ -8,8 +8,12 @@ squared deviations) of each of the six per-sample quantities, then the token dia
 
 from __future__ import annotations
 
-#: The six per-sample quantities, in layout order.
-QUANTITIES: tuple[str, ...] = ("k1", "k2", "k3", "kl_pq", "r_minus_1", "k2_minus_k3")
+from klmonitor.table import KL_NAMES
+
+#: The six per-sample quantities, in layout order: the table's KL estimators, then the control
+#: variate and the paired k2 - k3 difference (the kernels compute exactly these six).
+QUANTITIES: tuple[str, ...] = (*KL_NAMES, "r_minus_1", "k2_minus_k3")
+assert len(QUANTITIES) == 6, "the fused kernels write six quantities; a new estimator goes in the f family"
 NQ = len(QUANTITIES)
 COUNT = 0
 MEAN = slice(1, 1 + NQ)

@@ -33,6 +33,7 @@ from klmonitor._layout import (  # noqa: F401  (re-exported: the layout is read 
     SIZE,
     TOKENS,
 )
+from klmonitor._merge import chan
 
 _SAMPLE = 256
 # Above this |l| (or clamp), float32 is not enough: exp overflows float32 above 88.7, and the
@@ -52,14 +53,7 @@ def empty(device: torch.device | str | None = None) -> Tensor:
 
 def merge(a: Tensor, b: Tensor) -> Tensor:
     """Chan's parallel merge of two moments vectors (exact; either may be empty)."""
-    na, nb = a[COUNT], b[COUNT]
-    n = na + nb
-    inv = 1.0 / n.clamp_min(1.0)
-    delta = b[MEAN] - a[MEAN]
-    mean = a[MEAN] + delta * (nb * inv)
-    # delta * (delta * f), not (delta * delta) * f: with an empty side f = 0, and a delta near
-    # 1e300 (tokens of l in the hundreds) must give 0 there, not inf * 0 = NaN.
-    m2 = a[M2] + b[M2] + delta * (delta * (na * nb * inv))
+    n, mean, m2 = chan(a[COUNT], a[MEAN], a[M2], b[COUNT], b[MEAN], b[M2])
     counts = a[TOKENS:MAX_ABS] + b[TOKENS:MAX_ABS]
     mx = torch.maximum(a[MAX_ABS], b[MAX_ABS])
     return torch.cat([n.reshape(1), mean, m2, counts, mx.reshape(1)])
@@ -498,11 +492,7 @@ def sequence_fold_torch(
     max_abs = torch.stack([*stats[0::3], *stats[1::3]]).abs().amax().double()
     # Chan's merge with acc (at sequence level the count is of sequences, not tokens)
     n_a, mean_a, m2_a, diag_a, max_a = acc.split([1, NQ, NQ, 3, 1])
-    total = n_a + count
-    frac = count / total.clamp_min(1.0)
-    delta = mean - mean_a
-    new_mean = torch.addcmul(mean_a, delta, frac)
-    new_m2 = (m2_a + m2).addcmul_(delta, delta * (n_a * frac))  # 0, not NaN, when acc is empty
+    total, new_mean, new_m2 = chan(n_a, mean_a, m2_a, count, mean, m2)
     diag = torch.addmv(diag_a, to_diag, counts.sum(1))
     return torch.cat([total, new_mean, new_m2, diag, torch.maximum(max_a, max_abs)])
 

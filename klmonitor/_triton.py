@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from klmonitor import _moments as mom
+from klmonitor._merge import chan
 
 __all__ = ["BLOCK", "available", "fold", "supports"]
 
@@ -369,20 +370,13 @@ def fold(
     mean = ((n_t / total.clamp_min(1.0)) * mean_t).sum(0)
     dev = mean_t - mean  # finite where mean is (empty tiles: mean_t = 0, n_t dev**2 = 0)
     m2 = m2_t.sum(0) + (n_t * dev * dev).sum(0)
-    # Fold into acc (Chan): the batch is (total, mean, m2). The weighted means stay finite
-    # where both are; delta**2 (may be inf) only enters where both sides have tokens.
+    # Fold into acc: the batch is (total, mean, m2); Chan's merge, shared with every other path.
     n_a, mean_a, m2_a, diag_a, max_a = acc.split([1, mom.NQ, mom.NQ, 3, 1])
-    inv = 1.0 / (n_a + total).clamp_min(1.0)
-    new_mean = mean_a * (n_a * inv) + mean * (total * inv)
-    delta = mean - mean_a
-    between = n_a * total * inv
-    new_m2 = m2_a + m2 + torch.where(between > 0, delta * delta * between, 0.0)
-    # A mean beyond float64 (inf) has an infinite M2 (the NaN of inf - inf is dropped here).
-    new_m2 = torch.where(new_mean.isfinite(), new_m2, math.inf)
+    new_n, new_mean, new_m2 = chan(n_a, mean_a, m2_a, total, mean, m2)
     # counts [valid, extreme, good] -> [tokens, nonfinite, extreme]
     diag = diag_a + torch.stack([counts[2], counts[0] - counts[2], counts[1]])
     max_abs = torch.maximum(max_a, rows[:, 3].amax().view(1))
-    return torch.cat([n_a + total, new_mean, new_m2, diag, max_abs])
+    return torch.cat([new_n, new_mean, new_m2, diag, max_abs])
 
 
 def compile_seconds(device: torch.device | str = "cuda") -> float:

@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from klmonitor import table
+
 __all__ = [
     "ESTIMATORS",
     "K3_SERIES",
@@ -44,8 +46,8 @@ __all__ = [
     "ratio_minus_one",
 ]
 
-#: The estimator names, in the order they are reported.
-ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "kl_pq")
+#: The estimator names, in the order they are reported (from :mod:`klmonitor.table`).
+ESTIMATORS: tuple[str, ...] = table.KL_NAMES
 
 # Below this |l| the Taylor series is used for k3 and kl_pq. With terms up to l**7 the
 # truncation error relative to the leading l**2/2 term is below 1e-10 here, and above it
@@ -129,10 +131,10 @@ def _small_series(lr: Tensor, coeffs: tuple[float, ...]) -> Tensor:
     return horner(lr, coeffs) * lr * lr
 
 
-#: Taylor coefficients of l**n for n = 2..7: 1/n! for k3 and (n-1)/n! for kl_pq (the kernels
-#: evaluate the same series).
-K3_SERIES = (1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040)
-KLPQ_SERIES = (1 / 2, 1 / 3, 1 / 8, 1 / 30, 1 / 144, 1 / 840)
+#: Taylor coefficients of l**n for n = 2..7: 1/n! for k3 and (n-1)/n! for kl_pq, from the
+#: estimator table (the kernels evaluate the same series).
+K3_SERIES = table.entry("k3").series
+KLPQ_SERIES = table.entry("kl_pq").series
 
 
 def k3(log_ratio: Tensor) -> Tensor:
