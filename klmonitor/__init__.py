@@ -20,6 +20,7 @@ __all__ = [
     "Alert",
     "AlertLevel",
     "EstimatorStats",
+    "FDivergence",
     "KLMonitor",
     "KLStats",
     "KLSummary",
@@ -29,11 +30,13 @@ __all__ = [
     "alerts",
     "estimators",
     "sinks",
+    "table",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from klmonitor import alerts, estimators, sinks
+    from klmonitor import alerts, estimators, sinks, table
     from klmonitor.alerts import Alert, AlertLevel
+    from klmonitor.fdiv import FDivergence
     from klmonitor.monitor import Monitor, WindowResult
     from klmonitor.pytorch_lightning import KLMonitor
     from klmonitor.stats import KLStats
@@ -44,6 +47,7 @@ _LAZY = {
     "Alert": ("klmonitor.alerts", "Alert"),
     "AlertLevel": ("klmonitor.alerts", "AlertLevel"),
     "EstimatorStats": ("klmonitor.summary", "EstimatorStats"),
+    "FDivergence": ("klmonitor.fdiv", "FDivergence"),
     "KLMonitor": ("klmonitor.pytorch_lightning", "KLMonitor"),
     "KLStats": ("klmonitor.stats", "KLStats"),
     "KLSummary": ("klmonitor.summary", "KLSummary"),
@@ -52,6 +56,7 @@ _LAZY = {
     "alerts": ("klmonitor.alerts", None),
     "estimators": ("klmonitor.estimators", None),
     "sinks": ("klmonitor.sinks", None),
+    "table": ("klmonitor.table", None),
 }
 
 

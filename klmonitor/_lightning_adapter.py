@@ -17,6 +17,7 @@ from typing import Any, Literal
 from klmonitor._args import check_keywords, monitor_kwargs
 from klmonitor._validate import check_bool, check_int, check_str
 from klmonitor.alerts import Alert, Rule
+from klmonitor.fdiv import FDivergence
 from klmonitor.monitor import Monitor, WindowResult
 from klmonitor.summary import KLSummary, Level
 
@@ -103,6 +104,9 @@ class LightningAdapter:
         vocab_size: the size of the id table of top_tokens (len(tokenizer)).
         decode: callable(token_ids: list[int]) -> str (e.g. a tokenizer's decode) to show the
             top sequences and tokens as text.
+        f_divergences: f-divergences to estimate beside the KL: "chi2", "hellinger", "js",
+            "tv" or klmonitor.FDivergence entries; logged as kl/f/NAME/mean, std, stderr. Off
+            by default.
 
     The Monitor's other arguments are the Trainer's: sinks (its loggers) and rank.
     """
@@ -147,6 +151,7 @@ class LightningAdapter:
         top_tokens: int = 0,
         vocab_size: int | None = None,
         decode: Callable[[list[int]], str] | None = None,
+        f_divergences: Sequence[str | FDivergence] | None = None,
     ) -> None:
         super().__init__()
         if log_every_n_steps is not None:

@@ -11,9 +11,12 @@ from klmonitor.alerts import DEFAULT_DRIFT_THRESHOLD
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from klmonitor.experiment import format_table, gaussian_experiment
+    from klmonitor.experiment import format_table, gaussian_experiment, plot_estimators
 
     records = gaussian_experiment(p_means=tuple(args.p_mean), samples=args.samples, seed=args.seed)
+    if args.plot:
+        out = plot_estimators(args.plot, tuple(args.plot_f or ()))
+        print(f"wrote {out}", file=sys.stderr)
     if args.json:
         print(json.dumps([r.to_dict() for r in records], indent=2))
     else:
@@ -77,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument(
         "--p-mean", type=float, nargs="+", default=[0.1, 1.0], help="means of the reference N(mu, 1)"
+    )
+    rep.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw the note's figure (k1, k2, k3 as functions of r) to FILE (.png, .pdf, .svg)",
+    )
+    rep.add_argument(
+        "--plot-f",
+        nargs="*",
+        metavar="NAME",
+        choices=["chi2", "hellinger", "js", "tv"],
+        help="with --plot: also draw these f-divergences' per-sample estimators",
     )
     rep.set_defaults(func=_reproduce)
 
@@ -145,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"klmonitor {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -28,12 +28,14 @@ from torch import Tensor
 from klmonitor import _layout as lay
 from klmonitor import _moments as mom
 from klmonitor import estimators as est
+from klmonitor._merge import chan_rows
 from klmonitor._validate import check_bool, check_callables, check_int, check_number, check_str
 from klmonitor.alerts import Alert, AlertEngine, Rule, default_rules
 from klmonitor.diagnostics import Decode, InitialCheck, PositionProfile, RatioRange, TopSequences, TopTokens
+from klmonitor.fdiv import FDivergence
 from klmonitor.sinks import Sink, WarnOnce, make_sinks
 from klmonitor.stats import KLStats
-from klmonitor.summary import KLSummary, Level, RolloutSummary
+from klmonitor.summary import KLSummary, Level, RolloutSummary, read_f
 
 log = logging.getLogger("klmonitor")
 
@@ -158,6 +160,9 @@ class Monitor:
         vocab_size: the size of the id table of ``top_tokens`` (``len(tokenizer)``).
         decode: ``callable(token_ids: list[int]) -> str`` (e.g. a tokenizer's ``decode``) to
             show the top sequences and tokens as text.
+        f_divergences: f-divergences to estimate beside the KL (``"chi2"``, ``"hellinger"``,
+            ``"js"``, ``"tv"`` or :class:`klmonitor.FDivergence` entries): ``summary.f[name]``
+            and ``kl/f/<name>/mean|std|stderr`` (see :class:`~klmonitor.KLStats`). Off by default.
 
     Under an initialised ``torch.distributed``, :meth:`step` and :meth:`flush` reduce the
     window over all ranks with one ``all_gather`` of a few hundred bytes per rank, plus, with
@@ -210,6 +215,7 @@ class Monitor:
         top_tokens: int = 0,
         vocab_size: int | None = None,
         decode: Decode | None = None,
+        f_divergences: Sequence[str | FDivergence] | None = None,
     ) -> None:
         self._lock = threading.RLock()
         self.log_every_n_steps = log_every_n_steps
@@ -239,7 +245,12 @@ class Monitor:
         self.stop_on = tuple(stop_on)
         # Validates level, clamp, extreme and backend with KLStats' own messages.
         self.stats = KLStats(
-            level=level, clamp=clamp, extreme=extreme, backend=backend, sync_on_compute=False
+            level=level,
+            clamp=clamp,
+            extreme=extreme,
+            backend=backend,
+            f_divergences=f_divergences,
+            sync_on_compute=False,
         )
         self.level: Level = level
         # The rollout engine as the sampler, the trainer as the reference: KL(rollout || trainer).
@@ -694,7 +705,10 @@ class Monitor:
         vectors = [p.vector(dev) for p in parts]
         whole = sum(p.summed_size for p in parts) <= _GATHER_WHOLE
         header = torch.tensor([float(step), float(self._batches)], dtype=torch.float64, device=dev)
+        f_vec = self.stats.f_vector()
         small = [header, self.stats.summary_vector(), self.rollout_stats.summary_vector().to(dev)]
+        small += [] if f_vec is None else [f_vec]
+        first = len(small)  # the parts' pieces follow
         small += [v if whole else p.gathered(v) for p, v in zip(parts, vectors, strict=True)]
         sizes = [v.numel() for v in small]
         flat = torch.cat([v.reshape(-1) for v in small])
@@ -707,15 +721,17 @@ class Monitor:
             rows = flat.reshape(1, -1)
         pieces = torch.split(rows, sizes, dim=1)
         host = [pieces[0].reshape(-1), mom.merge_rows(pieces[1]), mom.merge_rows(pieces[2])]
+        if f_vec is not None:
+            host.append(chan_rows(pieces[3], len(self.stats.f_divergences)))
         if whole:
-            host += [p.host(p.merge_rows(r)) for p, r in zip(parts, pieces[3:], strict=True)]
+            host += [p.host(p.merge_rows(r)) for p, r in zip(parts, pieces[first:], strict=True)]
         else:
-            shares = [p.summed(v, r, rank) for p, v, r in zip(parts, vectors, pieces[3:], strict=True)]
+            shares = [p.summed(v, r, rank) for p, v, r in zip(parts, vectors, pieces[first:], strict=True)]
             total = torch.cat(shares)
             if world > 1:
                 torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
             totals = torch.split(total, [s.numel() for s in shares])
-            host += [p.host(p.join(t, r)) for p, t, r in zip(parts, totals, pieces[3:], strict=True)]
+            host += [p.host(p.join(t, r)) for p, t, r in zip(parts, totals, pieces[first:], strict=True)]
         values = torch.cat(host).cpu().tolist()  # the window's one host transfer
         it = iter(values)
 
@@ -726,6 +742,8 @@ class Monitor:
         steps, batches = [int(x) for x in ranks[0::2]], [int(x) for x in ranks[1::2]]
         summary = KLSummary.from_vector(take(lay.SIZE), self.level)
         rollout = KLSummary.from_vector(take(lay.SIZE), "token")
+        if f_vec is not None:
+            summary.f = read_f(take(f_vec.numel()), self.stats.f_divergences)
         ratio = take(self._ratio.size)
         if rollout.tokens + rollout.nonfinite > 0:
             lo, hi, outside = RatioRange.read(ratio, rollout.tokens)
@@ -914,6 +932,7 @@ class Monitor:
         diagnostics) and the histogram's ring buffer (``None`` for its empty entries).
         """
         ring = None
+        f_vec = self.stats.f_vector()
         if self._hist is not None:
             ring = {
                 "values": [x if math.isfinite(x) else None for x in self._hist.cpu().tolist()],
@@ -930,6 +949,7 @@ class Monitor:
             "step_seen": self._step_seen,
             "window": [float(x) for x in self.stats.summary_vector().detach().cpu().tolist()],
             "rollout_window": [float(x) for x in self.rollout_stats.summary_vector().detach().cpu().tolist()],
+            "f_window": None if f_vec is None else [float(x) for x in f_vec.cpu().tolist()],
             "diagnostics": {
                 type(p).__name__: [
                     float(x) for x in p.vector(self.stats.summary_vector().device).cpu().tolist()
@@ -1036,6 +1056,12 @@ class Monitor:
                 problem = f"diagnostics {type(part).__name__} {why}"
                 break
             saved[part] = vec
+        f_window = sd.get("f_window")
+        if problem is None and self.stats.f_divergences:
+            n_f = len(self.stats.f_divergences)
+            problem = _f_window_problem(f_window, n_f)
+            if problem is not None:
+                problem = f"f-divergences {problem}"
         if problem is None:
             ring_problem = self._load_ring(sd.get("histogram"))
             problem = None if ring_problem is None else f"histogram ring buffer {ring_problem}"
@@ -1045,6 +1071,8 @@ class Monitor:
             return
         self.stats.load_summary_vector(torch.tensor(window, dtype=torch.float64))
         self.rollout_stats.load_summary_vector(torch.tensor(rollout, dtype=torch.float64))
+        if self.stats.f_divergences and f_window is not None:
+            self.stats.load_f_vector(torch.tensor(f_window, dtype=torch.float64))
         for part, vec in saved.items():
             part.load(torch.tensor(vec, dtype=torch.float64, device=self.stats.summary_vector().device))
         self._batches = counters["batches_in_window"]
@@ -1057,6 +1085,7 @@ class Monitor:
             "estimators": list(lay.QUANTITIES),
             "clamp": self.stats.clamp,
             "extreme": self.stats.extreme,
+            "f_divergences": list(self.stats.f_divergences),
             "diagnostics": {type(p).__name__: p.config() for p in self._parts()},
         }
 
@@ -1067,10 +1096,12 @@ class Monitor:
         if not isinstance(saved, Mapping):
             return f"a config that is a {type(saved).__name__}, not a dict"
         ours = self._config()
+        # A key this klmonitor added later reads as its default in an older state.
+        defaults: dict[str, Any] = {"f_divergences": []}
         diffs = [
-            f"{key}={saved.get(key)!r} (this monitor: {value!r})"
+            f"{key}={saved.get(key, defaults.get(key))!r} (this monitor: {value!r})"
             for key, value in ours.items()
-            if saved.get(key) != value
+            if saved.get(key, defaults.get(key)) != value
         ]
         return ", ".join(diffs) or None
 
@@ -1137,6 +1168,23 @@ def _tables(summary: KLSummary) -> dict[str, tuple[list[str], list[list[Any]]]]:
             ],
         )
     return out
+
+
+def _f_window_problem(window: Any, n_f: int) -> str | None:
+    """Why ``window`` is not a saved f-divergence state of ``n_f`` entries, or ``None``."""
+    size = 1 + 2 * n_f
+    if window is None:
+        return "are missing"
+    if not isinstance(window, Sequence) or isinstance(window, str | bytes) or len(window) != size:
+        return f"are not a list of {size} numbers"
+    if any(isinstance(x, bool) or not isinstance(x, int | float) for x in window):
+        return "hold values that are not numbers"
+    count = float(window[0])
+    if not math.isfinite(count) or count < 0 or count != int(count):
+        return "have a negative, fractional or non-finite count"
+    if any(float(m) < 0 or math.isnan(float(m)) for m in window[1:]):
+        return "hold negative or NaN values (every f-divergence estimate is >= 0)"
+    return None
 
 
 def _window_problem(window: Any) -> str | None:

@@ -19,8 +19,9 @@ from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
 from klmonitor import _moments as mom
-from klmonitor import _native
-from klmonitor.summary import LEVELS, EstimatorStats, KLSummary, Level
+from klmonitor import _native, fdiv
+from klmonitor._merge import chan_rows
+from klmonitor.summary import LEVELS, EstimatorStats, KLSummary, Level, read_f
 
 __all__ = ["EstimatorStats", "KLStats", "KLSummary", "Level"]
 
@@ -76,6 +77,11 @@ class KLStats(Metric):
             ``"triton"`` requires Triton and uses its kernel wherever it runs (CUDA; CPU
             tensors under ``TRITON_INTERPRET=1``); ``"compile"`` runs the torch path through
             ``torch.compile`` (compiled once, with dynamic shapes, on first use).
+        f_divergences: f-divergences to estimate beside the KL, over the same tokens (or
+            sequences): built-in names ``"chi2"``, ``"hellinger"``, ``"js"``, ``"tv"``, or
+            :class:`klmonitor.FDivergence` entries. Reported in ``summary.f[name]`` and as
+            ``kl/f/<name>/mean|std|stderr``. Off by default; each is a float64 torch pass over
+            the batch (``benchmarks/bench_fdiv.py`` measures what it adds).
         **kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``process_group``).
 
     As a torchmetrics Metric:
@@ -126,6 +132,7 @@ class KLStats(Metric):
         clamp: float | None = None,
         extreme: float = 20.0,
         backend: Literal["auto", "torch", "native", "triton", "compile"] = "auto",
+        f_divergences: Sequence[str | fdiv.FDivergence] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("dist_sync_fn", _gather_fixed)
@@ -157,6 +164,8 @@ class KLStats(Metric):
                 f"{_native.unavailable_reason()}. Use backend='auto' (the same numbers through "
                 "the pure-torch path where the kernel is missing)"
             )
+        self._fdivs = fdiv.resolve(f_divergences)
+        self.f_divergences: tuple[str, ...] = tuple(name for name, _ in self._fdivs)
         self.level: Level = level
         self.clamp = None if clamp is None else float(clamp)
         self.extreme = float(extreme)
@@ -171,6 +180,14 @@ class KLStats(Metric):
         # None for a bool or no mask): a Monitor adds these up to name the mask at its window's end.
         self.last_invalid_mask: Tensor | None = None
         self.add_state("_acc", default=mom.empty(), dist_reduce_fx=mom.merge_rows)
+        if self._fdivs:
+            # [count, means, M2s] of the f-divergences, merged by the same Chan rule.
+            n_f = len(self._fdivs)
+            self.add_state(
+                "_f",
+                default=torch.zeros(fdiv.size(n_f), dtype=torch.float64),
+                dist_reduce_fx=functools.partial(chan_rows, q=n_f),
+            )
         # torchmetrics' MetricCollection shares one state between metrics whose states are
         # equal after the first update (compute groups). Two KLStats that differ in a setting
         # that changes the numbers (level, clamp, the extreme threshold) can have equal states
@@ -186,7 +203,7 @@ class KLStats(Metric):
         Metrics with different settings get different names, so torchmetrics never puts them
         in one compute group. Backends compute the same numbers and are left out.
         """
-        parts = (self.level, repr(self._clamp), repr(self._threshold))
+        parts = (self.level, repr(self._clamp), repr(self._threshold), *self.f_divergences)
         text = "_".join(parts).replace(".", "p").replace("-", "m").replace("+", "")
         return f"_config_{text}"
 
@@ -194,15 +211,15 @@ class KLStats(Metric):
         """Merge another window (a KLStats of the same settings, or its ``metric_state``) into this one.
 
         Raises:
-            ValueError: the other window was computed with another ``level``, ``clamp`` or
-                extreme threshold (its numbers cannot be merged with these).
+            ValueError: the other window was computed with another ``level``, ``clamp``,
+                extreme threshold or f-divergences (its numbers cannot be merged with these).
         """
         mine = self._config_state_name()
         if isinstance(incoming_state, KLStats):
             if incoming_state._config_state_name() != mine:
                 raise ValueError(
-                    f"cannot merge {incoming_state!r} into {self!r}: their level, clamp or extreme "
-                    "threshold differ, so their windows hold different quantities"
+                    f"cannot merge {incoming_state!r} into {self!r}: their level, clamp, extreme "
+                    "threshold or f-divergences differ, so their windows hold different quantities"
                 )
             incoming_state = incoming_state.metric_state
         elif isinstance(incoming_state, dict):
@@ -210,7 +227,7 @@ class KLStats(Metric):
             if others:
                 raise ValueError(
                     f"cannot merge a state of other settings ({others[0]}) into {self!r}: their level, "
-                    "clamp or extreme threshold differ"
+                    "clamp, extreme threshold or f-divergences differ"
                 )
             incoming_state = {mine: [], **incoming_state}  # e.g. {"_acc": vector}
         super().merge_state(incoming_state)
@@ -225,11 +242,13 @@ class KLStats(Metric):
         takes the device from ``fn`` and refuses the dtype: its inputs may be of any float dtype,
         its state stays float64.
         """
-        super()._apply(fn, exclude_state=("_acc", *exclude_state))  # returns self
-        self._acc = self._moved(self._acc, fn)
-        default = self._defaults["_acc"]
-        if isinstance(default, Tensor):
-            self._defaults["_acc"] = self._moved(default, fn)
+        own = ("_acc", "_f") if self._fdivs else ("_acc",)
+        super()._apply(fn, exclude_state=(*own, *exclude_state))  # returns self
+        for name in own:
+            setattr(self, name, self._moved(getattr(self, name), fn))
+            default = self._defaults[name]
+            if isinstance(default, Tensor):
+                self._defaults[name] = self._moved(default, fn)
         return self
 
     @staticmethod
@@ -262,6 +281,18 @@ class KLStats(Metric):
                 )
             else:
                 self._acc = self._own(value)
+        key = prefix + "_f"
+        if key in state_dict and self._fdivs:
+            value = state_dict.pop(key)
+            size = fdiv.size(len(self._fdivs))
+            if not isinstance(value, Tensor) or value.shape != (size,) or not value.is_floating_point():
+                error_msgs.append(
+                    f"{key}: expected a float tensor of shape ({size},) (the state of "
+                    f"f_divergences={list(self.f_divergences)}), got {type(value).__name__} "
+                    f"{tuple(getattr(value, 'shape', ()))}"
+                )
+            else:
+                self._f = value.detach().to(device=self._acc.device, dtype=torch.float64).clone()
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -398,6 +429,11 @@ class KLStats(Metric):
         valid = self._check(logprobs, ref_logprobs, mask)
         if self._acc.device != logprobs.device:
             self.to(logprobs.device)
+        if self._fdivs:  # the f-divergences: a float64 torch pass over the same tokens
+            with torch.no_grad():
+                self._f = fdiv.fold(
+                    self._f, logprobs, ref_logprobs, valid, self._clamp, self._fdivs, self.level == "sequence"
+                )
         if self.level == "token" and self._use_triton(logprobs, ref_logprobs):
             # CUDA tensors: the fused Triton kernel, one pass, folded into the state.
             try:
@@ -463,6 +499,8 @@ class KLStats(Metric):
         self._acc = self._acc.clone()
         # A KLStats pickled by an older klmonitor: add what it lacks.
         self.__dict__.setdefault("_warned_state_cast", False)
+        self.__dict__.setdefault("_fdivs", ())
+        self.__dict__.setdefault("f_divergences", ())
         if self._config_state_name() not in self._defaults:
             self.add_state(self._config_state_name(), default=[], dist_reduce_fx=None, persistent=False)
 
@@ -528,7 +566,12 @@ class KLStats(Metric):
 
     def compute(self) -> KLSummary:
         """The window's :class:`KLSummary`, merged over all ranks (one host transfer)."""
-        return KLSummary.from_vector(self._acc.detach().cpu().numpy().tolist(), self.level)
+        if not self._fdivs:
+            return KLSummary.from_vector(self._acc.detach().cpu().numpy().tolist(), self.level)
+        values = torch.cat([self._acc.detach(), self._f.detach().to(self._acc.device)]).cpu().tolist()
+        summary = KLSummary.from_vector(values[: mom.SIZE], self.level)
+        summary.f = read_f(values[mom.SIZE :], self.f_divergences)
+        return summary
 
     def summary_vector(self) -> Tensor:
         """A copy of the raw moments vector of this rank's window (on device; for advanced use).
@@ -551,8 +594,29 @@ class KLStats(Metric):
         self.reset()
         self._acc = vector.detach().to(device=self._acc.device, dtype=torch.float64).clone()
 
+    def f_vector(self) -> Tensor | None:
+        """A copy of this rank's f-divergence state ``[count, means, M2s]`` (``None``: none requested)."""
+        return self._f.clone() if self._fdivs else None
+
+    def load_f_vector(self, vector: Tensor) -> None:
+        """Replace this rank's f-divergence state by one from :meth:`f_vector` (a resume).
+
+        Raises:
+            ValueError: no f-divergence was requested, or not a float tensor of the state's size.
+        """
+        size = fdiv.size(len(self._fdivs))
+        if not self._fdivs or not isinstance(vector, Tensor) or vector.shape != (size,):
+            raise ValueError(
+                f"vector must be a float tensor of shape ({size},) from f_vector() of a KLStats with "
+                f"f_divergences={list(self.f_divergences)}, got {type(vector).__name__} "
+                f"{getattr(vector, 'shape', '')}"
+            )
+        self._f = vector.detach().to(device=self._acc.device, dtype=torch.float64).clone()
+
     def __repr__(self) -> str:
         return (
             f"KLStats(level={self.level!r}, clamp={self.clamp}, extreme={self.extreme}, "
-            f"backend={self.backend!r})"
+            f"backend={self.backend!r}"
+            + (f", f_divergences={list(self.f_divergences)}" if self._fdivs else "")
+            + ")"
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from klmonitor import _layout as lay
+from klmonitor import table
 
 __all__ = [
     "ESTIMATORS",
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 #: The estimator names, in the order they are reported.
-ESTIMATORS: tuple[str, ...] = lay.QUANTITIES[:4]
+ESTIMATORS: tuple[str, ...] = table.KL_NAMES
 
 Level = Literal["token", "sequence"]
 #: The statistics levels: over tokens, or over sequences (sums of their tokens' values).
@@ -139,6 +140,9 @@ class KLSummary:
         rollout: KL(rollout engine || trainer), when the window had rollout log-probs.
         initial: the untrained policy against the reference (:class:`InitialSummary`), in the
             window holding the batches fed before the first optimizer step of a run.
+        f: the requested f-divergences (``KLStats(f_divergences=...)``), by name:
+            :class:`EstimatorStats` of ``f(r) - f'(1) (r - 1)`` over the same tokens (or
+            sequences) as the KL estimators; empty when none was requested.
 
     >>> import torch; from klmonitor import KLStats
     >>> s = KLStats(); s.update(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.1, -1.9, -0.5]))
@@ -170,6 +174,7 @@ class KLSummary:
     by_position: list[PositionBucket] | None = None
     top_sequences: list[TopSequence] = field(default_factory=list)
     top_tokens: list[TopToken] = field(default_factory=list)
+    f: dict[str, EstimatorStats] = field(default_factory=dict)
 
     @property
     def kl(self) -> float:
@@ -226,6 +231,10 @@ class KLSummary:
             out.update(self.rollout.to_dict(f"{prefix}rollout/"))
         if self.initial is not None:
             out.update(self.initial.to_dict(f"{prefix}initial/"))
+        for name, st in self.f.items():
+            out[f"{prefix}f/{name}/mean"] = st.mean
+            out[f"{prefix}f/{name}/std"] = st.std
+            out[f"{prefix}f/{name}/stderr"] = st.stderr
         for bucket in self.by_position or []:
             out[f"{prefix}by_position/{bucket.label}/k3"] = bucket.k3_mean
             out[f"{prefix}by_position/{bucket.label}/tokens"] = float(bucket.tokens)
@@ -236,13 +245,7 @@ class KLSummary:
         """Build a summary from a (host) moments vector; see ``klmonitor._moments``."""
         v = [float(x) for x in vec]
         n = v[lay.COUNT]
-        stats = []
-        for i in range(lay.NQ):
-            mean = v[lay.MEAN.start + i] if n > 0 else math.nan
-            var = v[lay.M2.start + i] / (n - 1) if n > 1 else math.nan
-            std = math.sqrt(var) if var >= 0 else math.nan
-            stderr = std / math.sqrt(n) if n > 1 else math.nan
-            stats.append(EstimatorStats(mean, var, std, stderr))
+        stats = [_moment_stats(n, v[lay.MEAN.start + i], v[lay.M2.start + i]) for i in range(lay.NQ)]
         k1, k2, k3, kl_pq, rm1, diff = stats
         cv, cv_lambda = _control_variate(k1, k3, rm1, n)
         if n == 0:
@@ -282,6 +285,28 @@ class KLSummary:
             extreme=int(v[lay.EXTREME]),
             max_abs_log_ratio=v[lay.MAX_ABS],
         )
+
+
+def _moment_stats(n: float, mean: float, m2: float) -> EstimatorStats:
+    """Mean, variance (Bessel), std and standard error from a count, a mean and an M2."""
+    mean = mean if n > 0 else math.nan
+    var = m2 / (n - 1) if n > 1 else math.nan
+    std = math.sqrt(var) if var >= 0 else math.nan
+    stderr = std / math.sqrt(n) if n > 1 else math.nan
+    return EstimatorStats(mean, var, std, stderr)
+
+
+def read_f(vec: Sequence[float], names: Sequence[str]) -> dict[str, EstimatorStats]:
+    """``{name: EstimatorStats}`` from an f-divergence state ``[count, means, M2s]`` (host numbers).
+
+    >>> read_f([4.0, 0.5, 3.0], ["chi2"])["chi2"].var
+    1.0
+    """
+    q = len(names)
+    if len(vec) != 1 + 2 * q:
+        raise ValueError(f"an f-divergence state of {q} entries has {1 + 2 * q} numbers, got {len(vec)}")
+    n = float(vec[0])
+    return {name: _moment_stats(n, float(vec[1 + i]), float(vec[1 + q + i])) for i, name in enumerate(names)}
 
 
 # Below this share of Var(k1) + Var(r - 1), the covariance of k3 and r - 1 is float rounding

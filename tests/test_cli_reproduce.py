@@ -10,11 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from klmonitor.cli import main
 
-KEYS = {"p_mean", "true_kl", "estimator", "bias", "std"}
+KEYS = {"p_mean", "true_kl", "estimator", "bias", "std", "target", "true_value"}
+# The f-divergences between N(mu, 1) and N(0, 1), written here from their integrals' closed forms.
+CLOSED = {
+    "chi2": lambda mu: math.exp(mu**2) - 1,
+    "hellinger": lambda mu: 2 * (1 - math.exp(-(mu**2) / 8)),
+    "tv": lambda mu: 2 * (0.5 * (1 + math.erf(mu / 2 / math.sqrt(2)))) - 1,
+}
 
 
 def _check_records(records: list[dict], samples: int) -> None:
@@ -22,16 +29,21 @@ def _check_records(records: list[dict], samples: int) -> None:
     for rec in records:
         assert set(rec) == KEYS
         assert isinstance(rec["estimator"], str)
-        for key in KEYS - {"estimator"}:
+        for key in KEYS - {"estimator", "target"}:
             assert isinstance(rec[key], float) and math.isfinite(rec[key]), (key, rec)
         assert rec["true_kl"] == pytest.approx(rec["p_mean"] ** 2 / 2)
         assert rec["std"] > 0
+        if rec["target"] == "kl":
+            assert rec["true_value"] == rec["true_kl"]
+        else:
+            assert rec["target"] == rec["estimator"]
+            assert rec["true_value"] == pytest.approx(CLOSED[rec["target"]](rec["p_mean"]), rel=1e-12)
     by = {(r["p_mean"], r["estimator"]): r for r in records}
     assert {m for m, _ in by} == {0.1, 1.0}
-    assert {e for _, e in by} >= {"k1", "k2", "k3"}
+    assert {e for _, e in by} >= {"k1", "k2", "k3", "chi2", "hellinger", "tv"}
     se = {key: r["std"] / math.sqrt(samples) for key, r in by.items()}  # normalised stderr
     for mu in (0.1, 1.0):
-        for name in ("k1", "k3"):  # unbiased
+        for name in ("k1", "k3", "chi2", "hellinger", "tv"):  # unbiased
             assert abs(by[mu, name]["bias"]) <= 5 * se[mu, name], (mu, name, by[mu, name])
     # k2 overestimates: l = mu x - mu^2 / 2, so E[k2] = (mu^2 + mu^4 / 4) / 2 against
     # KL = mu^2 / 2, a normalised bias of mu^2 / 4: 0.25 at mu = 1, 0.0025 at mu = 0.1.
@@ -60,8 +72,34 @@ def test_reproduce_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["reproduce", "--samples", "1000", "--p-mean", "0.5"]) in (0, None)
     out = capsys.readouterr().out
     assert "N(0.5, 1)" in out
-    for name in ("k1", "k2", "k3"):
+    for name in ("k1", "k2", "k3", "chi2", "hellinger", "tv"):
         assert name in out
+    assert f"true {CLOSED['chi2'](0.5):.6g}" in out
+
+
+@pytest.mark.parametrize("family", [[], ["chi2", "js"]])
+def test_reproduce_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str], family: list[str]) -> None:
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    out = tmp_path / "estimators.png"
+    argv = ["reproduce", "--samples", "1000", "--p-mean", "1", "--plot", str(out)]
+    assert main([*argv, *(["--plot-f", *family] if family else [])]) in (0, None)
+    assert f"wrote {out}" in capsys.readouterr().err
+    with Image.open(out) as img:
+        assert img.size[0] > 600 and img.size[1] > 300
+        colours = len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0))
+    assert colours > 50  # curves drawn, not a blank canvas
+
+
+def test_reproduce_plot_unwritable_path_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    code = main(["reproduce", "--samples", "100", "--p-mean", "1", "--plot", str(tmp_path / "no" / "x.png")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0]
 
 
 @pytest.mark.parametrize(
