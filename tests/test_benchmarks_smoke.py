@@ -182,3 +182,21 @@ def test_collective_benchmark_counts_bytes_that_do_not_grow_with_the_vocabulary_
     scaled = out["scaled"]["all diagnostics"]
     grow = scaled["1024"]["after"]["result_bytes"] - scaled["8"]["after"]["result_bytes"]
     assert grow == (1024 - 8) * every["gathered"] and every["gathered"] <= 512
+
+
+def test_fdiv_benchmark_runs_and_checks_its_numbers() -> None:
+    script = SCRIPT.with_name("bench_fdiv.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), "--rows", "32", "--cols", "40", "--rounds", "1", "--repeat", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["tokens"] == 32 * 40
+    configs = {r["config"] for r in out["rows"]}
+    assert configs == {"floor", "base", "chi2", "hellinger", "js", "tv", "all four", "naive chi2"}
+    for r in out["rows"]:
+        assert r["ms"] > 0 and r["over_floor"] > 0
+    assert all(err < 1e-9 for err in out["mean_rel_error_vs_float64"].values())
