@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from klmonitor.alerts import DEFAULT_DRIFT_THRESHOLD
+from klmonitor.table import F_NAMES
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot-f",
         nargs="*",
         metavar="NAME",
-        choices=["chi2", "hellinger", "js", "tv"],
+        choices=list(F_NAMES),
         help="with --plot: also draw these f-divergences' per-sample estimators",
     )
     rep.set_defaults(func=_reproduce)

@@ -81,8 +81,21 @@ def js(lr: Tensor) -> Tensor:
     return torch.where(small, _series(lr, _JS_SERIES), direct).clamp_min(0.0)
 
 
-_BUILTIN: dict[str, Callable[[Tensor], Tensor]] = {"chi2": chi2, "hellinger": hellinger, "js": js, "tv": tv}
-assert tuple(_BUILTIN) == table.F_NAMES, "every f-divergence of the table has its function here"
+def _from_table() -> dict[str, Callable[[Tensor], Tensor]]:
+    """The table's f-divergences by name, each with the function its entry names (in this module)."""
+    out: dict[str, Callable[[Tensor], Tensor]] = {}
+    for e in table.F_DIVERGENCES:
+        module, attr = e.function.split(":")
+        if module != __name__ or not callable(globals().get(attr)):
+            raise ImportError(
+                f"the estimator table's entry {e.name!r} names {e.function}, not a function of {__name__}"
+            )
+        out[e.name] = globals()[attr]
+    return out
+
+
+#: The built-ins: adding one is an entry in klmonitor.table and its per-token function here.
+_BUILTIN = _from_table()
 
 
 @dataclass(frozen=True)

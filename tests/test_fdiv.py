@@ -59,18 +59,7 @@ LOG_RATIOS = np.concatenate(
 )
 
 
-# -- the table ---------------------------------------------------------------------------------
-def test_table_drives_the_names() -> None:
-    assert table.KL_NAMES == ("k1", "k2", "k3", "kl_pq")
-    assert table.F_NAMES == ("chi2", "hellinger", "js", "tv")
-    for e in (*table.KL, *table.F_DIVERGENCES):
-        module, attr = e.function.split(":")
-        fn = getattr(__import__(module, fromlist=[attr]), attr)
-        assert callable(fn), e.name
-    with pytest.raises(KeyError, match="chi2"):
-        table.entry("chi3")
-
-
+# -- the table's series ---------------------------------------------------------------------
 def test_js_series_matches_the_taylor_expansion() -> None:
     # The table's coefficients against mpmath's Taylor expansion of f(e**l) at 0.
     def js(x: mpmath.mpf) -> mpmath.mpf:
