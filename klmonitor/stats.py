@@ -19,22 +19,13 @@ from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
 from klmonitor import _moments as mom
-from klmonitor import _native, fdiv
+from klmonitor import backends, fdiv
 from klmonitor._merge import chan_rows
 from klmonitor.summary import LEVELS, EstimatorStats, KLSummary, Level, read_f
 
 __all__ = ["EstimatorStats", "KLStats", "KLSummary", "Level"]
 
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FLOAT_DTYPES = (*_NATIVE_DTYPES, torch.float64)
-_BACKENDS = ("auto", "torch", "native", "triton", "compile")
-
-
-def _fused() -> Any:
-    """The Triton kernel's module, imported on first use (it imports Triton if installed)."""
-    from klmonitor import _triton
-
-    return _triton
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _gather_fixed(result: Tensor, group: Any = None) -> list[Tensor]:
@@ -151,19 +142,7 @@ class KLStats(Metric):
                 f"extreme must be a positive number of nats (tokens with |log-ratio| above it are "
                 f"counted in kl/extreme; default 20), got {extreme!r}"
             )
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        if backend == "triton" and not _fused().available():
-            raise RuntimeError(
-                "backend='triton' needs Triton, which could not be imported: pip install triton "
-                "(it comes with CUDA builds of torch on Linux) or use backend='auto'"
-            )
-        if backend == "native" and not _native.available():
-            raise RuntimeError(
-                f"backend='native' needs the fused CPU kernel, which is not available: "
-                f"{_native.unavailable_reason()}. Use backend='auto' (the same numbers through "
-                "the pure-torch path where the kernel is missing)"
-            )
+        backends.check(backend)
         self._fdivs = fdiv.resolve(f_divergences)
         self.f_divergences: tuple[str, ...] = tuple(name for name, _ in self._fdivs)
         self.level: Level = level
@@ -434,48 +413,25 @@ class KLStats(Metric):
                 self._f = fdiv.fold(
                     self._f, logprobs, ref_logprobs, valid, self._clamp, self._fdivs, self.level == "sequence"
                 )
-        if self.level == "token" and self._use_triton(logprobs, ref_logprobs):
-            # CUDA tensors: the fused Triton kernel, one pass, folded into the state.
-            try:
-                with torch.no_grad():
-                    flat = self._flat(logprobs, ref_logprobs, valid)
-                    self._acc = _fused().fold(self._acc, *flat, interpret=logprobs.device.type == "cpu")
-                return
-            except Exception as err:  # e.g. a GPU Triton cannot compile for: never crash training
-                self._triton_failed = True
-                rank_zero_warn(
-                    f"KLStats: the fused Triton kernel failed ({type(err).__name__}: {err}); using "
-                    "the eager torch path from now on (backend='torch' skips the kernel)",
-                    UserWarning,
-                )
-        if self.level == "sequence" and self.backend != "compile":
-            with torch.no_grad():  # eager ops in blocks of rows, folded into the state
-                self._acc = mom.sequence_fold_torch(
-                    self._acc, logprobs, ref_logprobs, valid, self._clamp, self._threshold
-                )
-            return
-        if self.level == "token" and self._use_eager(logprobs, ref_logprobs):
-            # GPUs without the fused kernel, backend="torch": eager ops in bounded chunks, folded
-            # into the state directly (under no_grad: no detach ops, no graph).
-            with torch.no_grad():
-                self._acc = mom.token_fold_torch(self._acc, *self._flat(logprobs, ref_logprobs, valid))
-            return
-        logp, ref = logprobs.detach(), ref_logprobs.detach()
-        if self.level == "sequence":
-            chunk = mom.sequence_moments(logp, ref, valid, self._clamp, self._threshold)
-        elif self._use_native(logp, ref):
-            # CPU tensors: one C call computes the batch's moments and merges them into the
-            # state in place (no torch ops, which cost more than the kernel on small batches).
-            if self._acc.is_shared():  # never write into memory another process may share
-                self._acc = self._acc.clone()
-            self._native_fold(logp, ref, valid)
-            return
-        else:  # backend="compile"
-            flat_mask = valid.reshape(-1) if valid is not None else None
-            chunk = mom.token_moments_compiled(
-                logp.reshape(-1), ref.reshape(-1), flat_mask, self._clamp, self._threshold
+        skip = ("triton",) if self._triton_failed else ()
+        backend = backends.choose(self.backend, logprobs, ref_logprobs, self.level, skip)
+        try:
+            self._acc = backend.fold(
+                self._acc, logprobs, ref_logprobs, valid, self._clamp, self._threshold, self.level
             )
-        self._acc = mom.merge(self._acc, chunk)
+        except Exception as err:  # e.g. a GPU Triton cannot compile for: never crash training
+            if backend.name != "triton":
+                raise
+            self._triton_failed = True
+            rank_zero_warn(
+                f"KLStats: the fused Triton kernel failed ({type(err).__name__}: {err}); using "
+                "the eager torch path from now on (backend='torch' skips the kernel)",
+                UserWarning,
+            )
+            fallback = backends.choose(self.backend, logprobs, ref_logprobs, self.level, ("triton",))
+            self._acc = fallback.fold(
+                self._acc, logprobs, ref_logprobs, valid, self._clamp, self._threshold, self.level
+            )
 
     @property
     def limits(self) -> tuple[float, float]:
@@ -484,13 +440,6 @@ class KLStats(Metric):
         The clamp (``inf`` for none) and the extreme-count threshold ``min(extreme, clamp)``.
         """
         return self._clamp, self._threshold
-
-    def _flat(
-        self, logprobs: Tensor, ref_logprobs: Tensor, valid: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor | None, float, float]:
-        """A token-level fold's arguments: flat inputs and mask, the clamp and the threshold."""
-        flat_mask = valid.reshape(-1) if valid is not None else None
-        return logprobs.reshape(-1), ref_logprobs.reshape(-1), flat_mask, self._clamp, self._threshold
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -503,39 +452,6 @@ class KLStats(Metric):
         self.__dict__.setdefault("f_divergences", ())
         if self._config_state_name() not in self._defaults:
             self.add_state(self._config_state_name(), default=[], dist_reduce_fx=None, persistent=False)
-
-    def _use_triton(self, logp: Tensor, ref: Tensor) -> bool:
-        # The fused Triton kernel: CUDA float32/bf16/fp16 inputs (or CPU tensors under Triton's
-        # interpreter, for backend="triton"); not after a failure.
-        if self.backend not in ("auto", "triton") or self._triton_failed:
-            return False
-        if logp.device.type != "cuda" and self.backend != "triton":
-            return False
-        return bool(_fused().supports(logp, ref))
-
-    def _use_eager(self, logp: Tensor, ref: Tensor) -> bool:
-        # The eager torch path: wherever neither compile nor a fused kernel runs.
-        return self.backend != "compile" and not self._use_native(logp, ref)
-
-    def _use_native(self, logp: Tensor, ref: Tensor) -> bool:
-        # float64 in either input keeps the float64 torch path (as log_ratio would promote).
-        return (
-            self.backend in ("auto", "native")
-            and logp.device.type == "cpu"
-            and logp.dtype in _NATIVE_DTYPES
-            and ref.dtype in _NATIVE_DTYPES
-            and logp.numel() > 0
-            and _native.available()
-        )
-
-    def _native_fold(self, logp: Tensor, ref: Tensor, valid: Tensor | None) -> None:
-        if logp.dtype == ref.dtype and _native.reads_dtype(logp.dtype):
-            lp, rp = logp.reshape(-1).contiguous(), ref.reshape(-1).contiguous()
-        else:  # e.g. bf16 without AVX2, or mixed dtypes: one float32 copy of each
-            lp = logp.reshape(-1).to(torch.float32).contiguous()
-            rp = ref.reshape(-1).to(torch.float32).contiguous()
-        mk = valid.reshape(-1).contiguous() if valid is not None else None
-        _native.fold(lp, rp, mk, self._clamp, self._threshold, self._acc.numpy())
 
     def _wrap_compute(self, compute: Callable[[], KLSummary]) -> Callable[[], KLSummary]:
         # torchmetrics' wrapper does the same (warn, cache, sync and unsync around compute)
