@@ -283,8 +283,9 @@ class Rule(ABC):
 
 def _unexpected_option(cls: type[Rule], key: str) -> str:
     """The error for a keyword argument ``cls`` does not take: the closest one, and the list."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    own = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # not self
+    own = [p.name for p in params if p.kind in kinds]
     accepted = [*own, *cls.shared_options]
     where = f"{cls.__name__}()"
     if key in SHARED_OPTIONS:
