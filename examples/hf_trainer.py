@@ -1,21 +1,22 @@
-"""klmonitor in a Hugging Face ``Trainer``: a custom ``compute_loss`` feeds KLMonitorCallback.
+"""klmonitor in a Hugging Face ``Trainer``: ``attach(trainer)``, and a custom ``compute_loss`` feeds it.
 
 A tiny randomly initialised GPT-2 (a tokenizer built in code: nothing is downloaded) is tuned
 with REINFORCE to write one word often, under a KL penalty to its frozen initial copy. In
 ``compute_loss`` the policy samples completions, scores them under itself and the reference,
 and passes the sampled tokens' log-probs to ``kl.monitor.update`` (on device, no host sync).
-``KLMonitorCallback`` ends a window every ``logging_steps``, writes the ``kl/*`` numbers to
-the TensorBoard run the Trainer reports to, and raises an alert when the KL passes ``max_kl``.
+``attach(trainer)`` ends a window at each of the Trainer's logging steps and adds the ``kl/*``
+numbers to the Trainer's own log: every ``report_to`` integration writes them beside the loss
+(TensorBoard as ``train/kl/...``), ``trainer.state.log_history`` has them, and an alert is
+raised when the KL passes ``max_kl``.
 
     python examples/hf_trainer.py --logdir ./klmonitor_logs
-    klmonitor report ./klmonitor_logs/tb
+    klmonitor report ./klmonitor_logs/hf_trainer/runs/<run> --prefix train/kl/
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-from klmonitor.transformers import KLMonitorCallback
+from klmonitor.transformers import KLMonitorCallback, attach
 
 WORDS = [f"w{i}" for i in range(13)]
 TARGET = "w3"  # the word the reward asks for
@@ -68,13 +69,15 @@ class ReinforceTrainer(Trainer):
         self,
         *args: Any,
         ref_model: torch.nn.Module,
-        kl: KLMonitorCallback,
+        max_kl: float,
         kl_coef: float,
         target: int,
         **kw: Any,
     ) -> None:
-        super().__init__(*args, callbacks=[kl], **kw)
-        self.ref_model, self.kl, self.kl_coef, self.target = ref_model, kl, kl_coef, target
+        super().__init__(*args, **kw)
+        # kl/* through the Trainer's own log, at its logging steps, beside the loss.
+        self.kl: KLMonitorCallback = attach(self, max_kl=max_kl)
+        self.ref_model, self.kl_coef, self.target = ref_model, kl_coef, target
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         prompts = inputs["input_ids"]
@@ -118,10 +121,6 @@ def main() -> None:
     ]
     dataset = [{"input_ids": p["input_ids"][0]} for p in prompts]
 
-    # One TensorBoard run for the Trainer's loss and klmonitor's kl/* (the Trainer's
-    # TensorBoardCallback and KLMonitorCallback both write to $TENSORBOARD_LOGGING_DIR).
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(args.logdir) / "tb"))
-    kl = KLMonitorCallback(max_kl=args.max_kl)
     trainer = ReinforceTrainer(
         model=model,
         args=TrainingArguments(
@@ -137,12 +136,13 @@ def main() -> None:
         ),
         train_dataset=dataset,
         ref_model=ref_model,
-        kl=kl,
+        max_kl=args.max_kl,
         kl_coef=args.kl_coef,
         target=tokenizer.convert_tokens_to_ids(TARGET),
     )
     trainer.train()
 
+    kl = trainer.kl
     summary = kl.monitor.last_summary
     assert summary is not None
     print(
@@ -151,7 +151,10 @@ def main() -> None:
     )
     for alert in kl.monitor.alert_history:
         print(f"[{alert.rule}] ({alert.level.value}) step {alert.step}: {alert.message}")
-    print(f"TensorBoard run: {os.environ['TENSORBOARD_LOGGING_DIR']}")
+    logged = [e["step"] for e in trainer.state.log_history if "kl/k3/mean" in e]
+    print(f"kl/* in trainer.state.log_history at steps {logged}")
+    runs = sorted({str(p.parent) for p in (Path(args.logdir) / "hf_trainer").rglob("events.out.tfevents.*")})
+    print(f"TensorBoard run (the Trainer's, kl/* under train/kl/): {runs[-1] if runs else None}")
 
 
 if __name__ == "__main__":

@@ -4,17 +4,16 @@ A tiny randomly initialised GPT-2 and a tokenizer built in code are saved to a t
 folder (GRPOTrainer loads its model and reference from a path; nothing is downloaded), then
 tuned with GRPO to write one word often. ``KLMonitorGRPOTrainer`` feeds every micro-batch's
 completion log-probs (policy, and the reference TRL computes when ``beta > 0``) to a
-``KLMonitorCallback``: k1/k2/k3 with their spread, drift, alerts, in the TensorBoard run the
-Trainer reports to.
+``KLMonitorCallback``: k1/k2/k3 with their spread, drift, alerts, in TRL's own log beside its
+``kl`` and ``reward`` (every ``report_to`` tracker; TensorBoard as ``train/kl/...``).
 
     python examples/trl_grpo.py --logdir ./klmonitor_logs
-    klmonitor report ./klmonitor_logs/tb
+    klmonitor report ./klmonitor_logs/trl_grpo/runs/<run> --prefix train/kl/
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
@@ -71,8 +70,6 @@ def main() -> None:
     parser.add_argument("--max-kl", type=float, default=0.5)
     args = parser.parse_args()
 
-    # One TensorBoard run for TRL's metrics and klmonitor's kl/*.
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(args.logdir) / "tb"))
     prompts = Dataset.from_dict(
         {"prompt": [" ".join(WORDS[(i + j) % 13] for j in range(3)) for i in range(64)]}
     )
@@ -109,7 +106,10 @@ def main() -> None:
     )
     for alert in trainer.kl_callback.monitor.alert_history:
         print(f"[{alert.rule}] ({alert.level.value}) step {alert.step}: {alert.message}")
-    print(f"TensorBoard run: {os.environ['TENSORBOARD_LOGGING_DIR']}")
+    last = [e for e in trainer.state.log_history if "kl/k3/mean" in e and "kl" in e][-1]
+    print(f"step {last['step']}: TRL's kl {last['kl']:.4f}, klmonitor's kl/k3/mean {last['kl/k3/mean']:.4f}")
+    runs = sorted({str(p.parent) for p in (Path(args.logdir) / "trl_grpo").rglob("events.out.tfevents.*")})
+    print(f"TensorBoard run (TRL's, kl/* under train/kl/): {runs[-1] if runs else None}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""The Hugging Face ``transformers.Trainer`` adapter: :class:`KLMonitorCallback`.
+"""The Hugging Face ``transformers.Trainer`` adapter: :func:`attach` and :class:`KLMonitorCallback`.
 
-A ``TrainerCallback`` over a :class:`~klmonitor.Monitor`. The Trainer does not hand a
+A ``TrainerCallback`` over a :class:`~klmonitor.Monitor`. :func:`attach` registers it so that
+the ``kl/*`` scalars go through the Trainer's own log (``trainer.log`` -> ``on_log``), at its
+logging steps: into the same run of every ``report_to`` integration as ``train/loss``, and into
+``trainer.state.log_history``. ``Trainer(callbacks=[KLMonitorCallback(...)])`` keeps working as
+before (windows on its own schedule, written by klmonitor's own sinks). The Trainer does not hand a
 callback the model's outputs, so the log-probs come from where the loss is computed: call
 ``callback.monitor.update(logprobs, ref_logprobs, mask)`` in your ``compute_loss`` (TRL's
 ``GRPOTrainer`` is covered by :mod:`klmonitor.trl`). The callback does the rest:
@@ -15,18 +19,18 @@ callback the model's outputs, so the log-probs come from where the loss is compu
 
 Usage::
 
-    from klmonitor.transformers import KLMonitorCallback
-
-    kl = KLMonitorCallback(max_kl=0.1)
+    from klmonitor.transformers import attach
 
     class MyTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logp, ref_logp, mask = ...  # the sampled tokens' log-probs, [B, T]
             if model.training:  # the Trainer's evaluation calls compute_loss too
-                kl.monitor.update(logp, ref_logp, mask)  # on device, no host sync
+                self.kl.monitor.update(logp, ref_logp, mask)  # on device, no host sync
             return loss
 
-    MyTrainer(model, args, train_dataset=data, callbacks=[kl]).train()
+    trainer = MyTrainer(model, args, train_dataset=data)
+    trainer.kl = attach(trainer, max_kl=0.1)  # kl/* beside the loss, in every report_to tracker
+    trainer.train()
 
 See ``examples/hf_trainer.py`` for a complete script.
 """
@@ -35,20 +39,27 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any, cast
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from klmonitor._args import MONITOR_ARGS, check_keywords
 from klmonitor._validate import check_int, check_str
 from klmonitor.monitor import Monitor, WindowResult
+from klmonitor.sinks import TensorBoardSink
+from klmonitor.summary import bands
 
 log = logging.getLogger("klmonitor")
 
-__all__ = ["KLMonitorCallback"]
+__all__ = ["KLMonitorCallback", "attach"]
 
 #: The ``report_to`` integrations whose tracker klmonitor writes to itself.
 SUPPORTED_TRACKERS = ("tensorboard", "wandb")
+#: What the Trainer's integrations (TensorBoard, W&B) put before the names of a training log.
+TRAINER_LOG_PREFIX = "train/"
+#: The window length of an attached callback: never reached, so only the Trainer's logs end windows.
+_NO_SCHEDULE = 2**62
 
 
 class KLMonitorCallback(TrainerCallback):
@@ -136,6 +147,36 @@ class KLMonitorCallback(TrainerCallback):
         self._user_sinks = bool(self.monitor.sinks)
         self._own_writer: Any = None
         self.last_result: WindowResult | None = None
+        # Set by attach() (and klmonitor.trl): windows end at the Trainer's training logs, and
+        # the scalars go into them; ``_handler`` is the Trainer's CallbackHandler (its
+        # TensorBoardCallback's writer gets the extras), ``_merge_in_on_log`` says whether
+        # on_log adds kl/* to the logs (attach) or the trainer's own ``log`` does (TRL).
+        self._attached = False
+        self._merge_in_on_log = False
+        self._handler: Any = None
+
+    @property
+    def attached(self) -> bool:
+        """Whether :func:`attach` (or :mod:`klmonitor.trl`) registered it: kl/* in the Trainer's own log."""
+        return self._attached
+
+    def _attach(self, handler: Any, merge_in_on_log: bool) -> None:
+        """Log through the Trainer: windows end at its training logs (see :func:`attach`)."""
+        if self.log_every_n_steps is not None or self.logging_dir is not None:
+            given = "log_every_n_steps" if self.log_every_n_steps is not None else "logging_dir"
+            fix = (
+                "set TrainingArguments(logging_steps=...) (GRPOConfig for TRL) instead"
+                if given == "log_every_n_steps"
+                else "the Trainer's report_to integrations write them where they write train/loss"
+            )
+            raise ValueError(
+                f"klmonitor: {given}={getattr(self, given)!r} is for KLMonitorCallback's own logging "
+                f"(Trainer(callbacks=[KLMonitorCallback(...)])); attached to the Trainer, the kl/* "
+                f"windows end at the Trainer's logging steps and go into its log: {fix}."
+            )
+        self._attached = True
+        self._merge_in_on_log = merge_in_on_log
+        self._handler = handler
 
     @property
     def state_key(self) -> str:
@@ -148,12 +189,20 @@ class KLMonitorCallback(TrainerCallback):
     ) -> None:
         """Fresh windows or the checkpoint's state, the window length, the device and the sinks."""
         mon = self.monitor
-        mon.log_every_n_steps = self.log_every_n_steps or max(1, int(state.logging_steps or 1))
+        if self._attached:  # only the Trainer's training logs end a window (flush in on_log)
+            mon.log_every_n_steps = _NO_SCHEDULE
+        else:
+            mon.log_every_n_steps = self.log_every_n_steps or max(1, int(state.logging_steps or 1))
         mon.rank = int(args.process_index)
         mon.reset_window()
         mon.to(args.device)
         if not self._user_sinks:
-            mon.set_sinks(self._tracker_sinks(args) if state.is_world_process_zero else [])
+            if not state.is_world_process_zero:
+                mon.set_sinks([])
+            elif self._attached:
+                mon.set_sinks(self._trainer_extras_sinks(args))
+            else:
+                mon.set_sinks(self._tracker_sinks(args))
         if state.global_step > 0:
             saved = _stateful_callbacks(state).get(self.state_key)
             if saved is None:
@@ -170,7 +219,11 @@ class KLMonitorCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """After an optimizer step: end the window at a boundary; store the state before a checkpoint."""
+        """After an optimizer step: end the window at a boundary; store the state before a checkpoint.
+
+        Attached (:func:`attach`), the step only moves the monitor's step count: the window
+        ends when the Trainer logs (:meth:`on_log`).
+        """
         res = self.monitor.step(int(state.global_step))
         if res is not None:
             self._after_window(res, control)
@@ -184,10 +237,60 @@ class KLMonitorCallback(TrainerCallback):
         if control.should_save:
             self._store_state(state)
 
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Attached by :func:`attach`: a training log ends the window and carries its ``kl/*``.
+
+        Runs before the ``report_to`` integrations (:func:`attach` puts this callback first),
+        so they write kl/* with the loss, at the same step and in the same run; the entry the
+        Trainer just appended to ``state.log_history`` gets them too. Evaluation logs are left
+        alone. Then the monitor's state is stored when a checkpoint follows.
+        """
+        if self._attached and self._merge_in_on_log and logs is not None:
+            metrics = self.window_for_log(logs, state, control)
+            if metrics:
+                entry = state.log_history[-1] if state.log_history else None
+                logs.update(metrics)
+                # Trainer.log appended {**logs, "step": global_step} just before calling on_log.
+                if isinstance(entry, dict) and entry.get("step") == state.global_step:
+                    entry.update(metrics)
+        if self._attached and control.should_save:
+            self._store_state(state)
+
+    def window_for_log(
+        self, logs: dict[str, Any], state: TrainerState, control: TrainerControl
+    ) -> dict[str, float]:
+        """End the window for a training log of the Trainer and return its ``kl/*`` scalars.
+
+        A training log is one with the loss (``loss``, or ``train_loss`` in the summary logged
+        when training ends, which takes the steps since the last logging step); any other log
+        (evaluation's ``eval_*``, a user's own ``trainer.log``) gets nothing (``{}``), as does
+        a log with no batch fed since the last window. Every process must call it alike (the
+        window's reduction); the scalars are the same on every process. A stop rule that fires
+        sets ``control.should_training_stop``.
+        """
+        if not _is_training_log(logs):
+            return {}
+        res = self.monitor.flush(int(state.global_step))
+        if res is None:
+            return {}
+        self._after_window(res, control)
+        return dict(res.metrics)
+
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Flush the window still open, then the sinks; close the writer this callback opened."""
+        """Flush the window still open, then the sinks; close the writer this callback opened.
+
+        Attached, the Trainer's last log (its training summary) has already taken the steps
+        since the last logging step, so nothing is left unless training ended without it.
+        """
         res = self.monitor.flush(int(state.global_step))
         if res is not None:
             self._after_window(res, control)
@@ -239,6 +342,17 @@ class KLMonitorCallback(TrainerCallback):
             )
         return sinks
 
+    def _trainer_extras_sinks(self, args: TrainingArguments) -> list[Any]:
+        """Attached: the Trainer's own TensorBoard writer, for what its log cannot carry."""
+        if "tensorboard" not in list(args.report_to or []) or self._handler is None:
+            return []
+        from transformers.integrations import TensorBoardCallback
+
+        for cb in getattr(self._handler, "callbacks", []):
+            if isinstance(cb, TensorBoardCallback):
+                return [_TrainerTensorBoardSink(cb, self.monitor.prefix)]
+        return []
+
     def _open_writer(self, args: TrainingArguments) -> Any:
         logdir = (
             self.logging_dir
@@ -260,6 +374,103 @@ class KLMonitorCallback(TrainerCallback):
             self._own_writer.close()
         self._own_writer = SummaryWriter(log_dir=os.path.expanduser(logdir))
         return self._own_writer
+
+
+class _TrainerTensorBoardSink(TensorBoardSink):
+    """The writer of the Trainer's ``TensorBoardCallback``: the extras of kl/*, in the Trainer's run.
+
+    The scalars go through ``trainer.log``, which the callback writes as ``train/<name>``; this
+    sink adds, under the same ``train/`` names, what a log cannot carry: the std bands, the
+    custom-scalars layout, the log-ratio histogram, alerts and tables as text. (``klmonitor
+    report --prefix train/kl/`` reads the run back.) The writer is the callback's, opened in
+    its ``on_train_begin`` and closed in its ``on_train_end``.
+    """
+
+    def __init__(self, tb_callback: Any, prefix: str) -> None:
+        super().__init__(tb_callback, TRAINER_LOG_PREFIX + prefix)
+
+    def _writer(self) -> Any:
+        writer = getattr(self.target, "tb_writer", None)
+        if writer is None:
+            raise RuntimeError("the Trainer's TensorBoardCallback has no open writer (tb_writer is None)")
+        return writer
+
+    def log_scalars(self, metrics: Mapping[str, float], step: int) -> None:  # noqa: D102
+        # The scalars themselves are in the Trainer's log; only the bands are written here.
+        named = {TRAINER_LOG_PREFIX + name: value for name, value in metrics.items()}
+        scalars = bands(named, self.prefix)
+
+        def write() -> None:
+            writer = self._writer()
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, step)
+
+        self._guard("log the std bands", write)
+
+    def finalize(self) -> None:  # noqa: D102
+        writer = getattr(self.target, "tb_writer", None)
+        if writer is not None:
+            self._guard("flush", writer.flush)
+
+
+def _is_training_log(logs: Mapping[str, Any]) -> bool:
+    """A log of the training loop: the loss since the last log, or the summary at the end."""
+    return "loss" in logs or "train_loss" in logs
+
+
+def attach(trainer: Trainer, monitor: Monitor | None = None, **monitor_kwargs: Any) -> KLMonitorCallback:
+    """Register a :class:`KLMonitorCallback` so that ``kl/*`` go through ``trainer``'s own log.
+
+    A window ends at each of the Trainer's training logs (every ``logging_steps``, or each
+    epoch with ``logging_strategy="epoch"``; the steps after the last one go into the summary
+    the Trainer logs when training ends). Its scalars are added to that log, so every
+    ``report_to`` integration (TensorBoard, W&B, MLflow, trackio, Comet, ...) writes them in
+    the run that holds ``train/loss``, at the same step, and ``trainer.state.log_history``
+    has them; no environment variable is needed. The integrations name them as they name the
+    loss: TensorBoard and W&B write ``train/kl/k3/mean``. With ``"tensorboard"`` in
+    ``report_to`` the Trainer's own writer also gets the std bands, the custom-scalars layout,
+    the histogram and alerts (under ``train/kl/``). Alerts go to the Python log, ``on_alert``
+    and any ``sinks`` given; a stop rule stops training at the log that ends its window.
+
+    Feed the monitor from ``compute_loss`` as with the callback:
+    ``callback.monitor.update(logprobs, ref_logprobs, mask)``.
+
+    Args:
+        trainer: the ``transformers.Trainer`` (a subclass such as your own is fine).
+        monitor: a :class:`~klmonitor.Monitor` you built, or ``None`` to build one from
+            ``monitor_kwargs``.
+        **monitor_kwargs: :class:`~klmonitor.Monitor`'s arguments (``max_kl``, ``rules``,
+            ``stop_on``, ``on_alert``, ``prefix``, ``sinks``, ...). ``log_every_n_steps``
+            and ``logging_dir`` are not taken: the Trainer's ``logging_steps`` and its
+            integrations decide when and where.
+
+    Returns:
+        the callback, first in the Trainer's callbacks (before the integrations, so its
+        ``on_log`` adds kl/* before they write the log).
+    """
+    if not isinstance(trainer, Trainer):
+        raise TypeError(
+            f"attach() takes a transformers.Trainer (or a subclass), got {type(trainer).__name__}; "
+            "for another training loop use klmonitor.Monitor directly"
+        )
+    for name in ("log_every_n_steps", "logging_dir"):
+        if name in monitor_kwargs:
+            raise ValueError(
+                f"attach(trainer, {name}=...): attached, kl/* are logged at the Trainer's logging steps "
+                "by its report_to integrations; set TrainingArguments(logging_steps=...) for the window "
+                "length, or use Trainer(callbacks=[KLMonitorCallback(...)]) for klmonitor's own logging."
+            )
+    callback = KLMonitorCallback(monitor, **monitor_kwargs)
+    handler = trainer.callback_handler
+    for cb in handler.callbacks:
+        if isinstance(cb, KLMonitorCallback) and cb.monitor.prefix == callback.monitor.prefix:
+            raise ValueError(
+                f"the Trainer already has a KLMonitorCallback with prefix {callback.monitor.prefix!r}; "
+                "attach once per Trainer, or give each monitor its own prefix= (e.g. 'kl_sft/')"
+            )
+    callback._attach(handler, merge_in_on_log=True)
+    handler.callbacks.insert(0, callback)
+    return callback
 
 
 def _stateful_callbacks(state: TrainerState) -> dict[str, Any]:

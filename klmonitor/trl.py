@@ -2,11 +2,18 @@
 
 TRL logs one number for the KL (a token mean of k3, only when ``beta > 0``). This module feeds
 every micro-batch of sampled completions into a :class:`~klmonitor.transformers.KLMonitorCallback`
-from ``compute_loss``, with no extra forward pass when TRL already computes the reference:
+from ``compute_loss``, with no extra forward pass when TRL already computes the reference, and
+logs the ``kl/*`` scalars in TRL's own log: a window ends at each of TRL's training logs
+(``logging_steps``) and its scalars join that log beside TRL's ``kl``, ``reward``, ``loss``, so
+every ``report_to`` integration writes them in the run that holds ``train/kl`` (TensorBoard and
+W&B name them ``train/kl/k3/mean``, ...), and ``trainer.state.log_history`` has them.
 
-* policy log-probs: the sampling policy's, ``inputs["old_per_token_logps"]``, when TRL keeps
-  them (several iterations per generation, or vLLM); otherwise the current policy's (the
-  same model, as TRL's loss then assumes), taken from TRL's own forward pass in ``_compute_loss``;
+* policy log-probs: the current policy's on every pass, taken from TRL's own forward pass in
+  ``_compute_loss`` (what TRL's ``kl`` measures; with ``num_iterations > 1`` or
+  ``steps_per_generation`` above the accumulation steps, each pass over a generation batch
+  scores it with the policy of that pass), so ``kl/k3/mean`` equals TRL's ``kl`` when they
+  measure the same tokens (one micro-batch per logging step: TRL averages micro-batch means,
+  klmonitor pools the window's tokens);
 * reference log-probs: ``inputs["ref_per_token_logps"]``, which TRL computes when
   ``GRPOConfig(beta > 0)``. Under TRL's default ``beta=0.0`` there are none: set ``beta``
   (any positive value; a small one such as ``1e-4`` barely changes the loss but costs the
@@ -18,7 +25,8 @@ from ``compute_loss``, with no extra forward pass when TRL already computes the 
 * mask: ``completion_mask`` (times ``tool_mask``: tool output was not sampled by the policy);
 * the rollout engine's log-probs (``inputs["sampling_per_token_logps"]``, with vLLM) as
   ``rollout_logprobs``: the monitor adds KL(sampler || trainer's policy) on the sampler's own
-  tokens (``kl/rollout/...``, the ``rollout_mismatch`` rule);
+  tokens (``kl/rollout/...``, the ``rollout_mismatch`` rule). Without them (no vLLM) the
+  ``klmonitor`` logger says once, at INFO, that the rollout check has nothing to compare;
 * the completion ids (``inputs["completion_ids"]``) as ``token_ids``, and the trainer's
   tokenizer as ``decode`` (unless given), for ``top_sequences`` and ``top_tokens``.
 
@@ -27,7 +35,7 @@ Usage (three lines)::
     from klmonitor.trl import KLMonitorGRPOTrainer
     trainer = KLMonitorGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(beta=0.04, ...),
                                    train_dataset=..., kl_monitor={"max_kl": 0.1})
-    trainer.train()  # kl/* in the trackers of report_to; trainer.kl_callback.monitor
+    trainer.train()  # kl/* in TRL's log (every report_to tracker); trainer.kl_callback.monitor
 
 Supported TRL versions: :data:`SUPPORTED_TRL` (the ``[trl]`` extra). The mixin relies on
 ``GRPOTrainer.compute_loss``, ``GRPOTrainer._get_per_token_logps_and_entropies`` and the
@@ -38,6 +46,7 @@ TRL release moves one of them.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -49,6 +58,8 @@ from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from klmonitor.transformers import KLMonitorCallback
+
+log = logging.getLogger("klmonitor")
 
 __all__ = ["SUPPORTED_TRL", "KLMonitorGRPOMixin", "KLMonitorGRPOTrainer"]
 
@@ -98,8 +109,11 @@ class KLMonitorGRPOMixin:
 
     Args:
         kl_monitor: a :class:`~klmonitor.transformers.KLMonitorCallback`, or a dict of its
-            arguments (``max_kl``, ``rules``, ``stop_on``, ``log_every_n_steps``, ...), or
-            ``None`` for the defaults. Added to the trainer's callbacks; ``self.kl_callback``.
+            arguments (``max_kl``, ``rules``, ``stop_on``, ``sinks``, ...), or ``None`` for
+            the defaults. Added to the trainer's callbacks; ``self.kl_callback``. Its windows
+            end at TRL's logging steps (``GRPOConfig(logging_steps=...)``), so
+            ``log_every_n_steps`` may only repeat ``logging_steps`` and ``logging_dir`` is
+            not taken (TRL's integrations write the kl/* scalars).
         kl_ref_model: the reference model (or a path for ``AutoModelForCausalLM``) when
             ``beta == 0``, TRL's default, where TRL computes no reference log-probs. Must be
             ``None`` when ``beta > 0`` (TRL's reference is used).
@@ -157,12 +171,19 @@ class KLMonitorGRPOMixin:
         self.kl_ref_model = ref_model
 
         self.kl_callback = kl_callback
+        if (
+            kl_callback.log_every_n_steps is not None
+            and kl_callback.log_every_n_steps == trainer.args.logging_steps
+        ):
+            kl_callback.log_every_n_steps = None  # the same window length as TRL's logs: nothing to decide
+        kl_callback._attach(trainer.callback_handler, merge_in_on_log=False)  # self.log merges kl/*
         trainer.add_callback(kl_callback)
         decode = getattr(getattr(trainer, "processing_class", None), "decode", None)
         if kl_callback.monitor.decode is None and callable(decode):
             kl_callback.monitor.decode = decode  # top sequences and tokens as text
         self._klm_capture = False
         self._klm_policy_logps: Tensor | None = None
+        self._klm_told_no_rollout = False
 
     # -- TRL hooks -------------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
@@ -180,9 +201,12 @@ class KLMonitorGRPOMixin:
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        """TRL's loss; then the micro-batch's log-probs go to the monitor(s) (no host sync)."""
-        need_current = inputs.get("old_per_token_logps") is None
-        self._klm_capture = need_current
+        """TRL's loss; then the micro-batch's log-probs go to the monitor(s) (no host sync).
+
+        The policy's log-probs are those TRL's loss computes in this pass (the current policy,
+        also when ``old_per_token_logps`` holds the generation-time policy's for the ratio).
+        """
+        self._klm_capture = True
         self._klm_policy_logps = None
         try:
             loss = super().compute_loss(  # type: ignore[misc]
@@ -190,11 +214,22 @@ class KLMonitorGRPOMixin:
             )
         finally:
             self._klm_capture = False
-        policy = inputs.get("old_per_token_logps") if not need_current else self._klm_policy_logps
+        policy = self._klm_policy_logps
         self._klm_policy_logps = None
         if model.training:  # evaluation (prediction_step) calls compute_loss too: not training's KL
             self._feed(inputs, policy)
         return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's log; a training log first ends the window and takes its ``kl/*`` scalars.
+
+        TRL adds its own metrics (``kl``, ``reward``, ...) to the same dict, so every
+        ``report_to`` integration writes both in one run, at one step, and
+        ``state.log_history`` holds them. Evaluation logs are left alone.
+        """
+        trainer: Any = self
+        logs.update(self.kl_callback.window_for_log(logs, trainer.state, trainer.control))
+        super().log(logs, start_time)  # type: ignore[misc]
 
     # -- feeding the monitors --------------------------------------------------------------
     def _feed(self, inputs: Mapping[str, Any], policy: Tensor | None) -> None:
@@ -216,6 +251,13 @@ class KLMonitorGRPOMixin:
         if ref is None:
             mon.skipped_batch()
             return
+        if inputs.get("sampling_per_token_logps") is None and not self._klm_told_no_rollout:
+            self._klm_told_no_rollout = True
+            log.info(
+                "klmonitor: TRL gives no sampler log-probs (sampling_per_token_logps: the completions "
+                "were generated without vLLM, or vllm_importance_sampling_correction=False), so the "
+                "rollout check (kl/rollout/*, rule rollout_mismatch) has nothing to compare and is off."
+            )
         # The sampler's log-probs of its own tokens (vLLM): KL(sampler || trainer's policy).
         mon.update(
             policy,

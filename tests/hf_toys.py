@@ -43,8 +43,13 @@ def tiny_model(vocab_size: int = 16, seed: int = 0) -> Any:
     return GPT2LMHeadModel(cfg)
 
 
-def read_tensorboard(logdir: Path) -> tuple[dict[str, tuple[list[int], list[float]]], list[tuple[int, str]]]:
-    """``({tag: (steps, values)}, [(step, alert text)])`` from every event file under ``logdir``."""
+def read_tensorboard(
+    logdir: Path, alerts: str = "kl/alerts"
+) -> tuple[dict[str, tuple[list[int], list[float]]], list[tuple[int, str]]]:
+    """``({tag: (steps, values)}, [(step, alert text)])`` from every event file under ``logdir``.
+
+    ``alerts``: the tag of klmonitor's alert texts (``train/kl/alerts`` in a Trainer's own run).
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars: dict[str, tuple[list[int], list[float]]] = {}
@@ -56,7 +61,7 @@ def read_tensorboard(logdir: Path) -> tuple[dict[str, tuple[list[int], list[floa
             events = acc.Scalars(tag)
             scalars[tag] = ([e.step for e in events], [e.value for e in events])
         for tag in acc.Tags()["tensors"]:
-            if tag.startswith("kl/alerts"):
+            if tag.startswith(alerts):
                 for e in acc.Tensors(tag):
                     texts.append((e.step, b"".join(e.tensor_proto.string_val).decode()))
     return scalars, sorted(texts)

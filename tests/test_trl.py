@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +65,18 @@ class Recording(KLMonitorGRPOTrainer):
         self.independent_ref = AutoModelForCausalLM.from_pretrained(ref_path).eval()
         self.fake_sampler = fake_sampler
         self.sampler_records: list[Record] = []
+        self.stale_records: list[Record] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         step = self.state.global_step + 1
         policy = _token_logps(model, inputs)
         ref = _token_logps(self.independent_ref, inputs)
         mask = inputs["completion_mask"].bool()
-        self.records.append((step, policy, ref, mask))
+        if model.training:  # evaluation calls compute_loss too
+            self.records.append((step, policy, ref, mask))
+            old = inputs.get("old_per_token_logps")
+            if old is not None:  # the generation-time policy's (what the monitor used to feed)
+                self.stale_records.append((step, old.detach().double(), ref, mask))
         if self.fake_sampler:  # stand in for vLLM's log-probs of the same tokens
             g = torch.Generator().manual_seed(step)
             sampler = policy.float() + 0.1 * torch.randn(policy.shape, generator=g)
@@ -147,10 +153,10 @@ def test_what_the_integration_relies_on_is_still_in_trl() -> None:
         )
 
 
-def test_kl_reaches_tensorboard_alerts_and_matches_an_independent_computation(
+def test_kl_reaches_trls_own_run_alerts_and_matches_an_independent_computation(
     model_dir: Path, tmp_path: Path, monkeypatch: Any
 ) -> None:
-    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)  # TRL's run: <output_dir>/runs/<date>
     records: list[Record] = []
     trainer = _trainer(
         model_dir,
@@ -160,17 +166,21 @@ def test_kl_reaches_tensorboard_alerts_and_matches_an_independent_computation(
         kl_monitor={"rules": [KLBudgetRule(1e-9, cooldown=0)]},
     )
     trainer.train()
-    scalars, texts = read_tensorboard(tmp_path / "tb")
-    assert scalars["train/loss"][0] == [2, 4]
+    runs = sorted({p.parent for p in (tmp_path / "out").rglob("events.out.tfevents.*")})
+    assert len(runs) == 1, runs  # one run: TRL's, holding train/kl and klmonitor's train/kl/*
+    scalars, texts = read_tensorboard(runs[0], alerts="train/kl/alerts")
+    assert scalars["train/loss"][0] == [2, 4] and scalars["train/kl"][0] == [2, 4, 5]
     for tag in ("kl/k1/mean", "kl/k2/mean", "kl/k3/mean", "kl/k3/std", "kl/tokens"):
-        _check_windows(scalars[tag], records, [0, 2, 4, 5], tag)
+        _check_windows(scalars["train/" + tag], records, [0, 2, 4, 5], tag)
     assert reference_window(records, 2, 4)["kl/k3/mean"] > 1e-4, "the policy moved away from the reference"
     assert [s for s, _ in texts] == [2, 4, 5] and all("kl_budget" in t for _, t in texts), texts
     assert trainer.kl_callback.monitor.last_summary.rollout is None, "no vLLM: no rollout log-probs"
     # Evaluation runs compute_loss too; its batches stay out of the training windows.
-    n = len(records)
-    trainer.evaluate(eval_dataset=_prompts().select(range(2)))
-    assert len(records) > n, "evaluation went through compute_loss"
+    history = trainer.state.log_history
+    assert [e["step"] for e in history if "kl/k3/mean" in e] == [2, 4, 5]
+    assert all("kl" in e for e in history if "kl/k3/mean" in e), "beside TRL's own kl, in its entries"
+    evaluated = trainer.evaluate(eval_dataset=_prompts().select(range(2)))
+    assert "eval_kl" in evaluated and not any(k.startswith(("kl/", "eval_kl/")) for k in evaluated)
     assert trainer.kl_callback.monitor.state_dict()["batches_in_window"] == 0
 
 
@@ -213,9 +223,9 @@ def test_resume_keeps_the_alert_state(model_dir: Path, tmp_path: Path, monkeypat
     resumed.train(resume_from_checkpoint=str(ckpt))
     # Restored: the history, and the cooldown that keeps the rule quiet at step 4.
     assert [a.step for a in resumed.kl_callback.monitor.alert_history] == [2]
-    scalars, texts = read_tensorboard(tmp_path / "tb2")
+    scalars, texts = read_tensorboard(tmp_path / "tb2", alerts="train/kl/alerts")
     assert texts == []
-    _check_windows(scalars["kl/k3/mean"], records, [2, 4], "kl/k3/mean")
+    _check_windows(scalars["train/kl/k3/mean"], records, [2, 4], "kl/k3/mean")
 
 
 def test_beta_zero_needs_a_reference(model_dir: Path, tmp_path: Path) -> None:
@@ -235,8 +245,8 @@ def test_beta_zero_with_kl_ref_model_and_the_rollout_check(model_dir: Path, tmp_
         model_dir,
         tmp_path / "out",
         records,
-        {"beta": 0.0, "max_steps": 3, "report_to": []},
-        kl_monitor={"sinks": lambda m, step: seen.__setitem__(step, dict(m)), "log_every_n_steps": 1},
+        {"beta": 0.0, "max_steps": 3, "report_to": [], "logging_steps": 1},
+        kl_monitor={"sinks": lambda m, step: seen.__setitem__(step, dict(m))},
         kl_ref_model=str(model_dir),
         fake_sampler=True,
     )
@@ -300,3 +310,59 @@ def test_initial_kl_catches_dropout_left_on_while_scoring(tmp_path: Path, disabl
     else:
         assert len(fired) == 1 and fired[0].step == 2  # the end of the first window
         assert "dropout" in fired[0].message and "disable_dropout=True" in fired[0].message
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_kl_k3_equals_trls_kl_at_every_logging_step(
+    model_dir: Path, tmp_path: Path, num_iterations: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One micro-batch per logging step: TRL's kl (a mean of micro-batch token means) and
+    # klmonitor's k3 (the window's token mean) measure the same tokens. With num_iterations=2
+    # each generation batch is trained on twice, and each pass scores it with that pass's
+    # policy: TRL's kl and what klmonitor feeds (not the generation-time old_per_token_logps).
+    # use_bias_correction_kl=False: TRL's default (True) logs k3 times the ratio to the
+    # generation-time policy, which differs from the plain k3 from the second pass on.
+    records: list[Record] = []
+    config = {
+        "max_steps": 6,
+        "logging_steps": 1,
+        "num_iterations": num_iterations,
+        "learning_rate": 1e-1,
+        "use_bias_correction_kl": False,
+    }
+    trainer = _trainer(model_dir, tmp_path / "out", records, config, kl_monitor={})
+    with caplog.at_level(logging.INFO, logger="klmonitor"):
+        trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logged] == [1, 2, 3, 4, 5, 6]
+    for entry in logged:
+        assert entry["kl/k3/mean"] == pytest.approx(entry["kl"], rel=1e-5, abs=1e-8), entry["step"]
+        want = reference_window(records, entry["step"] - 1, entry["step"])["kl/k3/mean"]
+        assert entry["kl/k3/mean"] == pytest.approx(want, rel=2e-4, abs=1e-7)
+    assert logged[-1]["kl"] > 1e-3, "the policy moved away from the reference"
+    if num_iterations == 2:
+        # TRL kept the generation-time log-probs; on the second pass they are stale, and the
+        # k3 they give differs from TRL's kl (what the monitor used to log).
+        assert [s for s, *_ in trainer.stale_records] == [1, 2, 3, 4, 5, 6]
+        second = [e for e in logged if e["step"] % 2 == 0]
+        stale = [
+            reference_window(trainer.stale_records, e["step"] - 1, e["step"])["kl/k3/mean"] for e in second
+        ]
+        assert any(abs(s - e["kl"]) > 0.05 * e["kl"] for s, e in zip(stale, second, strict=True)), (
+            stale,
+            [e["kl"] for e in second],
+        )
+    else:
+        assert trainer.stale_records == [], "aligned steps: TRL keeps no old_per_token_logps"
+    told = [r for r in caplog.records if "no sampler log-probs" in r.getMessage()]
+    assert len(told) == 1 and told[0].levelno == logging.INFO, "said once, without vLLM"
+
+
+def test_a_window_length_other_than_trls_logging_steps_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"log_every_n_steps=3 .*logging_steps"):
+        _trainer(model_dir, tmp_path / "out", [], {"max_steps": 1}, kl_monitor={"log_every_n_steps": 3})
+    with pytest.raises(ValueError, match=r"logging_dir"):
+        _trainer(model_dir, tmp_path / "out", [], {"max_steps": 1}, kl_monitor={"logging_dir": "x"})
+    # The same length as logging_steps (2) is taken: nothing to decide.
+    trainer = _trainer(model_dir, tmp_path / "out", [], {"max_steps": 1}, kl_monitor={"log_every_n_steps": 2})
+    assert trainer.kl_callback.attached and trainer.kl_callback.log_every_n_steps is None
