@@ -28,7 +28,6 @@ from torch import Tensor
 from klmonitor import _layout as lay
 from klmonitor import _moments as mom
 from klmonitor import estimators as est
-from klmonitor._merge import chan_rows
 from klmonitor._validate import check_bool, check_callables, check_int, check_number, check_str
 from klmonitor.alerts import Alert, AlertEngine, Rule, default_rules
 from klmonitor.diagnostics import Decode, InitialCheck, PositionProfile, RatioRange, TopSequences, TopTokens
@@ -36,6 +35,8 @@ from klmonitor.fdiv import FDivergence
 from klmonitor.sinks import Sink, WarnOnce, make_sinks
 from klmonitor.stats import KLStats
 from klmonitor.summary import KLSummary, Level, RolloutSummary, read_f
+from klmonitor.window import FMoments, Moments, Window
+from klmonitor.window import distributed as _distributed
 
 log = logging.getLogger("klmonitor")
 
@@ -95,21 +96,6 @@ def _host_array(t: Tensor) -> np.ndarray:
     if t.dtype in (torch.bfloat16, torch.float16, torch.float64):
         t = t.float()
     return t.numpy()
-
-
-# Additive numbers per rank up to which the window's accumulators travel whole in its one
-# all_gather (the core statistics, the ratio range, the initial check, the position profile:
-# 5 + 2 x buckets numbers) rather than in a second collective, an all_reduce; beyond (top_tokens,
-# top_sequences) the all_reduce keeps what a rank receives from growing with the world size.
-_GATHER_WHOLE = 64
-
-
-def _distributed() -> tuple[int, int]:
-    """``(rank, world size)`` of an initialised ``torch.distributed`` job, else ``(0, 1)``."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class Monitor:
@@ -257,6 +243,11 @@ class Monitor:
         self.rollout_stats = KLStats(
             level="token", clamp=clamp, extreme=extreme, backend=backend, sync_on_compute=False
         )
+        # The behaviour policy (that sampled the tokens) against the current one: the size of
+        # the policy update, KL(behaviour || current), PPO's approx-KL with its variance.
+        self.update_stats = KLStats(
+            level="token", clamp=clamp, extreme=extreme, backend=backend, sync_on_compute=False
+        )
         self._ratio = RatioRange()
         # The batches scored before the first optimizer step: the initial_kl rule's evidence.
         self._initial = InitialCheck()
@@ -288,6 +279,22 @@ class Monitor:
                 f"decode must be callable(token_ids: list[int]) -> str, got {type(decode).__name__}"
             )
         self.decode = decode
+        # Every accumulator of the window, in the (fixed) order of its one reduce and its state.
+        self.window = Window()
+        self.window.add("main", Moments(self.stats), key="window")
+        if self.stats.f_divergences:
+            self.window.add("f-divergences", FMoments(self.stats), key="f_window")
+        self.window.add("rollout", Moments(self.rollout_stats), key="rollout_window", optional=True)
+        self.window.add("policy update", Moments(self.update_stats), key="update_window", optional=True)
+        for name, part in (
+            ("ratio", self._ratio),
+            ("positions", self.positions),
+            ("sequences", self.sequences),
+            ("tokens", self.tokens),
+            ("initial", self._initial),
+        ):
+            if part is not None:
+                self.window.add(name, part)
 
         self._warn_once = WarnOnce()
         self._sinks: list[Sink] = []
@@ -411,10 +418,6 @@ class Monitor:
                 UserWarning,
                 stacklevel=3,
             )
-
-    def _parts(self) -> list[Any]:
-        parts = (self._ratio, self.positions, self.sequences, self.tokens, self._initial)
-        return [p for p in parts if p is not None]
 
     @_locked
     def reset_window(self, step: int = 0) -> None:
@@ -701,73 +704,37 @@ class Monitor:
         collective. Returned with the summary as ``(summary, steps by rank, batches by rank)``.
         """
         dev = self.stats.summary_vector().device
-        parts = self._parts()
-        vectors = [p.vector(dev) for p in parts]
-        whole = sum(p.summed_size for p in parts) <= _GATHER_WHOLE
         header = torch.tensor([float(step), float(self._batches)], dtype=torch.float64, device=dev)
-        f_vec = self.stats.f_vector()
-        small = [header, self.stats.summary_vector(), self.rollout_stats.summary_vector().to(dev)]
-        small += [] if f_vec is None else [f_vec]
-        first = len(small)  # the parts' pieces follow
-        small += [v if whole else p.gathered(v) for p, v in zip(parts, vectors, strict=True)]
-        sizes = [v.numel() for v in small]
-        flat = torch.cat([v.reshape(-1) for v in small])
-        rank, world = _distributed()
-        if world > 1:
-            gathered = [torch.empty_like(flat) for _ in range(world)]
-            torch.distributed.all_gather(gathered, flat)
-            rows = torch.stack(gathered)
-        else:
-            rows = flat.reshape(1, -1)
-        pieces = torch.split(rows, sizes, dim=1)
-        host = [pieces[0].reshape(-1), mom.merge_rows(pieces[1]), mom.merge_rows(pieces[2])]
-        if f_vec is not None:
-            host.append(chan_rows(pieces[3], len(self.stats.f_divergences)))
-        if whole:
-            host += [p.host(p.merge_rows(r)) for p, r in zip(parts, pieces[first:], strict=True)]
-        else:
-            shares = [p.summed(v, r, rank) for p, v, r in zip(parts, vectors, pieces[first:], strict=True)]
-            total = torch.cat(shares)
-            if world > 1:
-                torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
-            totals = torch.split(total, [s.numel() for s in shares])
-            host += [p.host(p.join(t, r)) for p, t, r in zip(parts, totals, pieces[first:], strict=True)]
-        values = torch.cat(host).cpu().tolist()  # the window's one host transfer
-        it = iter(values)
-
-        def take(n: int) -> list[float]:
-            return [next(it) for _ in range(n)]
-
-        ranks = take(2 * rows.shape[0])
-        steps, batches = [int(x) for x in ranks[0::2]], [int(x) for x in ranks[1::2]]
-        summary = KLSummary.from_vector(take(lay.SIZE), self.level)
-        rollout = KLSummary.from_vector(take(lay.SIZE), "token")
-        if f_vec is not None:
-            summary.f = read_f(take(f_vec.numel()), self.stats.f_divergences)
-        ratio = take(self._ratio.size)
+        headers, values = self.window.reduce(header)
+        steps, batches = [int(h[0]) for h in headers], [int(h[1]) for h in headers]
+        summary = KLSummary.from_vector(values["main"], self.level)
+        if "f-divergences" in values:
+            summary.f = read_f(values["f-divergences"], self.stats.f_divergences)
+        rollout = KLSummary.from_vector(values["rollout"], "token")
+        update = KLSummary.from_vector(values["policy update"], "token")
+        if update.tokens + update.nonfinite > 0:
+            summary.policy_update = update
+        ratio = values["ratio"]
         if rollout.tokens + rollout.nonfinite > 0:
             lo, hi, outside = RatioRange.read(ratio, rollout.tokens)
             summary.rollout = RolloutSummary(rollout, 1.0 + rollout.r_minus_1.mean, lo, hi, outside)
         if self.positions is not None:
-            summary.by_position = self.positions.read(take(self.positions.size))
+            summary.by_position = self.positions.read(values["positions"])
         if self.sequences is not None:
-            summary.top_sequences = self.sequences.read(take(self.sequences.size), self.decode)
+            summary.top_sequences = self.sequences.read(values["sequences"], self.decode)
         if self.tokens is not None:
-            summary.top_tokens, outside_vocab = self.tokens.read(take(self.tokens.host_size()), self.decode)
+            summary.top_tokens, outside_vocab = self.tokens.read(values["tokens"], self.decode)
             if outside_vocab:
                 self.problem(
                     "vocab_size",
                     f"klmonitor: {outside_vocab} token ids were outside [0, vocab_size={self.tokens.vocab_size}) "
                     "and are left out of top_tokens; pass the tokenizer's full size as vocab_size.",
                 )
-        summary.initial = InitialCheck.read(take(self._initial.size))
+        summary.initial = InitialCheck.read(values["initial"])
         return summary, steps, batches
 
     def _reset_window(self) -> None:
-        self.stats.reset()
-        self.rollout_stats.reset()
-        for part in self._parts():
-            part.reset()
+        self.window.reset()
         self._batches = 0
         self._mask_bad = None
 
@@ -932,7 +899,6 @@ class Monitor:
         diagnostics) and the histogram's ring buffer (``None`` for its empty entries).
         """
         ring = None
-        f_vec = self.stats.f_vector()
         if self._hist is not None:
             ring = {
                 "values": [x if math.isfinite(x) else None for x in self._hist.cpu().tolist()],
@@ -947,15 +913,8 @@ class Monitor:
             "batches_in_window": self._batches,
             "windows": self._windows,
             "step_seen": self._step_seen,
-            "window": [float(x) for x in self.stats.summary_vector().detach().cpu().tolist()],
-            "rollout_window": [float(x) for x in self.rollout_stats.summary_vector().detach().cpu().tolist()],
-            "f_window": None if f_vec is None else [float(x) for x in f_vec.cpu().tolist()],
-            "diagnostics": {
-                type(p).__name__: [
-                    float(x) for x in p.vector(self.stats.summary_vector().device).cpu().tolist()
-                ]
-                for p in self._parts()
-            },
+            # "window", "f_window", "rollout_window", "update_window", "diagnostics"
+            **self.window.state_dict(self.stats.summary_vector().device),
         }
 
     @_locked
@@ -1020,11 +979,10 @@ class Monitor:
         if mismatch is not None:
             self._reset_window()
             return
-        window = sd.get("window")
-        problem = _window_problem(window)
-        if problem is not None:
+        first, problem, values = self.window.load_problem(sd)
+        if first is not None:
             self._reset_window()
-            self._bad_state(f"its open window {problem}; the window starts empty")
+            self._bad_state(f"its open window {first}; the window starts empty")
             return
         if _distributed()[1] > 1:
             self._reset_window()
@@ -1034,47 +992,14 @@ class Monitor:
                 "shorter. Checkpoint on logging steps for exact resumption under DDP."
             )
             return
-        rollout = sd.get("rollout_window", [0.0] * lay.SIZE)  # absent in version 1
-        problem = _window_problem(rollout)
-        diagnostics = sd.get("diagnostics", {})
-        if problem is None and not isinstance(diagnostics, Mapping):
-            problem = f"is a {type(diagnostics).__name__}, not a dict"
-        saved: dict[Any, list[float]] = {}
-        for part in self._parts() if problem is None else []:
-            vec = diagnostics.get(type(part).__name__)
-            if vec is None:
-                continue  # not saved (an older state or the part was off): starts empty
-            if (
-                not isinstance(vec, list)
-                or len(vec) != part.size
-                or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in vec)
-            ):
-                problem = f"diagnostics {type(part).__name__} are not {part.size} numbers"
-                break
-            why = part.problem([float(x) for x in vec])
-            if why is not None:
-                problem = f"diagnostics {type(part).__name__} {why}"
-                break
-            saved[part] = vec
-        f_window = sd.get("f_window")
-        if problem is None and self.stats.f_divergences:
-            n_f = len(self.stats.f_divergences)
-            problem = _f_window_problem(f_window, n_f)
-            if problem is not None:
-                problem = f"f-divergences {problem}"
         if problem is None:
             ring_problem = self._load_ring(sd.get("histogram"))
             problem = None if ring_problem is None else f"histogram ring buffer {ring_problem}"
         if problem is not None:
             self._reset_window()
-            self._bad_state(f"its rollout or diagnostics window {problem}; the window starts empty")
+            self._bad_state(f"its saved window's {problem}; the window starts empty")
             return
-        self.stats.load_summary_vector(torch.tensor(window, dtype=torch.float64))
-        self.rollout_stats.load_summary_vector(torch.tensor(rollout, dtype=torch.float64))
-        if self.stats.f_divergences and f_window is not None:
-            self.stats.load_f_vector(torch.tensor(f_window, dtype=torch.float64))
-        for part, vec in saved.items():
-            part.load(torch.tensor(vec, dtype=torch.float64, device=self.stats.summary_vector().device))
+        self.window.load(values, self.stats.summary_vector().device)
         self._batches = counters["batches_in_window"]
 
     def _config(self) -> dict[str, Any]:
@@ -1086,7 +1011,7 @@ class Monitor:
             "clamp": self.stats.clamp,
             "extreme": self.stats.extreme,
             "f_divergences": list(self.stats.f_divergences),
-            "diagnostics": {type(p).__name__: p.config() for p in self._parts()},
+            "diagnostics": self.window.config(),
         }
 
     def _config_mismatch(self, saved: Any) -> str | None:
@@ -1168,42 +1093,3 @@ def _tables(summary: KLSummary) -> dict[str, tuple[list[str], list[list[Any]]]]:
             ],
         )
     return out
-
-
-def _f_window_problem(window: Any, n_f: int) -> str | None:
-    """Why ``window`` is not a saved f-divergence state of ``n_f`` entries, or ``None``."""
-    size = 1 + 2 * n_f
-    if window is None:
-        return "are missing"
-    if not isinstance(window, Sequence) or isinstance(window, str | bytes) or len(window) != size:
-        return f"are not a list of {size} numbers"
-    if any(isinstance(x, bool) or not isinstance(x, int | float) for x in window):
-        return "hold values that are not numbers"
-    count = float(window[0])
-    if not math.isfinite(count) or count < 0 or count != int(count):
-        return "have a negative, fractional or non-finite count"
-    if any(float(m) < 0 or math.isnan(float(m)) for m in window[1:]):
-        return "hold negative or NaN values (every f-divergence estimate is >= 0)"
-    return None
-
-
-def _window_problem(window: Any) -> str | None:
-    """Why ``window`` is not a valid saved moments vector, or ``None`` when it is."""
-    if window is None:
-        return "is missing"
-    if not isinstance(window, Sequence) or isinstance(window, str | bytes):
-        return f"is a {type(window).__name__}, not a list of {lay.SIZE} numbers"
-    if len(window) != lay.SIZE:
-        return f"has {len(window)} numbers, not {lay.SIZE}"
-    if any(isinstance(x, bool) or not isinstance(x, int | float) for x in window):
-        return "holds values that are not numbers"
-    if not all(math.isfinite(float(x)) for x in window):
-        return "holds NaN or infinite values"
-    counts = [window[lay.COUNT], *window[lay.TOKENS : lay.MAX_ABS]]
-    if any(float(c) < 0 or float(c) != int(c) for c in counts):
-        return "has negative or fractional counts"
-    if any(float(m) < 0 for m in window[lay.M2]) or float(window[lay.MAX_ABS]) < 0:
-        return "has negative sums of squares"
-    if window[lay.COUNT] > window[lay.TOKENS]:
-        return "counts more samples than tokens"
-    return None

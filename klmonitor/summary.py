@@ -140,6 +140,12 @@ class KLSummary:
         rollout: KL(rollout engine || trainer), when the window had rollout log-probs.
         initial: the untrained policy against the reference (:class:`InitialSummary`), in the
             window holding the batches fed before the first optimizer step of a run.
+        policy_update: the size of the policy update, KL(behaviour || current policy), when the
+            window had the behaviour policy's log-probs (``Monitor.update(behaviour_logprobs=)``):
+            the tokens were sampled by the behaviour policy (the one that generated the batch,
+            e.g. PPO's old policy), so the estimators with it as the sampler and the current
+            policy as the reference estimate how far this update moved the policy (PPO's
+            ``approx_kl``, with its variance; ``kl/update/...``).
         f: the requested f-divergences (``KLStats(f_divergences=...)``), by name:
             :class:`EstimatorStats` of ``f(r) - f'(1) (r - 1)`` over the same tokens (or
             sequences) as the KL estimators; empty when none was requested.
@@ -175,6 +181,7 @@ class KLSummary:
     top_sequences: list[TopSequence] = field(default_factory=list)
     top_tokens: list[TopToken] = field(default_factory=list)
     f: dict[str, EstimatorStats] = field(default_factory=dict)
+    policy_update: KLSummary | None = None
 
     @property
     def kl(self) -> float:
@@ -231,6 +238,15 @@ class KLSummary:
             out.update(self.rollout.to_dict(f"{prefix}rollout/"))
         if self.initial is not None:
             out.update(self.initial.to_dict(f"{prefix}initial/"))
+        if self.policy_update is not None:
+            up = self.policy_update
+            for name in (*ESTIMATORS, "cv"):
+                st = up.estimator(name)
+                out[f"{prefix}update/{name}/mean"] = st.mean
+                out[f"{prefix}update/{name}/std"] = st.std
+                out[f"{prefix}update/{name}/stderr"] = st.stderr
+            out[f"{prefix}update/tokens"] = float(up.tokens)
+            out[f"{prefix}update/nonfinite"] = float(up.nonfinite)
         for name, st in self.f.items():
             out[f"{prefix}f/{name}/mean"] = st.mean
             out[f"{prefix}f/{name}/std"] = st.std
