@@ -657,35 +657,15 @@ def _facts(data: RunData, unit: str, metric: str | None) -> list[str]:
     return facts
 
 
-def render(
+def _figure(
     data: RunData,
-    out: str | os.PathLike[str],
-    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
-    scale: Scale = "auto",
-    title: str | None = None,
-    metric: str | None = None,
-    titles: dict[str, str] | None = None,
-) -> Path:
-    """Draw the dashboard of ``data`` and save it to ``out`` (format from its extension).
-
-    Args:
-        data: what :func:`load_run` read.
-        out: the image file to write (PNG by default; ``.svg`` and ``.pdf`` work too).
-        drift_threshold: the drift rule's threshold, drawn as a dashed line.
-        scale: y scale of the estimator panel: ``"auto"`` (log when all means are positive
-            and span more than a factor 30), ``"linear"`` or ``"log"``.
-        title: the figure title (default: the run directory).
-        metric: the scalar drawn beside the KL (default: a reward the run logged, see
-            :func:`user_metric`).
-        titles: a dict the report fills with ``{panel: its title}`` (see :func:`panels`).
-
-    Returns:
-        The path written.
-
-    Raises:
-        ValueError: ``data`` holds no ``prefix`` scalars, ``metric`` was not logged, or
-            matplotlib is missing.
-    """
+    drift_threshold: float,
+    scale: Scale,
+    title: str | None,
+    metric: str | None,
+    titles: dict[str, str] | None,
+) -> tuple[Any, dict[str, Any]]:
+    """The report's matplotlib ``Figure`` and its panels' axes by name (see :func:`render`)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - matplotlib is in the [plot] extra
@@ -756,6 +736,39 @@ def render(
     if dropped:
         facts.append(f"{sum(dropped.values())} value(s) not drawn (inf, NaN or beyond {PLOT_LIMIT:g})")
     fig.suptitle(f"{head}\n{'; '.join(facts)}", fontsize=11)
+    return fig, axes
+
+
+def render(
+    data: RunData,
+    out: str | os.PathLike[str],
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
+    scale: Scale = "auto",
+    title: str | None = None,
+    metric: str | None = None,
+    titles: dict[str, str] | None = None,
+) -> Path:
+    """Draw the dashboard of ``data`` and save it to ``out`` (format from its extension).
+
+    Args:
+        data: what :func:`load_run` read.
+        out: the image file to write (PNG by default; ``.svg`` and ``.pdf`` work too).
+        drift_threshold: the drift rule's threshold, drawn as a dashed line.
+        scale: y scale of the estimator panel: ``"auto"`` (log when all means are positive
+            and span more than a factor 30), ``"linear"`` or ``"log"``.
+        title: the figure title (default: the run directory).
+        metric: the scalar drawn beside the KL (default: a reward the run logged, see
+            :func:`user_metric`).
+        titles: a dict the report fills with ``{panel: its title}`` (see :func:`panels`).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: ``data`` holds no ``prefix`` scalars, ``metric`` was not logged, or
+            matplotlib is missing.
+    """
+    fig, _ = _figure(data, drift_threshold, scale, title, metric, titles)
     path = Path(out)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
