@@ -170,6 +170,7 @@ def test_readme_table_lists_exactly_what_is_logged(tmp_path: Path) -> None:
             top_sequences=2,
             top_tokens=2,
             vocab_size=50,
+            f_divergences=["chi2", "hellinger", "js", "tv"],
         )
         _feed(mon, 2, extras=True)
         writer.close()
