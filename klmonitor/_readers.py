@@ -50,6 +50,7 @@ _FORMAT_NAMES = {
 _RICHNESS = {"tensorboard": 2, "wandb": 1, "csv": 0}
 _EVENTS = "events.out.tfevents.*"
 _CSV = "metrics.csv"
+_CSV_BOOKKEEPING = frozenset({"step", "epoch"})  # CSVLogger's own columns, not metrics
 _WANDB = "run-*.wandb"
 _WANDB_STEP_RE = re.compile(r"^\s*Step\s+(?P<step>-?\d+)\s*:\s*")
 WANDB_STEP_KEY = "trainer/global_step"
@@ -91,6 +92,8 @@ class RunData:
         histograms: the log-ratio histograms, by step.
         alerts_recorded: whether the format records alerts at all (a CSV log does not, so
             an empty ``alerts`` there means "unknown", not "none fired").
+        others: ``{tag: (steps, values)}`` of the run's other scalars (not under ``prefix``:
+            the user's ``reward``, losses, learning rates), sorted by step.
     """
 
     run_dir: Path
@@ -100,6 +103,7 @@ class RunData:
     alerts: list[AlertMark] = field(default_factory=list)
     histograms: list[Histogram] = field(default_factory=list)
     alerts_recorded: bool = True
+    others: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def series(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
         """``(steps, values)`` of ``prefix + name``, or ``None`` when not logged."""
@@ -292,12 +296,9 @@ def read_tensorboard(path: str | os.PathLike[str], prefix: str = "kl/") -> RunDa
     acc.Reload()
     tags = acc.Tags()
     data = RunData(Path(path), prefix, "tensorboard")
-    by_tag = {
-        tag: {int(e.step): float(e.value) for e in acc.Scalars(tag)}
-        for tag in tags.get("scalars", [])
-        if tag.startswith(prefix)
-    }
-    data.scalars = _series(by_tag)
+    by_tag = {tag: {int(e.step): float(e.value) for e in acc.Scalars(tag)} for tag in tags.get("scalars", [])}
+    data.scalars = _series({t: v for t, v in by_tag.items() if t.startswith(prefix)})
+    data.others = _series({t: v for t, v in by_tag.items() if not t.startswith(prefix)})
     alert_tag = f"{prefix}alerts"
     for tag in tags.get("tensors", []):
         # TensorBoard's text plugin may suffix the tag (e.g. "kl/alerts/text_summary").
@@ -365,7 +366,7 @@ def read_csv(path: str | os.PathLike[str], prefix: str = "kl/") -> RunData:
                     f"{file} has no 'step' column (columns: {', '.join(columns[:8]) or 'none'}); "
                     "klmonitor report reads the metrics.csv that Lightning's CSVLogger writes"
                 )
-            tags = [c for c in columns if c.startswith(prefix)]
+            tags = [c for c in columns if c not in _CSV_BOOKKEEPING]
             for row in reader:
                 step = _csv_step(row.get("step"), file, reader.line_num)
                 if step is None:
@@ -375,6 +376,8 @@ def read_csv(path: str | os.PathLike[str], prefix: str = "kl/") -> RunData:
                     if not cell:  # rows are sparse: "" is "not logged here"
                         continue
                     value = _number(cell)
+                    if value is None and not tag.startswith(prefix):
+                        continue  # a user's column of text: not a scalar to draw
                     if value is None:
                         raise ValueError(
                             f"{file}, line {reader.line_num}: {tag} is {cell!r}, not a number; the file "
@@ -392,7 +395,8 @@ def read_csv(path: str | os.PathLike[str], prefix: str = "kl/") -> RunData:
         raise ValueError(
             f"{file} is not a CSV file ({exc}); is it the metrics.csv CSVLogger wrote?"
         ) from None
-    data.scalars = _series(by_tag)
+    data.scalars = _series({t: v for t, v in by_tag.items() if t.startswith(prefix)})
+    data.others = _series({t: v for t, v in by_tag.items() if not t.startswith(prefix)})
     return data
 
 
@@ -481,7 +485,9 @@ def read_wandb(path: str | os.PathLike[str], prefix: str = "kl/") -> RunData:
             if isinstance(got, int | float) and not isinstance(got, bool) and math.isfinite(got):
                 step = int(got)
             for key, value in item.items():
-                if key.startswith(prefix) and isinstance(value, int | float) and not isinstance(value, bool):
+                if key.startswith("_") or key == WANDB_STEP_KEY:
+                    continue  # wandb's own bookkeeping (_step, _runtime, _timestamp) and the step
+                if isinstance(value, int | float) and not isinstance(value, bool):
                     by_tag.setdefault(key, {})[step] = float(value)
             if item.get(f"{hist_key}._type") == "histogram":
                 h = _wandb_histogram(step, item, hist_key)
@@ -494,7 +500,8 @@ def read_wandb(path: str | os.PathLike[str], prefix: str = "kl/") -> RunData:
                     str(a.get("title", "")), str(a.get("text", "")), str(a.get("level", "")), step
                 )
             )
-    data.scalars = _series(by_tag)
+    data.scalars = _series({t: v for t, v in by_tag.items() if t.startswith(prefix)})
+    data.others = _series({t: v for t, v in by_tag.items() if not t.startswith(prefix)})
     data.histograms = [by_step_h[s] for s in sorted(by_step_h)]
     data.alerts.sort(key=lambda a: a.step)
     return data

@@ -58,6 +58,7 @@ def _report(args: argparse.Namespace) -> int:
         scale=args.scale,
         format=args.format,
         notes=notes,
+        metric=args.metric,
     )
     print(f"wrote {path}")
     for note in notes:
@@ -150,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rpt.add_argument(
         "--scale", choices=("auto", "linear", "log"), default="auto", help="y scale of the KL panel"
+    )
+    rpt.add_argument(
+        "--metric",
+        default=None,
+        metavar="NAME",
+        help="a scalar the run logged (e.g. train/reward) to draw beside the KL (default: one whose "
+        "name contains 'reward', if any)",
     )
     rpt.set_defaults(func=_report)
     return parser

@@ -5,21 +5,27 @@ TensorBoard's ``EventAccumulator``, the ``metrics.csv`` of Lightning's ``CSVLogg
 ``wandb leet inspect --json`` for W&B run files); the figure is drawn with matplotlib's Agg
 backend (no display needed). It shows the k1/k2/k3 window means with ±2 standard-error
 bands against the trainer step, the k2-k3 drift signal with its alert threshold and the
-alerts the monitor fired, and, when the run logged them, the distribution of the log-ratio
-over time, the KL by token position (a step × position heat map) and the rollout-vs-trainer
-mismatch (KL(rollout ‖ trainer) and the importance ratio's range).
+alerts the monitor fired, and, when the run logged them, a user metric (a reward) beside the
+KL, the f-divergences, the distribution of the log-ratio over time, the KL by token position (a
+step × position heat map) and the rollout-vs-trainer mismatch (KL(rollout ‖ trainer) and the
+importance ratio's range). Legends sit in a column right of the panels, so no legend covers a
+curve or an alert's label.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from klmonitor import summary as _summary
+from klmonitor import table
 from klmonitor._readers import (
     FORMATS,
     AlertMark,
@@ -43,6 +49,8 @@ __all__ = [
     "find_runs",
     "load_run",
     "panels",
+    "f_divergences",
+    "user_metric",
     "parse_alert",
     "parse_wandb_alert",
     "position_profile",
@@ -54,14 +62,23 @@ __all__ = [
 
 Scale = Literal["auto", "linear", "log"]
 REPORT_NAME = "klmonitor_report.png"
-BAND_SE = 2.0
+BAND_SE = _summary.BAND_SE
 """Half-width of the bands around the window means, in standard errors (about a 95% interval)."""
 RATIO_RANGE = (0.5, 2.0)
 """The importance-ratio range drawn as dashed lines in the rollout panel."""
 _LEVEL_COLORS = {"info": "tab:blue", "warn": "tab:orange", "error": "tab:red"}
-_EST_COLORS = {"k1": "tab:blue", "k2": "tab:orange", "k3": "tab:green", "cv": "black"}
+_EST_COLORS = {"k1": "tab:blue", "k2": "tab:orange", "k3": "tab:green", "kl_pq": "tab:red", "cv": "black"}
+_EST_LABELS = {"kl_pq": "kl_pq = KL(ref ‖ policy)", "cv": "cv (headline)"}
+_F_COLORS = ("tab:purple", "tab:cyan", "tab:pink", "tab:olive", "tab:gray", "darkgoldenrod")
+_METRIC_COLOR = "tab:brown"
+CROP = 0.998
+"""The share of all logged tokens the log-ratio panel's y range holds (the rest is named on it)."""
+_METRIC_WORDS = ("reward",)
+"""Other scalars whose name contains one of these are drawn beside the KL (``--metric`` picks another)."""
 _FORMAT_LABEL = {"tensorboard": "TensorBoard", "csv": "CSV", "wandb": "W&B"}
 _LEADING_INT = re.compile(r"^\s*(\d+)")
+FIG_WIDTH = 14.0
+"""The report's width in inches (1540 pixels at its 110 dpi): the panels and their legend column."""
 PLOT_LIMIT = 1e100
 """Values beyond this magnitude (and inf, NaN) are read but not drawn: no KL, spread or count a
 monitor logs comes near it (float32 scalars end at 3.4e38), and matplotlib's axis arithmetic
@@ -89,22 +106,80 @@ def _drawable(data: RunData) -> RunData:
         tag: (steps, np.where(np.abs(values) <= PLOT_LIMIT, values, np.nan))
         for tag, (steps, values) in data.scalars.items()
     }
-    return RunData(
-        data.run_dir, data.prefix, data.format, scalars, data.alerts, data.histograms, data.alerts_recorded
-    )
+    others = {
+        tag: (steps, np.where(np.abs(values) <= PLOT_LIMIT, values, np.nan))
+        for tag, (steps, values) in data.others.items()
+    }
+    return replace(data, scalars=scalars, others=others)
 
 
-def panels(data: RunData) -> list[str]:
+def user_metric(data: RunData, metric: str | None = None) -> str | None:
+    """The run's scalar drawn beside the KL: ``metric``, or a reward-like one the run logged.
+
+    Without ``metric``, the other scalars (not under the monitor's prefix) whose name contains
+    ``reward`` are candidates; a plain ``reward`` (or ``.../reward``) wins, then the shortest
+    name not naming a spread (``std``, ``var``). ``None`` when there is none.
+
+    Raises:
+        ValueError: ``metric`` was not logged in this run (the message names the closest).
+
+    >>> d = RunData(Path("run"), "kl/", others={n: (np.arange(2), np.ones(2)) for n in ("train/reward_std", "train/reward", "loss")})
+    >>> user_metric(d), user_metric(d, "loss")
+    ('train/reward', 'loss')
+    """
+    if metric is not None:
+        if metric in data.others or metric in data.scalars:
+            return metric
+        names = sorted(data.others)
+        close = difflib.get_close_matches(metric, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        listed = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "none"
+        raise ValueError(
+            f"--metric {metric!r} is not a scalar of the run {data.run_dir} (its scalars besides "
+            f"{data.prefix}*: {listed}){hint}"
+        )
+    candidates = [n for n in data.others if any(w in n.lower() for w in _METRIC_WORDS)]
+    if not candidates:
+        return None
+
+    def rank(name: str) -> tuple[int, int, int, str]:
+        leaf = name.lower().rsplit("/", 1)[-1]
+        spread = any(w in leaf for w in ("std", "var", "min", "max"))
+        return (leaf not in ("reward", "rewards"), spread, len(name), name)
+
+    return min(candidates, key=rank)
+
+
+def f_divergences(data: RunData) -> list[str]:
+    """The f-divergences logged (``f/<name>/mean``): the table's in its order, then a user's by name.
+
+    >>> d = RunData(Path("run"), "kl/", scalars={f"kl/f/{n}/mean": (np.arange(1), np.ones(1)) for n in ("tv", "mine", "chi2")})
+    >>> f_divergences(d)
+    ['chi2', 'tv', 'mine']
+    """
+    pattern = re.compile(rf"^{re.escape(data.prefix)}f/(?P<name>[^/]+)/mean$")
+    found = {m["name"] for tag in data.scalars if (m := pattern.match(tag))}
+    return [n for n in table.F_NAMES if n in found] + sorted(found - set(table.F_NAMES))
+
+
+def panels(data: RunData, metric: str | None = None) -> list[str]:
     """The panels :func:`render` draws for ``data``, top to bottom.
 
-    ``estimators`` and ``drift`` always; ``log_ratio`` when histograms were logged;
-    ``by_position`` when ``by_position/<bucket>/k3`` scalars were; ``rollout_kl`` and
-    ``rollout_ratio`` when ``rollout/k3/mean`` and ``rollout/ratio/*`` were.
+    ``estimators`` and ``drift`` always; ``metric`` when :func:`user_metric` finds one (a
+    reward, or ``metric``); ``f_divergences`` when ``f/<name>/mean`` scalars were logged;
+    ``log_ratio`` when histograms were; ``by_position`` when ``by_position/<bucket>/k3``
+    scalars were; ``rollout_kl`` and ``rollout_ratio`` when ``rollout/k3/mean`` and
+    ``rollout/ratio/*`` were.
 
     >>> panels(RunData(Path("run"), "kl/"))
     ['estimators', 'drift']
     """
-    out = ["estimators", "drift"]
+    out = ["estimators"]
+    if user_metric(data, metric) is not None:
+        out.append("metric")
+    if f_divergences(data):
+        out.append("f_divergences")
+    out.append("drift")
     if data.histograms:
         out.append("log_ratio")
     if position_profile(data) is not None:
@@ -200,8 +275,8 @@ def _band(
 
 def _plot_estimators(ax: Any, data: RunData, scale: Scale, unit: str) -> None:
     # cv, the headline (honest error bars), when the run logged it (older logs have none).
-    series = {n: data.series(f"{n}/mean") for n in ("k1", "k2", "k3", "cv")}
-    nonneg = [got[1] for n, got in series.items() if got is not None and n in ("k2", "k3")]
+    series = {n: data.series(f"{n}/mean") for n in ("k1", "k2", "k3", "kl_pq", "cv")}
+    nonneg = [got[1] for n, got in series.items() if got is not None and n in ("k2", "k3", "kl_pq")]
     log = _use_log(nonneg, scale)
     # The log axis' floor comes from k2/k3 (never negative); k1 or cv near 0 would stretch it for nothing.
     positive = np.concatenate([m[np.isfinite(m) & (m > 0)] for m in nonneg] or [np.ones(1)])
@@ -217,7 +292,16 @@ def _plot_estimators(ax: Any, data: RunData, scale: Scale, unit: str) -> None:
         label = f"{name} ± {BAND_SE:g} s.e."
         top = max(top, _band(ax, got, _stderr(data, name), color, floor if log else None, label))
         shown = np.where(mean > 0, mean, np.nan) if log else mean  # k1, cv < 0: no place on a log axis
-        ax.plot(steps, shown, color=color, lw=1.8, marker="o", ms=2.5, label=f"{name} mean")
+        style = {"ls": "--", "lw": 1.4} if name == "kl_pq" else {"lw": 1.8}  # another divergence
+        ax.plot(
+            steps,
+            shown,
+            color=color,
+            marker="o",
+            ms=2.5,
+            label=f"{_EST_LABELS.get(name, name)} mean",
+            **style,
+        )
     _alert_lines(ax, data.alerts)
     if log:
         ax.set_yscale("log")
@@ -228,7 +312,6 @@ def _plot_estimators(ax: Any, data: RunData, scale: Scale, unit: str) -> None:
     )
     ax.set_ylabel(f"KL (nats {unit}){', log scale' if log else ''}")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="upper left", ncol=3, fontsize=8, framealpha=0.85)
 
 
 def _alert_lines(ax: Any, alerts: list[AlertMark]) -> None:
@@ -239,9 +322,17 @@ def _alert_lines(ax: Any, alerts: list[AlertMark]) -> None:
 def _alert_markers(
     ax: Any, alerts: list[AlertMark], on_curve: str, curve: tuple[np.ndarray, np.ndarray] | None
 ) -> None:
-    """Triangles for ``alerts``: those of rule ``on_curve`` on ``curve``, the others on the top edge."""
+    """Triangles for ``alerts``: those of rule ``on_curve`` on ``curve``, the others on the top edge.
+
+    The first alert of each (rule, level) is labelled with its rule: to the right of its marker in
+    the left part of the panel, to the left near the right edge (a label never leaves the panel;
+    the legends are outside it), one row lower than a nearby top-edge label so none overlap.
+    """
     seen: set[tuple[str, str]] = set()
     logged = set(curve[0].tolist()) if curve is not None else set()
+    lo, hi = ax.get_xlim()
+    span = max(hi - lo, 1e-12)
+    placed: list[tuple[float, int]] = []  # (x fraction, row) of the labels on the top edge
     for a in alerts:
         if a.rule == on_curve and curve is not None and a.step in logged:
             y, transform, dy = float(curve[1][int(np.searchsorted(curve[0], a.step))]), ax.transData, 6
@@ -261,9 +352,17 @@ def _alert_markers(
         label = f"alert: {a.rule} ({a.level})" if key not in seen else None
         ax.plot([a.step], [y], transform=transform, clip_on=False, label=label, **style)
         if key not in seen:
+            x = (a.step - lo) / span
+            right = x > 0.75
+            if transform is not ax.transData:
+                busy = {row for px, row in placed if abs(px - x) < 0.15}
+                row = min(set(range(len(placed) + 1)) - busy)
+                placed.append((x, row))
+                dy -= 11 * row
             ax.annotate(
-                a.rule, (a.step, y), xycoords=transform, xytext=(5, dy), textcoords="offset points", fontsize=8,
-                color=color,
+                a.rule, (a.step, y), xycoords=transform, xytext=(-6 if right else 6, dy), textcoords="offset points",
+                fontsize=8, color=color, ha="right" if right else "left", va="top" if dy < 0 else "bottom",
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75},
             )  # fmt: skip
         seen.add(key)
 
@@ -283,7 +382,6 @@ def _plot_drift(ax: Any, data: RunData, threshold: float) -> None:
     ax.set_title(title, fontsize=10.5)
     ax.set_ylabel("relative gap (unitless)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8, framealpha=0.85)
 
 
 def _step_edges(steps: np.ndarray) -> np.ndarray:
@@ -305,6 +403,15 @@ def _regrid(h: Histogram, grid: np.ndarray) -> np.ndarray:
     return np.diff(cdf)
 
 
+def _pct(share: float) -> str:
+    """A share of tokens as a percentage with the digits that matter (``0.1 %``, ``< 0.01 %``)."""
+    if share <= 0:
+        return "0 %"
+    if share < 1e-4:
+        return "< 0.01 %"
+    return f"{100 * share:.2g} %"
+
+
 _SMOOTH = np.array([1.0, 2.0, 1.0]) / 4.0
 _GAP_FILL = 4
 
@@ -317,10 +424,20 @@ def _plot_histograms(fig: Any, ax: Any, cax: Any, data: RunData) -> None:
     fine = np.linspace(lo_all, hi_all, 2001) if hi_all > lo_all else np.array([lo_all - 0.5, hi_all + 0.5])
     total = sum((_regrid(h, fine) / max(h.counts.sum(), 1.0) for h in hists), np.zeros(fine.size - 1))
     cdf = np.cumsum(total) / max(total.sum(), 1e-12)
-    lo = float(fine[int(np.searchsorted(cdf, 0.001))])
-    hi = float(fine[min(int(np.searchsorted(cdf, 0.999)) + 1, fine.size - 1)])
+    tail = (1 - CROP) / 2
+    lo = float(fine[int(np.searchsorted(cdf, tail))])
+    hi = float(fine[min(int(np.searchsorted(cdf, 1 - tail)) + 1, fine.size - 1)])
     if not hi > lo:
         lo, hi = lo - 0.5, hi + 0.5
+    # What the crop leaves out, said on the panel: the share of tokens below and above the range.
+    below = float(np.interp(lo, fine[1:], cdf, left=0.0))
+    above = float(1.0 - np.interp(hi, fine[1:], cdf, left=0.0))
+    crop = ""
+    if lo > lo_all or hi < hi_all:
+        crop = (
+            f"\ny cropped to the central {100 * CROP:g} % of tokens: {_pct(below)} below {lo:.3g}, "
+            f"{_pct(above)} above {hi:.3g} (all tokens: {lo_all:.3g} to {hi_all:.3g})"
+        )
     # Bins sized to the sample: with n tokens per window, about 2 sqrt(n) bins (20 to 100).
     n_median = float(np.median([h.counts.sum() for h in hists]))
     n_bins = int(np.clip(2 * math.sqrt(n_median), 20, 100))
@@ -354,7 +471,7 @@ def _plot_histograms(fig: Any, ax: Any, cax: Any, data: RunData) -> None:
     ax.axhline(0, color="grey", lw=0.6, alpha=0.7)
     _alert_lines(ax, data.alerts)
     ax.set_title(
-        "Distribution of the per-token log-ratio log p_ref − log p_policy (a sample of each window)",
+        "Distribution of the per-token log-ratio log p_ref − log p_policy (a sample of each window)" + crop,
         fontsize=10.5,
     )
     ax.set_ylabel("log-ratio (nats)")
@@ -398,7 +515,6 @@ def _plot_rollout_kl(ax: Any, data: RunData) -> None:
     )
     ax.set_ylabel("KL (nats per token)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8, framealpha=0.85)
 
 
 def _plot_rollout_ratio(ax: Any, data: RunData) -> None:
@@ -432,11 +548,77 @@ def _plot_rollout_ratio(ax: Any, data: RunData) -> None:
     ax.set_title("Importance ratio π_trainer / π_rollout per token: window mean and range", fontsize=10.5)
     ax.set_ylabel("ratio")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8, framealpha=0.85)
+
+
+def _headline(data: RunData) -> tuple[str, tuple[np.ndarray, np.ndarray] | None]:
+    """The headline estimator's name and series: ``cv`` (older logs have none: ``k3``)."""
+    name = "cv" if data.series("cv/mean") is not None else "k3"
+    return name, data.series(f"{name}/mean")
+
+
+def _metric_series(data: RunData, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    return data.others[metric] if metric in data.others else data.scalars[metric]
+
+
+def _plot_metric(ax: Any, data: RunData, metric: str, unit: str) -> Any:
+    """The user's metric (left axis) and the headline KL (right axis) against the step; returns the twin."""
+    steps, values = _metric_series(data, metric)
+    ax.plot(steps, values, color=_METRIC_COLOR, lw=1.6, label=metric)
+    ax.set_ylabel(metric, color=_METRIC_COLOR)
+    ax.tick_params(axis="y", colors=_METRIC_COLOR)
+    twin = ax.twinx()
+    name, head = _headline(data)
+    if head is not None:
+        twin.plot(
+            head[0], head[1], color="black", lw=1.4, ls="--", marker="o", ms=2.5, label=f"KL ({name} mean)"
+        )
+    twin.set_ylabel(f"KL ({name}, nats {unit})")
+    _alert_lines(ax, data.alerts)
+    ax.set_title(f"{metric} beside the KL: what the policy gained for the divergence it spent", fontsize=10.5)
+    ax.grid(True, alpha=0.3)
+    return twin
+
+
+def _plot_f(ax: Any, data: RunData, scale: Scale) -> None:
+    names = f_divergences(data)
+    means = [got[1] for n in names if (got := data.series(f"f/{n}/mean")) is not None]
+    log = _use_log(means, scale)
+    positive = np.concatenate([m[np.isfinite(m) & (m > 0)] for m in means] or [np.ones(1)])
+    floor = float(positive.min()) / 3 if positive.size else 1e-12
+    top = -math.inf
+    for i, name in enumerate(names):
+        got = data.series(f"f/{name}/mean")
+        assert got is not None
+        color = _F_COLORS[i % len(_F_COLORS)]
+        top = max(
+            top,
+            _band(
+                ax,
+                got,
+                _stderr(data, f"f/{name}"),
+                color,
+                floor if log else 0.0,
+                f"{name} ± {BAND_SE:g} s.e.",
+            ),
+        )
+        shown = np.where(got[1] > 0, got[1], np.nan) if log else got[1]
+        ax.plot(got[0], shown, color=color, lw=1.8, marker="o", ms=2.5, label=f"{name} mean")
+    _alert_lines(ax, data.alerts)
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(floor, max(top, float(positive.max())) * 1.5)
+    ax.set_title(
+        f"f-divergences D_f(reference ‖ policy): window mean ± {BAND_SE:g} standard errors of the mean",
+        fontsize=10.5,
+    )
+    ax.set_ylabel(f"divergence{', log scale' if log else ''}")
+    ax.grid(True, which="major", alpha=0.3)
 
 
 _HEIGHTS = {
     "estimators": 1.3,
+    "metric": 0.9,
+    "f_divergences": 1.0,
     "drift": 1.0,
     "log_ratio": 1.0,
     "by_position": 1.0,
@@ -445,11 +627,11 @@ _HEIGHTS = {
 }
 
 
-def _facts(data: RunData, unit: str) -> list[str]:
+def _facts(data: RunData, unit: str, metric: str | None) -> list[str]:
     facts = [f"{_FORMAT_LABEL[data.format]} log"]
     # The headline is cv (honest error bars at any KL); logs written before it existed have k3.
-    name = "cv" if data.series("cv/mean") is not None else "k3"
-    head, drift = data.series(f"{name}/mean"), data.series("drift_k2_k3")
+    name, head = _headline(data)
+    drift = data.series("drift_k2_k3")
     if head is not None and head[0].size:
         se = data.series(f"{name}/stderr")
         spread = (
@@ -460,6 +642,10 @@ def _facts(data: RunData, unit: str) -> list[str]:
         facts.append(f"last step {int(head[0][-1])}: KL ({name}) = {head[1][-1]:.3g}{spread} nats {unit}")
     if drift is not None and drift[0].size:
         facts.append(f"drift {drift[1][-1]:.3g}")
+    if metric is not None:
+        steps, values = _metric_series(data, metric)
+        if steps.size:
+            facts.append(f"{metric} {values[-1]:.3g}")
     rollout = data.series("rollout/k3/mean")
     if rollout is not None and rollout[0].size:
         facts.append(f"rollout KL {rollout[1][-1]:.3g}")
@@ -471,29 +657,15 @@ def _facts(data: RunData, unit: str) -> list[str]:
     return facts
 
 
-def render(
+def _figure(
     data: RunData,
-    out: str | os.PathLike[str],
-    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
-    scale: Scale = "auto",
-    title: str | None = None,
-) -> Path:
-    """Draw the dashboard of ``data`` and save it to ``out`` (format from its extension).
-
-    Args:
-        data: what :func:`load_run` read.
-        out: the image file to write (PNG by default; ``.svg`` and ``.pdf`` work too).
-        drift_threshold: the drift rule's threshold, drawn as a dashed line.
-        scale: y scale of the estimator panel: ``"auto"`` (log when all means are positive
-            and span more than a factor 30), ``"linear"`` or ``"log"``.
-        title: the figure title (default: the run directory).
-
-    Returns:
-        The path written.
-
-    Raises:
-        ValueError: ``data`` holds no ``prefix`` scalars, or matplotlib is missing.
-    """
+    drift_threshold: float,
+    scale: Scale,
+    title: str | None,
+    metric: str | None,
+    titles: dict[str, str] | None,
+) -> tuple[Any, dict[str, Any]]:
+    """The report's matplotlib ``Figure`` and its panels' axes by name (see :func:`render`)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - matplotlib is in the [plot] extra
@@ -504,18 +676,36 @@ def render(
         raise ValueError(f"scale must be 'auto', 'linear' or 'log', got {scale!r}")
     dropped = unplottable(data)
     data = _drawable(data)
+    metric = user_metric(data, metric)
     unit = "per sequence" if data.series("sequences") is not None else "per token"
-    names = panels(data)
+    names = panels(data, metric)
     heights = [_HEIGHTS[n] for n in names]
-    fig = Figure(figsize=(12, 0.9 + 3.0 * sum(heights)), layout="constrained")
+    fig = Figure(figsize=(FIG_WIDTH, 0.9 + 3.0 * sum(heights)), layout="constrained")
     # A narrow second column holds the heat maps' colour bars, so every panel is equally wide
-    # and a step lines up across all of them.
-    gs = fig.add_gridspec(len(names), 2, width_ratios=[1, 0.017], height_ratios=heights)
+    # and a step lines up across all of them; the third holds the legends, off the curves and
+    # the alert labels.
+    gs = fig.add_gridspec(len(names), 3, width_ratios=[1, 0.017, 0.19], height_ratios=heights)
     axes: dict[str, Any] = {}
     first: Any = None
     for i, name in enumerate(names):
         axes[name] = first = fig.add_subplot(gs[i, 0], sharex=first)
+    # Every panel's x range before any marker is placed: labels are placed by where they fall.
+    steps = [s for s, _ in (*data.scalars.values(), *data.others.values()) if s.size] + [
+        np.array([h.step for h in data.histograms])
+    ]
+    steps = [s for s in steps if s.size]
+    if steps:
+        x0 = float(min(s.min() for s in steps))
+        x1 = float(max(s.max() for s in steps))
+        pad = max((x1 - x0) * 0.02, 0.5)
+        first.set_xlim(x0 - pad, x1 + pad)
     _plot_estimators(axes["estimators"], data, scale, unit)
+    twins: dict[str, Any] = {}
+    if "metric" in axes:
+        assert metric is not None
+        twins["metric"] = _plot_metric(axes["metric"], data, metric, unit)
+    if "f_divergences" in axes:
+        _plot_f(axes["f_divergences"], data, scale)
     _plot_drift(axes["drift"], data, drift_threshold)
     if "log_ratio" in axes:
         _plot_histograms(fig, axes["log_ratio"], fig.add_subplot(gs[names.index("log_ratio"), 1]), data)
@@ -527,14 +717,58 @@ def render(
         _plot_rollout_kl(axes["rollout_kl"], data)
     if "rollout_ratio" in axes:
         _plot_rollout_ratio(axes["rollout_ratio"], data)
+    for i, name in enumerate(names):
+        handles, labels = axes[name].get_legend_handles_labels()
+        if name in twins:
+            more = twins[name].get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        if handles:
+            lax = fig.add_subplot(gs[i, 2])
+            lax.axis("off")
+            lax.legend(handles, labels, loc="upper left", fontsize=8, frameon=False, borderaxespad=0.0)
+        if titles is not None:
+            titles[name] = axes[name].get_title()
     for name in names[:-1]:
         axes[name].tick_params(labelbottom=False)
     axes[names[-1]].set_xlabel("trainer step (global_step)")
     head = title or f"klmonitor report: {data.run_dir}"
-    facts = _facts(data, unit)
+    facts = _facts(data, unit, metric)
     if dropped:
         facts.append(f"{sum(dropped.values())} value(s) not drawn (inf, NaN or beyond {PLOT_LIMIT:g})")
     fig.suptitle(f"{head}\n{'; '.join(facts)}", fontsize=11)
+    return fig, axes
+
+
+def render(
+    data: RunData,
+    out: str | os.PathLike[str],
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
+    scale: Scale = "auto",
+    title: str | None = None,
+    metric: str | None = None,
+    titles: dict[str, str] | None = None,
+) -> Path:
+    """Draw the dashboard of ``data`` and save it to ``out`` (format from its extension).
+
+    Args:
+        data: what :func:`load_run` read.
+        out: the image file to write (PNG by default; ``.svg`` and ``.pdf`` work too).
+        drift_threshold: the drift rule's threshold, drawn as a dashed line.
+        scale: y scale of the estimator panel: ``"auto"`` (log when all means are positive
+            and span more than a factor 30), ``"linear"`` or ``"log"``.
+        title: the figure title (default: the run directory).
+        metric: the scalar drawn beside the KL (default: a reward the run logged, see
+            :func:`user_metric`).
+        titles: a dict the report fills with ``{panel: its title}`` (see :func:`panels`).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: ``data`` holds no ``prefix`` scalars, ``metric`` was not logged, or
+            matplotlib is missing.
+    """
+    fig, _ = _figure(data, drift_threshold, scale, title, metric, titles)
     path = Path(out)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -585,6 +819,8 @@ def report(
     scale: Scale = "auto",
     format: Format | Literal["auto"] = "auto",
     notes: list[str] | None = None,
+    metric: str | None = None,
+    titles: dict[str, str] | None = None,
 ) -> Path:
     """Render the dashboard of a run logged under ``logdir``; the ``klmonitor report`` command.
 
@@ -598,7 +834,11 @@ def report(
         scale: y scale of the estimator panel (``"auto"``, ``"linear"``, ``"log"``).
         format: ``"auto"`` (detected from the files) or ``"tensorboard"``, ``"csv"``,
             ``"wandb"``.
-        notes: a list the report appends remarks to, one line each (values it did not draw).
+        notes: a list the report appends remarks to, one line each (values it did not draw,
+            the scalar drawn beside the KL).
+        metric: the run's scalar drawn beside the KL (``--metric``); default: a reward-like
+            scalar the run logged (:func:`user_metric`), if any.
+        titles: a dict the report fills with ``{panel: its title}`` (see :func:`panels`).
 
     Returns:
         The path written.
@@ -606,11 +846,26 @@ def report(
     Raises:
         FileNotFoundError: ``logdir`` (or ``run``) does not exist.
         ValueError: no run of that format, or none with ``prefix`` scalars; a log file that
-            cannot be read, is garbled or corrupt; an image that cannot be written. The
-            message names the file.
+            cannot be read, is garbled or corrupt; an image that cannot be written; a
+            ``metric`` the run did not log. The message names the file (or the metric).
     """
     root = Path(logdir)
     data = select_run(root, run=run, prefix=prefix, format=format)
+    chosen = user_metric(data, metric)
+    if notes is not None:
+        if chosen is not None:
+            words = "/".join(_METRIC_WORDS)
+            how = (
+                "--metric"
+                if metric is not None
+                else f"auto-detected: its name has '{words}'; --metric NAME picks another"
+            )
+            notes.append(f"drawn beside the KL: {chosen} ({how})")
+        elif data.others:
+            notes.append(
+                "no reward-like scalar to draw beside the KL; --metric NAME picks one of: "
+                + ", ".join(sorted(data.others)[:12])
+            )
     dropped = unplottable(data)
     if dropped and notes is not None:
         notes.append(
@@ -619,4 +874,4 @@ def report(
         )
     if out is None:
         out = (root if root.is_dir() else root.parent) / REPORT_NAME
-    return render(data, out, drift_threshold=drift_threshold, scale=scale)
+    return render(data, out, drift_threshold=drift_threshold, scale=scale, metric=chosen, titles=titles)

@@ -5,7 +5,7 @@
 ==========================================================  ==========================================
 target                                                      what it gets
 ==========================================================  ==========================================
-``torch.utils.tensorboard.SummaryWriter`` (or tensorboardX)  scalars, std bands, custom-scalars layout,
+``torch.utils.tensorboard.SummaryWriter`` (or tensorboardX)  scalars, ±2 s.e. bands, custom-scalars layout,
                                                             log-ratio histogram, alerts as text
 a ``TensorBoardLogger`` of ``lightning``,                   the same, through the logger
 ``pytorch_lightning`` or ``lightning.fabric``
@@ -26,13 +26,14 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from klmonitor import table
 from klmonitor.alerts import Alert
-from klmonitor.summary import bands, metric_name
+from klmonitor.summary import BAND_ESTIMATORS, BAND_SE, band_names, metric_name, stderr_bands
 
 log = logging.getLogger("klmonitor")
 
@@ -44,7 +45,9 @@ __all__ = [
     "WandbSink",
     "WarnOnce",
     "as_sink",
+    "band_estimators",
     "make_sinks",
+    "tensorboard_layout",
 ]
 
 WarnFn = Callable[[str, str], None]
@@ -152,7 +155,7 @@ class LoggerSink(Sink):
 
 
 class TensorBoardSink(LoggerSink):
-    """TensorBoard: scalars, std bands, a custom-scalars layout, a log-ratio histogram, alert text.
+    """TensorBoard: scalars, ±2 s.e. bands, a custom-scalars layout, a log-ratio histogram, alert text.
 
     ``target`` is a ``SummaryWriter`` or a ``TensorBoardLogger`` (either Lightning package or
     Fabric); a logger's scalars go through its ``log_metrics``, the extras through its writer.
@@ -163,45 +166,35 @@ class TensorBoardSink(LoggerSink):
     def _writer(self) -> Any:
         return self.target.experiment if _is_logger(self.target) else self.target
 
-    def layout(self) -> dict[str, Any]:
-        """The custom-scalars layout (tab *Custom Scalars*)."""
+    def __init__(self, target: Any, prefix: str = "kl/", warn_once: WarnFn | None = None) -> None:
+        super().__init__(target, prefix, warn_once)
+        self._seen: set[str] = set()
+        self._charts: frozenset[str] = frozenset()
 
-        def m(name: str) -> str:
-            return metric_name(self.prefix, name)
+    def layout(self, present: Collection[str] | None = None) -> dict[str, Any]:
+        """The custom-scalars layout (tab *Custom Scalars*): see :func:`tensorboard_layout`."""
+        return tensorboard_layout(self.prefix, present)
 
-        return {
-            "klmonitor": {
-                "KL estimators (mean)": [
-                    "Multiline",
-                    [m("k1/mean"), m("k2/mean"), m("k3/mean"), m("kl_pq/mean")],
-                ],
-                "k3 mean ± std": ["Margin", [m("k3/mean"), m("band/k3_lower"), m("band/k3_upper")]],
-                "k1 mean ± std": ["Margin", [m("k1/mean"), m("band/k1_lower"), m("band/k1_upper")]],
-                "k2 vs k3 drift": ["Multiline", [m("drift_k2_k3")]],
-                "sampling check: r - 1 in standard errors": ["Multiline", [m("r_minus_1/z")]],
-                "bad tokens": ["Multiline", [m("nonfinite"), m("extreme")]],
-                "k3 by position in the sequence (bucket of token indices)": [
-                    "Multiline",
-                    [re.escape(m("by_position/")) + r"[^/]+/k3$"],
-                ],
-                "rollout engine vs trainer: KL(rollout || trainer)": [
-                    "Multiline",
-                    [m("rollout/k3/mean"), m("rollout/k1/mean")],
-                ],
-                "rollout engine vs trainer: ratio pi_trainer / pi_rollout": [
-                    "Multiline",
-                    [m("rollout/ratio/min"), m("rollout/ratio/mean"), m("rollout/ratio/max")],
-                ],
-            }
-        }
+    def _write_layout(self, present: Collection[str]) -> None:
+        layout = self.layout(present)
+        charts = frozenset(title for charts in layout.values() for title in charts)
+        if charts == self._charts:
+            return
+        self._charts = charts
+        self._guard("write the custom-scalars layout", lambda: self._writer().add_custom_scalars(layout))
 
     def setup(self, rule_names: Sequence[str]) -> None:  # noqa: D102
-        self._guard(
-            "write the custom-scalars layout", lambda: self._writer().add_custom_scalars(self.layout())
-        )
+        # A new target (or a second fit): the layout is written afresh, the core charts first.
+        self._seen, self._charts = set(), frozenset()
+        self._write_layout(self._seen)
 
     def log_scalars(self, metrics: Mapping[str, float], step: int) -> None:  # noqa: D102
-        scalars = {**metrics, **bands(dict(metrics), self.prefix)}
+        self._seen.update(metrics)
+        self._write_layout(self._seen)  # again when a category's first numbers arrive
+        scalars = {
+            **metrics,
+            **stderr_bands(dict(metrics), self.prefix, band_estimators(metrics, self.prefix)),
+        }
         if _is_logger(self.target):
             super().log_scalars(scalars, step)
             return
@@ -304,6 +297,126 @@ class WandbSink(LoggerSink):
         if _is_logger(self.target):
             super().finalize()
         # A run the user passed stays open and unflushed: wandb flushes it on finish().
+
+
+def band_estimators(metrics: Collection[str], prefix: str = "kl/") -> tuple[str, ...]:
+    """The estimators that get bands: ``k1``, ``k3`` and each f-divergence in ``metrics`` (``f/<name>``).
+
+    >>> band_estimators(["kl/k3/mean", "kl/f/chi2/mean", "kl/f/tv/stderr"])
+    ('k1', 'k3', 'f/chi2')
+    """
+    return (*BAND_ESTIMATORS, *(f"f/{name}" for name in _f_names(metrics, prefix)))
+
+
+def _f_names(metrics: Collection[str], prefix: str) -> list[str]:
+    """The f-divergences whose means are in ``metrics``: the table's order, then a user's by name."""
+    pattern = re.compile(rf"^{re.escape(prefix)}f/(?P<name>[^/]+)/mean$")
+    found = {m["name"] for tag in metrics if (m := pattern.match(tag))}
+    return [n for n in table.F_NAMES if n in found] + sorted(found - set(table.F_NAMES))
+
+
+def _exact(tag: str) -> str:
+    """A multiline chart's tag regex that matches ``tag`` alone (TensorBoard anchors only the start)."""
+    return re.escape(tag) + "$"
+
+
+def tensorboard_layout(prefix: str = "kl/", present: Collection[str] | None = None) -> dict[str, Any]:
+    """The custom-scalars layout (``SummaryWriter.add_custom_scalars``) for the metrics ``present``.
+
+    TensorBoard colours a chart's series by run and tells the tags of one run apart by marker,
+    naming each ``tag (run)``; so every chart here holds few series, the KL estimators'
+    bands get a margin chart each, and every title says what its series are. The bands are
+    ``kl/band/<est>_{lower,upper}``: mean ± :data:`~klmonitor.summary.BAND_SE` standard errors
+    of the mean (:func:`~klmonitor.summary.stderr_bands`), as in ``klmonitor report``.
+
+    Args:
+        prefix: the metric prefix.
+        present: the metric names logged so far. A category's charts are included only when
+            their numbers are there (diagnostics, the position profile, the rollout engine, the
+            f-divergences); the KL estimators always. ``None``: every chart, the f-divergences
+            of the table.
+
+    Returns:
+        ``{category: {chart title: ["Multiline", [tag regex, ...]] or ["Margin", [mean, lower, upper]]}}``.
+
+    >>> sorted(tensorboard_layout("kl/", present=["kl/k3/mean", "kl/f/chi2/mean"]))
+    ['klmonitor: KL(policy ‖ reference)', 'klmonitor: f-divergences D_f(p ‖ q), p = reference, q = policy']
+    >>> tensorboard_layout("kl/", present=[])["klmonitor: KL(policy ‖ reference)"]["k3 mean ± 2 s.e. (unbiased, never negative)"]
+    ['Margin', ['kl/k3/mean', 'kl/band/k3_lower', 'kl/band/k3_upper']]
+    """
+
+    def m(name: str) -> str:
+        return metric_name(prefix, name)
+
+    def shown(*names: str) -> bool:
+        return present is None or any(m(n) in present for n in names)
+
+    se = f"{BAND_SE:g} s.e."
+    kl: dict[str, Any] = {
+        "window means: k1, k2, k3, cv (headline) estimate KL(policy ‖ ref); kl_pq is KL(ref ‖ policy)": [
+            "Multiline",
+            [_exact(m(f"{n}/mean")) for n in ("k1", "k2", "k3", "cv", "kl_pq")],
+        ],
+    }
+    for est, what in (("k3", "unbiased, never negative"), ("k1", "unbiased, any sign")):
+        lower, upper = band_names(prefix, est)
+        kl[f"{est} mean ± {se} ({what})"] = ["Margin", [m(f"{est}/mean"), lower, upper]]
+    layout: dict[str, Any] = {"klmonitor: KL(policy ‖ reference)": kl}
+
+    diagnostics: dict[str, Any] = {}
+    if shown("drift_k2_k3"):
+        diagnostics["drift: (k2 − k3) / k3, the policy leaving the quadratic region"] = [
+            "Multiline",
+            [_exact(m("drift_k2_k3"))],
+        ]
+    if shown("r_minus_1/z"):
+        diagnostics["sampling check: mean of r − 1 in standard errors (0 when sampled from the policy)"] = [
+            "Multiline",
+            [_exact(m("r_minus_1/z"))],
+        ]
+    if shown("nonfinite", "extreme"):
+        diagnostics["bad tokens per window: nonfinite, extreme"] = [
+            "Multiline",
+            [_exact(m("nonfinite")), _exact(m("extreme"))],
+        ]
+    if shown("ess_fraction"):
+        diagnostics["importance-sampling ESS fraction (1: reference and policy agree)"] = [
+            "Multiline",
+            [_exact(m("ess_fraction"))],
+        ]
+    by_position = re.escape(m("by_position/")) + r"[^/]+/k3$"
+    if present is None or any(re.match(by_position, t) for t in present):
+        diagnostics["k3 by position in the sequence (one series per bucket of token indices)"] = [
+            "Multiline",
+            [by_position],
+        ]
+    if diagnostics:
+        layout["klmonitor: diagnostics"] = diagnostics
+
+    if shown("rollout/k3/mean", "rollout/ratio/mean"):
+        layout["klmonitor: rollout engine vs trainer"] = {
+            "KL(rollout ‖ trainer): k3 and k1 window means": [
+                "Multiline",
+                [_exact(m("rollout/k3/mean")), _exact(m("rollout/k1/mean"))],
+            ],
+            "ratio π_trainer / π_rollout per token: window min, mean, max": [
+                "Multiline",
+                [_exact(m(f"rollout/ratio/{s}")) for s in ("min", "mean", "max")],
+            ],
+        }
+
+    f_names = list(table.F_NAMES) if present is None else _f_names(present, prefix)
+    if f_names:
+        f_charts: dict[str, Any] = {}
+        for name in f_names:
+            try:
+                what = table.entry(name).estimates
+            except KeyError:
+                what = "a user's FDivergence"
+            lower, upper = band_names(prefix, f"f/{name}")
+            f_charts[f"{name} mean ± {se}: {what}"] = ["Margin", [m(f"f/{name}/mean"), lower, upper]]
+        layout["klmonitor: f-divergences D_f(p ‖ q), p = reference, q = policy"] = f_charts
+    return layout
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

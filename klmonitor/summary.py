@@ -25,8 +25,10 @@ __all__ = [
     "KLSummary",
     "Level",
     "LEVELS",
+    "BAND_SE",
     "band_names",
     "metric_name",
+    "stderr_bands",
 ]
 
 #: The estimator names, in the order they are reported.
@@ -39,8 +41,11 @@ LEVELS: tuple[Level, ...] = ("token", "sequence")
 #: Everything reported per estimator: the four estimators and the control-variate estimate ``cv``.
 REPORTED: tuple[str, ...] = (*ESTIMATORS, "cv")
 
-#: Estimators drawn as mean ± std bands (TensorBoard margin charts).
+#: Estimators drawn with bands (TensorBoard margin charts); the f-divergences logged get theirs too.
 BAND_ESTIMATORS: tuple[str, ...] = ("k1", "k3")
+#: Half-width of the dashboards' bands around a window mean, in standard errors of the mean (about
+#: a 95 % interval): TensorBoard's margin charts and ``klmonitor report`` draw the same bands.
+BAND_SE = 2.0
 
 
 def metric_name(prefix: str, name: str) -> str:
@@ -74,6 +79,50 @@ def bands(
         if mean is not None and std is not None:
             lower, upper = band_names(prefix, est)
             out[lower], out[upper] = mean - std, mean + std
+    return out
+
+
+def _never_negative(estimator: str) -> bool:
+    """Whether every per-sample value of ``estimator`` is ``>= 0`` (``f/<name>``: any f-divergence)."""
+    if estimator.startswith("f/"):
+        return True  # f(r) - f'(1)(r - 1) >= 0 for every convex f, the built-ins' and a user's
+    name = estimator.rsplit("/", 1)[-1]
+    try:
+        return table.entry(name).nonnegative
+    except KeyError:
+        return False  # cv (k1 + lambda (r - 1)) and anything unknown: any sign
+
+
+def stderr_bands(
+    metrics: dict[str, float],
+    prefix: str,
+    estimators: Sequence[str] = BAND_ESTIMATORS,
+    width: float = BAND_SE,
+) -> dict[str, float]:
+    """Mean ± ``width`` standard errors of the mean of ``estimators`` (no logged stderr: no band).
+
+    The band is where the window's true mean plausibly lies (about 95 % for ``width=2``), the
+    same bands ``klmonitor report`` draws; a never-negative estimator's (``k3``, ``k2``,
+    ``kl_pq``, every ``f/<name>``) lower edge is cut at 0. Names come from :func:`band_names`
+    (``f/chi2`` gives ``kl/band/f/chi2_lower``).
+
+    >>> stderr_bands({"kl/k3/mean": 0.5, "kl/k3/stderr": 0.125, "kl/k1/mean": 0.5, "kl/k1/stderr": 0.5}, "kl/")
+    {'kl/band/k1_lower': -0.5, 'kl/band/k1_upper': 1.5, 'kl/band/k3_lower': 0.25, 'kl/band/k3_upper': 0.75}
+    >>> stderr_bands({"kl/k3/mean": 0.01, "kl/k3/stderr": 0.02}, "kl/")["kl/band/k3_lower"]
+    0.0
+    """
+    out: dict[str, float] = {}
+    for est in estimators:
+        mean, se = (
+            metrics.get(metric_name(prefix, f"{est}/mean")),
+            metrics.get(metric_name(prefix, f"{est}/stderr")),
+        )
+        if mean is None or se is None:
+            continue
+        lower, upper = band_names(prefix, est)
+        low = mean - width * se
+        out[lower] = max(low, 0.0) if _never_negative(est) else low
+        out[upper] = mean + width * se
     return out
 
 

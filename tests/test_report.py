@@ -31,6 +31,7 @@ from klmonitor.report import (
     report,
     select_run,
     unplottable,
+    user_metric,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -139,7 +140,7 @@ def _check_png(path: Path, min_panels: int = 2) -> tuple[int, int]:
     assert data[:8] == PNG_MAGIC
     assert data[12:16] == b"IHDR"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    assert width == 1320  # 12 inches at 110 dpi
+    assert width == 1540  # 14 inches at 110 dpi: the panels and their legend column
     assert 300 * min_panels < height < 4000, height  # about 3 inches (330 px) a panel
     assert len(data) > 20_000 * min_panels / 2  # lines and heat maps, not an empty canvas
     return width, height
@@ -148,8 +149,11 @@ def _check_png(path: Path, min_panels: int = 2) -> tuple[int, int]:
 def test_report_of_a_demo_run(demo_run: DemoResult, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(demo_run.logdir)]) == 0
     out = demo_run.logdir / "klmonitor_report.png"
-    assert capsys.readouterr().out.strip() == f"wrote {out}"
-    _check_png(out, min_panels=3)
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"wrote {out}",
+        "note: drawn beside the KL: reward (auto-detected: its name has 'reward'; --metric NAME picks another)",
+    ]
+    _check_png(out, min_panels=4)
 
 
 def test_load_run_reads_scalars_alerts_and_histograms(demo_run: DemoResult) -> None:
@@ -167,10 +171,12 @@ def test_load_run_reads_scalars_alerts_and_histograms(demo_run: DemoResult) -> N
     assert h.edges.size == h.counts.size + 1 and h.counts.sum() > 0
     assert panels(data) == [
         "estimators",
+        "metric",
         "drift",
         "log_ratio",
         "by_position",
-    ]  # the demo turns by_position on
+    ]  # the demo logs its reward and turns by_position on
+    assert user_metric(data) == "reward" and "reward" in data.others and "reward" not in data.scalars
 
 
 @pytest.mark.parametrize("fmt", ["tensorboard", "csv", "wandb"])
