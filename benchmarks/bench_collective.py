@@ -91,8 +91,7 @@ def _worker(rank: int, world: int, init: str, out: str, vocab: int) -> None:
             mon.update(**_batch(g, vocab))
             dev = mon.stats.summary_vector().device
             header = torch.zeros(2, dtype=torch.float64, device=dev)
-            parts = [header, mon.stats.summary_vector(), mon.rollout_stats.summary_vector().to(dev)]
-            parts += [p.vector(dev) for p in mon._parts()]
+            parts = [header] + [mon.window[n].vector(dev) for n in mon.window.names()]
             flat = torch.cat([v.reshape(-1) for v in parts])
             log.clear()
             dist.all_gather([torch.empty_like(flat) for _ in range(world)], flat)

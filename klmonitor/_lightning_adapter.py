@@ -24,9 +24,10 @@ from klmonitor.summary import KLSummary, Level
 __all__ = ["Extract", "LightningAdapter"]
 
 #: ``extract(outputs, batch, pl_module) -> (logprobs, ref_logprobs, mask or None)``; the tuple may
-#: go on with ``rollout_logprobs`` and ``token_ids``, or be a dict with the keys of Monitor.update.
+#: go on with ``rollout_logprobs``, ``token_ids`` and ``behaviour_logprobs``, or be a dict with the
+#: keys of Monitor.update.
 Extract = Callable[[Any, Any, Any], Any]
-_UPDATE_ARGS = ("logprobs", "ref_logprobs", "mask", "rollout_logprobs", "token_ids")
+_UPDATE_ARGS = ("logprobs", "ref_logprobs", "mask", "rollout_logprobs", "token_ids", "behaviour_logprobs")
 #: Monitor arguments the Trainer provides (its step count and loggers, its rank): not taken.
 _TRAINERS_ARGS = ("log_every_n_steps", "sinks", "rank")
 
@@ -67,13 +68,19 @@ class LightningAdapter:
             the tokens (adds KL(rollout || trainer) under kl/rollout/).
         token_ids_key: key of the optional sampled token ids (for top_sequences text and
             top_tokens).
+        behaviour_logprobs_key: key of the optional log-probs of the policy that sampled the
+            tokens, as computed at sampling time (PPO's old log-probs; adds the policy update's
+            size KL(behaviour || current) under kl/update/).
         extract: callable(outputs, batch, pl_module) -> (logprobs, ref_logprobs, mask)
-            (optionally followed by rollout_logprobs, token_ids; or a dict with those keys)
+            (optionally followed by rollout_logprobs, token_ids, behaviour_logprobs; or a dict
+            with those keys)
             for other output structures; replaces the keys.
         rules: alert rules; None uses klmonitor.alerts.default_rules with max_kl; [] disables
             alerts.
         max_kl: a KL budget per token (or per sequence at sequence level) for the default
             rules' kl_budget rule.
+        max_update_kl: a limit on the policy update's KL(behaviour || current) per token (PPO's
+            target KL) for the default rules' update_size rule.
         on_alert: a callable, or a list of them, called with each Alert on rank 0.
         stop_on: names of rules whose firing stops training (trainer.should_stop), in addition
             to rules built with stop_training=True; decided on every rank alike.
@@ -129,9 +136,11 @@ class LightningAdapter:
         mask_key: str | None = "mask",
         rollout_logprobs_key: str | None = "rollout_logprobs",
         token_ids_key: str | None = "token_ids",
+        behaviour_logprobs_key: str | None = "behaviour_logprobs",
         extract: Extract | None = None,
         rules: Sequence[Rule] | None = None,
         max_kl: float | None = None,
+        max_update_kl: float | None = None,
         on_alert: Callable[[Alert], Any] | Sequence[Callable[[Alert], Any]] | None = None,
         stop_on: Sequence[str] = (),
         histogram: bool = True,
@@ -164,6 +173,11 @@ class LightningAdapter:
             None if rollout_logprobs_key is None else check_str(rollout_logprobs_key, "rollout_logprobs_key")
         )
         self.token_ids_key = None if token_ids_key is None else check_str(token_ids_key, "token_ids_key")
+        self.behaviour_logprobs_key = (
+            None
+            if behaviour_logprobs_key is None
+            else check_str(behaviour_logprobs_key, "behaviour_logprobs_key")
+        )
         if extract is not None and not callable(extract):
             raise TypeError(
                 f"extract must be callable(outputs, batch, pl_module), got {type(extract).__name__}"
@@ -276,13 +290,14 @@ class LightningAdapter:
                         )
                     return dict(got)
                 if not isinstance(got, tuple | list) or not 3 <= len(got) <= len(_UPDATE_ARGS):
-                    raise ValueError(f"expected a tuple of 3 to 5 items or a dict, got {type(got).__name__}")
+                    raise ValueError(f"expected a tuple of 3 to 6 items or a dict, got {type(got).__name__}")
                 return dict(zip(_UPDATE_ARGS, got, strict=False))
             except Exception as exc:
                 self.monitor.problem(
                     "extract",
                     f"klmonitor: extract(outputs, batch, pl_module) failed with {type(exc).__name__}: {exc}; "
-                    "it must return (logprobs, ref_logprobs, mask or None[, rollout_logprobs[, token_ids]]) "
+                    "it must return (logprobs, ref_logprobs, mask or None[, rollout_logprobs[, token_ids"
+                    "[, behaviour_logprobs]]]) "
                     "or a dict with those keys. This step is not monitored.",
                     exc,
                 )
@@ -309,6 +324,7 @@ class LightningAdapter:
             ("mask", self.mask_key),
             ("rollout_logprobs", self.rollout_logprobs_key),
             ("token_ids", self.token_ids_key),
+            ("behaviour_logprobs", self.behaviour_logprobs_key),
         ):
             if key is not None:
                 inputs[arg] = outputs.get(key)

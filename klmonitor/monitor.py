@@ -110,6 +110,9 @@ class Monitor:
             ``max_kl``; ``[]`` disables alerts.
         max_kl: a KL budget (per token, or per sequence at sequence level) added to the
             default rules as ``kl_budget``.
+        max_update_kl: a limit on the policy update's size, KL(behaviour || current) per token
+            (PPO's target KL, ``behaviour_logprobs`` in :meth:`update`), added to the default
+            rules as ``update_size``.
         on_alert: a callable, or a list of them, called with each :class:`Alert` on rank 0.
         stop_on: names of rules whose firing sets ``WindowResult.stop`` (as do rules built
             with ``stop_training=True``); decided identically on every rank.
@@ -180,6 +183,7 @@ class Monitor:
         sinks: Any = None,
         rules: Sequence[Rule] | None = None,
         max_kl: float | None = None,
+        max_update_kl: float | None = None,
         on_alert: Callable[[Alert], Any] | Sequence[Callable[[Alert], Any]] | None = None,
         stop_on: Sequence[str] = (),
         prefix: str = "kl/",
@@ -208,8 +212,12 @@ class Monitor:
         self.prefix = check_str(prefix, "prefix", allow_empty=True)
         if max_kl is not None:
             check_number(max_kl, "max_kl", low=0.0, hint=" (a KL budget in nats) or None")
-        if rules is not None and max_kl is not None:
-            raise ValueError("pass either rules (your own list) or max_kl (for the default rules), not both")
+        if max_update_kl is not None:
+            check_number(max_update_kl, "max_update_kl", low=0.0, hint=" (nats per token) or None")
+        if rules is not None and (max_kl is not None or max_update_kl is not None):
+            raise ValueError(
+                "pass either rules (your own list) or max_kl / max_update_kl (for the default rules), not both"
+            )
         self.on_alert = check_callables(on_alert, "on_alert", "fn(alert)")
         self.histogram = check_bool(histogram, "histogram")
         self.histogram_samples = check_int(histogram_samples, "histogram_samples", low=1)
@@ -219,7 +227,7 @@ class Monitor:
         )
         self.rank = None if rank is None else check_int(rank, "rank", low=0)
         self.engine = AlertEngine(
-            list(default_rules(max_kl=max_kl) if rules is None else rules),
+            list(default_rules(max_kl=max_kl, max_update_kl=max_update_kl) if rules is None else rules),
             history_size=check_int(alert_history_size, "alert_history_size", low=1),
         )
         if isinstance(stop_on, str):
@@ -453,6 +461,7 @@ class Monitor:
         mask: Tensor | None = None,
         rollout_logprobs: Tensor | None = None,
         token_ids: Tensor | None = None,
+        behaviour_logprobs: Tensor | None = None,
     ) -> None:
         """Fold one (micro-)batch into the window, on its device, with no host sync.
 
@@ -465,6 +474,10 @@ class Monitor:
                 that sampled them (vLLM, SGLang, HF generate); adds KL(rollout || trainer).
             token_ids: optional integer ids of the sampled tokens, same shape: for
                 ``top_sequences`` (text) and ``top_tokens``.
+            behaviour_logprobs: optional, same shape: the tokens' log-probs under the policy
+                that sampled them, as the trainer computed them at sampling time (PPO's and
+                GRPO's "old" log-probs); adds the policy update's size KL(behaviour || current)
+                (``summary.policy_update``, ``kl/update/...``, the ``update_size`` rule).
 
         Bad input (wrong types, shapes or devices) is warned about once per kind and the
         batch (or the bad optional part) is skipped (under ``strict=True``:
@@ -502,6 +515,16 @@ class Monitor:
                 self._update_rollout(logp, rollout_logprobs, mask, valid)
             if diagnose:
                 self._diagnose(logp, ref, valid, ids, wants_rows)
+        if behaviour_logprobs is not None:
+            try:  # the behaviour policy sampled the tokens: it is the sampler, the current policy the reference
+                self.update_stats.update(behaviour_logprobs, logp, mask)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                self.problem(
+                    f"behaviour:{type(exc).__name__}",
+                    f"klmonitor: this batch's behaviour_logprobs were rejected: {exc}. The policy-update "
+                    "size skips the batch; the main statistics have it.",
+                    exc,
+                )
         if self.histogram:
             try:
                 self._sample_histogram(logp, ref, mask)

@@ -265,6 +265,9 @@ class KLMonitorGRPOMixin:
             mask,
             rollout_logprobs=inputs.get("sampling_per_token_logps"),
             token_ids=inputs.get("completion_ids"),
+            # The trainer's policy at generation time (TRL keeps it for the ratio when
+            # num_iterations > 1 or with vLLM): the policy update's size, kl/update/*.
+            behaviour_logprobs=inputs.get("old_per_token_logps"),
         )
 
     def _reference_logps(self, inputs: Mapping[str, Any]) -> Tensor | None:

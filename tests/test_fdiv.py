@@ -357,7 +357,8 @@ def test_checkpoint_of_other_f_divergences_is_refused_with_a_reason() -> None:
     old = Monitor(log_every_n_steps=4, rules=[])
     feed(old, range(1, 3))
     state = old.state_dict()
-    del state["config"]["f_divergences"], state["f_window"]
+    del state["config"]["f_divergences"]
+    assert "f_window" not in state
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Monitor(log_every_n_steps=4, rules=[]).load_state_dict(state)
@@ -412,15 +413,18 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             mon = Monitor(log_every_n_steps=1, level=level, f_divergences=list(BUILTINS), rules=[])
             for b in _batches(rank):
                 stats.update(*b)
-                mon.update(*b)
+                mon.update(*b, behaviour_logprobs=b[0] - 0.1 * b[1].abs().sqrt())
             mon.step(1)
             assert mon.last_summary is not None
+            up = mon.last_summary.policy_update
+            assert up is not None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 f = stats.compute().f
             result[level] = {
                 "klstats": {k: [v.mean, v.var] for k, v in f.items()},
                 "monitor": {k: [v.mean, v.var] for k, v in mon.last_summary.f.items()},
+                "update": [up.k3.mean, up.k3.var, up.tokens],
             }
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -456,3 +460,13 @@ def test_ddp_equals_one_process_over_the_union(ddp_results: list[dict], level: s
             for name in BUILTINS:
                 assert got[name][0] == pytest.approx(expected[name].mean, rel=1e-12), (rank, source, name)
                 assert got[name][1] == pytest.approx(expected[name].var, rel=1e-10), (rank, source, name)
+    if level == "token":  # the policy update's window merges over the ranks too
+        up = KLStats()
+        for rank in range(WORLD):
+            for logp, ref, mask in _batches(rank):
+                up.update(logp - 0.1 * ref.abs().sqrt(), logp, mask)
+        k3 = up.compute().k3
+        for rank in range(WORLD):
+            mean, var, tokens = ddp_results[rank][level]["update"]
+            assert mean == pytest.approx(k3.mean, rel=1e-6) and var == pytest.approx(k3.var, rel=1e-5)
+            assert tokens == up.compute().tokens

@@ -39,6 +39,7 @@ def _feed(mon: Monitor, steps: int, seed: int = 0, shift: float = 0.3, extras: b
         if extras:
             more["rollout_logprobs"] = logp + 0.05 * torch.randn(4, 16, generator=g)
             more["token_ids"] = torch.randint(0, 50, (4, 16), generator=g)
+            more["behaviour_logprobs"] = logp - 0.02 * torch.rand(4, 16, generator=g)
         mon.update(logp, ref, torch.rand(4, 16, generator=g) < 0.9, **more)
         res = mon.step(step)
         if res is not None:

@@ -352,8 +352,22 @@ def test_kl_k3_equals_trls_kl_at_every_logging_step(
             stale,
             [e["kl"] for e in second],
         )
+        # Those generation-time log-probs are the behaviour policy's: kl/update/* is the size of
+        # the policy update, KL(behaviour || current), the behaviour policy as the sampler.
+        assert len(trainer.stale_records) == len(trainer.records)
+        update = [
+            (step, old, cur, mask)
+            for (step, old, _, mask), (_, cur, _, _) in zip(
+                trainer.stale_records, trainer.records, strict=True
+            )
+        ]
+        for entry in logged:
+            want = reference_window(update, entry["step"] - 1, entry["step"])["kl/k3/mean"]
+            assert entry["kl/update/k3/mean"] == pytest.approx(want, rel=2e-4, abs=1e-7), entry["step"]
+        assert all(e["kl/update/k3/mean"] > 1e-4 for e in second), "the second pass moved the policy"
     else:
         assert trainer.stale_records == [], "aligned steps: TRL keeps no old_per_token_logps"
+        assert not any(k.startswith("kl/update/") for e in logged for k in e)
     told = [r for r in caplog.records if "no sampler log-probs" in r.getMessage()]
     assert len(told) == 1 and told[0].levelno == logging.INFO, "said once, without vLLM"
 

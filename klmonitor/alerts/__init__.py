@@ -29,6 +29,8 @@ name                   fires when                                       threshol
 ``rollout_mismatch``   KL(rollout || trainer) per token ``> threshold``  0.01       warn
                        and ``> min_z`` standard errors; 2 windows
 ``kl_budget``          the chosen estimator's mean ``> max_kl``          user's     error
+``update_size``        KL(behaviour || current) per token (k3) above     user's     warn
+                       ``max_update_kl`` by ``> min_z`` (2) s.e.
 =====================  ===============================================  =========  ========
 
 The package, one module per part (everything is importable from ``klmonitor.alerts``):
@@ -41,7 +43,8 @@ The package, one module per part (everything is importable from ``klmonitor.aler
   :mod:`~klmonitor.alerts.budget` (:class:`KLBudgetRule`, :class:`SpikeRule`),
   :mod:`~klmonitor.alerts.tokens` (:class:`NonFiniteRule`, :class:`ExtremeRule`),
   :mod:`~klmonitor.alerts.sampling` (:class:`SamplingMismatchRule`,
-  :class:`RolloutMismatchRule`), :mod:`~klmonitor.alerts.initial` (:class:`InitialKLRule`);
+  :class:`RolloutMismatchRule`), :mod:`~klmonitor.alerts.initial` (:class:`InitialKLRule`),
+  :mod:`~klmonitor.alerts.update` (:class:`UpdateSizeRule`);
 - :mod:`klmonitor.alerts.engine`: :class:`AlertEngine` and :func:`default_rules`.
 """
 
@@ -61,6 +64,7 @@ from klmonitor.alerts.event import Alert, AlertLevel, parse_alert_text
 from klmonitor.alerts.initial import InitialKLRule
 from klmonitor.alerts.sampling import RolloutMismatchRule, SamplingMismatchRule
 from klmonitor.alerts.tokens import ExtremeRule, NonFiniteRule
+from klmonitor.alerts.update import UpdateSizeRule
 
 # The private names the single-module klmonitor.alerts had, still importable from here.
 # isort: off
@@ -98,6 +102,7 @@ __all__ = [
     "SamplingMismatchRule",
     "RolloutMismatchRule",
     "SpikeRule",
+    "UpdateSizeRule",
     "DEFAULT_DRIFT_THRESHOLD",
     "default_rules",
     "parse_alert_text",

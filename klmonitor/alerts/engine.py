@@ -14,6 +14,7 @@ from klmonitor.alerts.event import Alert
 from klmonitor.alerts.initial import InitialKLRule
 from klmonitor.alerts.sampling import RolloutMismatchRule, SamplingMismatchRule
 from klmonitor.alerts.tokens import ExtremeRule, NonFiniteRule
+from klmonitor.alerts.update import UpdateSizeRule
 from klmonitor.summary import KLSummary
 
 __all__ = ["AlertEngine", "default_rules"]
@@ -103,11 +104,13 @@ class AlertEngine:
         self._history.clear()
 
 
-def default_rules(max_kl: float | None = None) -> list[Rule]:
-    """The default rules: drift, spike, nonfinite, clamped, sampling_mismatch, initial_kl, rollout_mismatch (+ kl_budget).
+def default_rules(max_kl: float | None = None, max_update_kl: float | None = None) -> list[Rule]:
+    """The default rules: drift, spike, nonfinite, extreme, sampling_mismatch, initial_kl, rollout_mismatch.
 
     Args:
         max_kl: when given, adds a :class:`KLBudgetRule` with this budget on the k3 mean.
+        max_update_kl: when given, adds an :class:`UpdateSizeRule` with this limit on the
+            policy update's KL (needs behaviour log-probs).
 
     >>> [r.name for r in default_rules(max_kl=0.1)]
     ['drift', 'spike', 'nonfinite', 'extreme', 'sampling_mismatch', 'initial_kl', 'rollout_mismatch', 'kl_budget']
@@ -123,4 +126,6 @@ def default_rules(max_kl: float | None = None) -> list[Rule]:
     ]
     if max_kl is not None:
         rules.append(KLBudgetRule(max_kl))
+    if max_update_kl is not None:
+        rules.append(UpdateSizeRule(max_update_kl))
     return rules
