@@ -146,6 +146,10 @@ class Scenario:
     stale: int = 0  # sampler weights refreshed every `stale` steps (0: every step)
     bf16: bool = False  # both sides scored in bf16
     fault_at: float = 0.0  # fraction of the run the fault starts at (for windows-to-detect)
+    # From fault_at on (when set): the reward becomes `hack_reward`, the KL penalty 0 and the
+    # learning rate `hack_lr` times larger: a reward hack found mid-run.
+    hack_reward: str | None = None
+    hack_lr: float = 1.0
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -178,6 +182,28 @@ def scenarios(quick: bool) -> list[Scenario]:
         # drift (k2 > 3 k3) in most.
         Scenario("runaway_kl", "fault", "sampling_mismatch", windows=w, lr=3e-2, kl_coef=0.0, reward="far"),
         Scenario("stale_rollout_weights", "fault", "rollout_mismatch", windows=fw, lr=1e-2, stale=10),
+        # A reward hack found mid-run: from the third of the run on, one token pays at every
+        # position and the KL penalty is gone; the policy collapses onto it.
+        Scenario(
+            "entropy_collapse",
+            "fault",
+            "entropy_collapse",
+            windows=w,
+            fault_at=1 / 3,
+            hack_reward="one_token",
+            hack_lr=3.0,
+        ),
+        # A healthy run until its middle, then the runaway's reward without a penalty: the KL,
+        # levelled by then, takes off.
+        Scenario(
+            "reward_hack_midrun",
+            "fault",
+            "kl_acceleration",
+            windows=w,
+            fault_at=0.5,
+            hack_reward="far",
+            hack_lr=3.0,
+        ),
         # The sampling check's blind spot: truncation without the sampler's log-probs. Near the
         # reference E[r] = 1 whatever the sampler, so the check waits for the policy to move,
         # or never sees it. No rule is promised here: the figures document what is seen.
@@ -189,6 +215,8 @@ def scenarios(quick: bool) -> list[Scenario]:
 
 
 def reward_fn(tokens: Tensor, mask: Tensor, logp: Tensor, ref: Tensor, kind: str) -> Tensor:
+    if kind == "one_token":  # one token pays at every position: collapse onto it
+        return ((tokens == 1) & (mask > 0)).sum(1).float()
     if kind == "far":  # a large reward for the rare tokens and no KL penalty: a runaway
         return 10.0 * ((tokens >= 1) & (tokens <= 8) & (mask > 0)).sum(1).float()
     # Sequences holding any of tokens 1..8 (rare under the reference's Zipf prior order).
@@ -209,6 +237,7 @@ def run(sc: Scenario, seed: int = 0, batch: int = 32, max_len: int = 16) -> dict
     mon = Monitor(log_every_n_steps=sc.every, sinks=[], histogram=False)
     steps = sc.every * sc.windows
     spike = None if sc.lr_spike_at is None else int(sc.lr_spike_at * steps)
+    hack_from = int(sc.fault_at * steps) if sc.hack_reward is not None else None
     dtype = torch.bfloat16 if sc.bf16 else torch.float32
     ref_bf16 = copy.deepcopy(reference).to(dtype) if sc.bf16 else reference
     values: list[tuple[float, float]] = []
@@ -230,19 +259,23 @@ def run(sc: Scenario, seed: int = 0, batch: int = 32, max_len: int = 16) -> dict
                 ref = ref.roll(1, dims=1)
         m = mask.float()
         safe_ref = torch.where(torch.isfinite(ref), ref, logp.detach())
-        r = reward_fn(tokens, m, logp, safe_ref, sc.reward)
-        shaped = r - sc.kl_coef * ((logp.detach() - safe_ref) * m).sum(1)
+        hacking = hack_from is not None and step > hack_from
+        r = reward_fn(tokens, m, logp, safe_ref, sc.hack_reward if hacking else sc.reward)  # type: ignore[arg-type]
+        kl_coef = 0.0 if hacking else sc.kl_coef
+        shaped = r - kl_coef * ((logp.detach() - safe_ref) * m).sum(1)
         loss = -((shaped - shaped.mean()) * (logp * m).sum(1)).mean()
         opt.zero_grad()
         loss.backward()
         for group in opt.param_groups:
             group["lr"] = sc.lr * (100.0 if spike is not None and spike <= step < spike + 3 else 1.0)
+            group["lr"] *= sc.hack_lr if hacking else 1.0
         opt.step()
         mon.update(logp.detach(), ref, mask, rollout_logprobs=rollout if sc.rollout else None)
         res = mon.step(step)
         if res is not None:
             window = step // sc.every
-            values.append((res.summary.k3.mean, res.summary.drift))
+            ent = res.summary.entropy
+            values.append((res.summary.k3.mean, res.summary.drift, ent.mean if ent is not None else math.nan))
             for a in res.alerts:
                 count[a.rule] = count.get(a.rule, 0) + 1
                 if fired.get(a.rule) is None:
@@ -263,6 +296,10 @@ def run(sc: Scenario, seed: int = 0, batch: int = 32, max_len: int = 16) -> dict
         "kl_last": kl[-1] if kl else math.nan,
         "kl_max": max(kl) if kl else math.nan,
         "drift_max": max((v[1] for v in values if math.isfinite(v[1])), default=math.nan),
+        "entropy_first": values[0][2] if values else math.nan,
+        "entropy_last": values[-1][2] if values else math.nan,
+        "kl_by_window": kl,
+        "entropy_by_window": [v[2] for v in values],
         "messages": {a.rule: a.message for a in mon.alert_history},
     }
 

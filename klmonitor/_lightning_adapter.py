@@ -114,6 +114,8 @@ class LightningAdapter:
         f_divergences: f-divergences to estimate beside the KL: "chi2", "hellinger", "js",
             "tv" or klmonitor.FDivergence entries; logged as kl/f/NAME/mean, std, stderr. Off
             by default.
+        entropy: estimate the policy's entropy from the sampled tokens (kl/entropy/mean, std,
+            stderr; the entropy_collapse rule).
 
     The Monitor's other arguments are the Trainer's: sinks (its loggers) and rank.
     """
@@ -161,6 +163,7 @@ class LightningAdapter:
         vocab_size: int | None = None,
         decode: Callable[[list[int]], str] | None = None,
         f_divergences: Sequence[str | FDivergence] | None = None,
+        entropy: bool = True,
     ) -> None:
         super().__init__()
         if log_every_n_steps is not None:

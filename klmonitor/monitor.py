@@ -30,7 +30,15 @@ from klmonitor import _moments as mom
 from klmonitor import estimators as est
 from klmonitor._validate import check_bool, check_callables, check_int, check_number, check_str
 from klmonitor.alerts import Alert, AlertEngine, Rule, default_rules
-from klmonitor.diagnostics import Decode, InitialCheck, PositionProfile, RatioRange, TopSequences, TopTokens
+from klmonitor.diagnostics import (
+    Decode,
+    EntropyMoments,
+    InitialCheck,
+    PositionProfile,
+    RatioRange,
+    TopSequences,
+    TopTokens,
+)
 from klmonitor.fdiv import FDivergence
 from klmonitor.sinks import Sink, WarnOnce, make_sinks
 from klmonitor.stats import KLStats
@@ -152,6 +160,8 @@ class Monitor:
         f_divergences: f-divergences to estimate beside the KL (``"chi2"``, ``"hellinger"``,
             ``"js"``, ``"tv"`` or :class:`klmonitor.FDivergence` entries): ``summary.f[name]``
             and ``kl/f/<name>/mean|std|stderr`` (see :class:`~klmonitor.KLStats`). Off by default.
+        entropy: estimate the policy's entropy from the sampled tokens (``summary.entropy``,
+            ``kl/entropy/...``, the ``entropy_collapse`` rule): a few torch ops per update.
 
     Under an initialised ``torch.distributed``, :meth:`step` and :meth:`flush` reduce the
     window over all ranks with one ``all_gather`` of a few hundred bytes per rank, plus, with
@@ -206,6 +216,7 @@ class Monitor:
         vocab_size: int | None = None,
         decode: Decode | None = None,
         f_divergences: Sequence[str | FDivergence] | None = None,
+        entropy: bool = True,
     ) -> None:
         self._lock = threading.RLock()
         self.log_every_n_steps = log_every_n_steps
@@ -257,6 +268,8 @@ class Monitor:
             level="token", clamp=clamp, extreme=extreme, backend=backend, sync_on_compute=False
         )
         self._ratio = RatioRange()
+        # -log q over the sampled tokens: the policy's entropy (summary.entropy).
+        self._entropy = EntropyMoments() if check_bool(entropy, "entropy") else None
         # The batches scored before the first optimizer step: the initial_kl rule's evidence.
         self._initial = InitialCheck()
         self._untrained = True
@@ -296,6 +309,7 @@ class Monitor:
         self.window.add("policy update", Moments(self.update_stats), key="update_window", optional=True)
         for name, part in (
             ("ratio", self._ratio),
+            ("entropy", self._entropy),
             ("positions", self.positions),
             ("sequences", self.sequences),
             ("tokens", self.tokens),
@@ -500,15 +514,15 @@ class Monitor:
             held = self._mask_bad
             self._mask_bad = bad_mask if held is None else held + bad_mask.to(held.device)
         logp, ref = logprobs.detach(), ref_logprobs.detach()
+        # The tokens KLStats counted (a numeric mask counts where it is exactly 1).
+        valid = None if mask is None else (mask if mask.dtype == torch.bool else mask == 1).to(logp.device)
+        if self._entropy is not None:
+            self._entropy.update(logp, ref, valid, self.level == "sequence")
         uses_ids = self.sequences is not None or self.tokens is not None
         ids = self._checked_ids(token_ids, logp) if token_ids is not None and uses_ids else None
         wants_rows = (self.positions is not None or self.sequences is not None) and logp.dim() == 2
         diagnose = wants_rows or (self.tokens is not None and ids is not None)
         if rollout_logprobs is not None or diagnose or self._untrained:
-            # The tokens KLStats counted (a numeric mask counts where it is exactly 1).
-            valid = (
-                None if mask is None else (mask if mask.dtype == torch.bool else mask == 1).to(logp.device)
-            )
             if self._untrained:  # scored before the first optimizer step: the initial_kl check
                 self._initial.update(logp, ref, valid)
             if rollout_logprobs is not None:
@@ -754,6 +768,8 @@ class Monitor:
                     "and are left out of top_tokens; pass the tokenizer's full size as vocab_size.",
                 )
         summary.initial = InitialCheck.read(values["initial"])
+        if "entropy" in values:
+            summary.entropy = EntropyMoments.read(values["entropy"])
         return summary, steps, batches
 
     def _reset_window(self) -> None:

@@ -195,6 +195,12 @@ class KLSummary:
             e.g. PPO's old policy), so the estimators with it as the sampler and the current
             policy as the reference estimate how far this update moved the policy (PPO's
             ``approx_kl``, with its variance; ``kl/update/...``).
+        entropy: the policy's entropy estimated from the tokens it sampled: the mean of
+            ``-log q(x)`` (per token; per sequence at sequence level), with its spread and
+            standard error (``kl/entropy/...``; :class:`~klmonitor.Monitor` only). Unbiased
+            under exact sampling; with top-k, top-p or a temperature in the sampler it is the
+            cross-entropy of the processed distribution against the policy. ``None`` without
+            tokens. The reference's cross-entropy is ``entropy.mean + k1.mean``.
         f: the requested f-divergences (``KLStats(f_divergences=...)``), by name:
             :class:`EstimatorStats` of ``f(r) - f'(1) (r - 1)`` over the same tokens (or
             sequences) as the KL estimators; empty when none was requested.
@@ -231,6 +237,7 @@ class KLSummary:
     top_tokens: list[TopToken] = field(default_factory=list)
     f: dict[str, EstimatorStats] = field(default_factory=dict)
     policy_update: KLSummary | None = None
+    entropy: EstimatorStats | None = None
 
     @property
     def kl(self) -> float:
@@ -287,6 +294,10 @@ class KLSummary:
             out.update(self.rollout.to_dict(f"{prefix}rollout/"))
         if self.initial is not None:
             out.update(self.initial.to_dict(f"{prefix}initial/"))
+        if self.entropy is not None:
+            out[f"{prefix}entropy/mean"] = self.entropy.mean
+            out[f"{prefix}entropy/std"] = self.entropy.std
+            out[f"{prefix}entropy/stderr"] = self.entropy.stderr
         if self.policy_update is not None:
             up = self.policy_update
             for name in (*ESTIMATORS, "cv"):

@@ -23,8 +23,10 @@ from klmonitor.alerts import (
     AlertEngine,
     AlertLevel,
     DriftRule,
+    EntropyCollapseRule,
     ExtremeRule,
     InitialKLRule,
+    KLAccelerationRule,
     KLBudgetRule,
     NonFiniteRule,
     RolloutMismatchRule,
@@ -33,6 +35,7 @@ from klmonitor.alerts import (
     SamplingMismatchRule,
     SpikeRule,
     ThresholdSpec,
+    UpdateSizeRule,
 )
 
 if sys.version_info >= (3, 11):
@@ -148,6 +151,9 @@ RULES: dict[type[Rule], tuple[float, ...]] = {
     SamplingMismatchRule: (),
     InitialKLRule: (),
     RolloutMismatchRule: (),
+    UpdateSizeRule: (0.05,),
+    EntropyCollapseRule: (),
+    KLAccelerationRule: (),
     TokensBelow: (1.0,),
     Windowed: (),
 }
@@ -162,6 +168,9 @@ DEFAULTS = {
     SamplingMismatchRule: (3, 10, AlertLevel.WARN),
     InitialKLRule: (1, 0, AlertLevel.WARN),
     RolloutMismatchRule: (2, 10, AlertLevel.WARN),
+    UpdateSizeRule: (1, 10, AlertLevel.WARN),
+    EntropyCollapseRule: (2, 10, AlertLevel.WARN),
+    KLAccelerationRule: (1, 10, AlertLevel.WARN),
     TokensBelow: (1, 0, AlertLevel.WARN),
     Windowed: (3, 0, AlertLevel.INFO),
 }

@@ -62,7 +62,8 @@ def test_resume_gives_identical_alerts() -> None:
     full = engine_factory()
     expected = [[a.to_dict() for a in alerts] for alerts in run(full, seq)]
     fired = {a["rule"] for alerts in expected for a in alerts}
-    assert fired == {"drift", "spike", "nonfinite", "sampling_mismatch", "kl_budget"}, fired
+    # kl_acceleration too: the sequence's KL jumps after levelling (its history resumes exactly).
+    assert fired == {"drift", "spike", "nonfinite", "sampling_mismatch", "kl_budget", "kl_acceleration"}, fired
     for split in (1, 8, 12, 16, 21, 26):
         first = engine_factory()
         head = [[a.to_dict() for a in alerts] for alerts in run(first, seq[:split])]
@@ -87,8 +88,12 @@ def test_state_dict_layout() -> None:
         "sampling_mismatch",
         "initial_kl",
         "rollout_mismatch",
+        "entropy_collapse",
+        "kl_acceleration",
         "kl_budget",
     }
+    assert state["rules"]["entropy_collapse"]["baseline"] == []  # these windows had no entropy
+    assert len(state["rules"]["kl_acceleration"]["history"]) == 5
     # No window held the untrained policy's batches (summary.initial): nothing checked yet.
     assert state["rules"]["initial_kl"] == {"streak": 0, "cooldown_left": 0, "checked": False}
     assert state["rules"]["spike"]["history"] == pytest.approx([LOW().k3.mean] * 3 + [HIGH().k3.mean] * 2)
@@ -134,6 +139,8 @@ def test_default_rules() -> None:
         "sampling_mismatch",
         "initial_kl",
         "rollout_mismatch",
+        "entropy_collapse",
+        "kl_acceleration",
     ]
     rules = default_rules(max_kl=0.2)
     budget = rules[-1]
@@ -146,6 +153,8 @@ def test_default_rules() -> None:
         "sampling_mismatch": AlertLevel.WARN,
         "initial_kl": AlertLevel.WARN,
         "rollout_mismatch": AlertLevel.WARN,
+        "entropy_collapse": AlertLevel.WARN,
+        "kl_acceleration": AlertLevel.WARN,
         "kl_budget": AlertLevel.ERROR,
     }
 
@@ -208,7 +217,11 @@ OLD_STATE: dict[str, Any] = {
 def test_a_state_saved_by_the_single_module_loads_and_decides_on() -> None:
     engine = AlertEngine(default_rules(max_kl=0.3))
     engine.load_state_dict(json.loads(json.dumps(OLD_STATE)))
-    assert engine.state_dict() == OLD_STATE  # the same layout, key for key
+    state = engine.state_dict()
+    # Rules added since (entropy_collapse, kl_acceleration) start fresh; the rest key for key.
+    assert set(state["rules"]) - set(OLD_STATE["rules"]) == {"entropy_collapse", "kl_acceleration"}
+    state["rules"] = {k: v for k, v in state["rules"].items() if k in OLD_STATE["rules"]}
+    assert state == OLD_STATE
     assert [(a.rule, a.step, a.level, a.value) for a in engine.history] == [
         ("kl_budget", 40, AlertLevel.ERROR, 0.41),
         ("nonfinite", 45, AlertLevel.ERROR, math.inf),

@@ -52,6 +52,8 @@ def test_clean_runs_stay_quiet(bench: ModuleType, name: str, windows: int) -> No
         ("runaway_kl", 6, 5),
         ("lr_spike", 12, 8),
         ("stale_rollout_weights", 3, 3),
+        ("entropy_collapse", 12, 9),  # the hack starts in window 5
+        ("reward_hack_midrun", 12, 9),  # ... in window 7
     ],
 )
 def test_planted_faults_are_caught_by_their_rule(

@@ -167,7 +167,8 @@ def test_collective_benchmark_counts_bytes_that_do_not_grow_with_the_vocabulary_
     got = out["measured"]["2"]
     name = f"top_tokens=10 (vocab {vocab:,})"
     table = 8 * (2 * vocab + 1)
-    small = 8 * (2 + 3 * SIZE + 2)  # header, three moments vectors (main, rollout, update), ratio min and max
+    # header, three moments vectors (main, rollout, update), ratio min and max, the entropy's 3
+    small = 8 * (2 + 3 * SIZE + 2 + 3)
     assert got[name]["after"]["calls"] == ["all_gather", "all_reduce"]
     assert got[name]["after"]["gathered"] == small
     assert got[name]["after"]["summed"] == table + 8 * (1 + 4)  # + ratio count, initial check

@@ -317,12 +317,12 @@ def test_two_processes_equal_one_process_over_the_union(tmp_path: Path) -> None:
     # max, the top sequences' k scores) and one all_reduce (sum) of the additive parts, sized
     # from the configuration alone: top_tokens 2 * vocab + 1, positions 2 * 12 buckets, the
     # ratio count 1, the initial check 4, top sequences k rows of 6 + 2 * max_len.
-    small = 8 * (2 + 2 * SIZE + 2 + 3)
+    small = 8 * (2 + 3 * SIZE + 2 + 3 + 3)  # + the policy-update moments and the entropy (3)
     additive = 8 * ((2 * VOCAB + 1) + 2 * 12 + 1 + 4 + 3 * (6 + 2 * 256))
     want_calls = {
         "between": [],
         "logging": [["all_gather", WORLD, small], ["all_reduce", "RedOpType.SUM", additive]],
-        "core": [["all_gather", WORLD, 8 * (2 + 2 * SIZE + 3 + 2 * 12 + 4)]],
+        "core": [["all_gather", WORLD, 8 * (2 + 3 * SIZE + 3 + 2 * 12 + 4 + 3)]],
     }
     for r in got:
         assert r["calls"] == want_calls

@@ -44,7 +44,8 @@ The package, one module per part (everything is importable from ``klmonitor.aler
   :mod:`~klmonitor.alerts.tokens` (:class:`NonFiniteRule`, :class:`ExtremeRule`),
   :mod:`~klmonitor.alerts.sampling` (:class:`SamplingMismatchRule`,
   :class:`RolloutMismatchRule`), :mod:`~klmonitor.alerts.initial` (:class:`InitialKLRule`),
-  :mod:`~klmonitor.alerts.update` (:class:`UpdateSizeRule`);
+  :mod:`~klmonitor.alerts.update` (:class:`UpdateSizeRule`), :mod:`~klmonitor.alerts.trend`
+  (:class:`EntropyCollapseRule`, :class:`KLAccelerationRule`);
 - :mod:`klmonitor.alerts.engine`: :class:`AlertEngine` and :func:`default_rules`.
 """
 
@@ -64,6 +65,7 @@ from klmonitor.alerts.event import Alert, AlertLevel, parse_alert_text
 from klmonitor.alerts.initial import InitialKLRule
 from klmonitor.alerts.sampling import RolloutMismatchRule, SamplingMismatchRule
 from klmonitor.alerts.tokens import ExtremeRule, NonFiniteRule
+from klmonitor.alerts.trend import EntropyCollapseRule, KLAccelerationRule
 from klmonitor.alerts.update import UpdateSizeRule
 
 # The private names the single-module klmonitor.alerts had, still importable from here.
@@ -103,6 +105,8 @@ __all__ = [
     "RolloutMismatchRule",
     "SpikeRule",
     "UpdateSizeRule",
+    "EntropyCollapseRule",
+    "KLAccelerationRule",
     "DEFAULT_DRIFT_THRESHOLD",
     "default_rules",
     "parse_alert_text",

@@ -14,6 +14,7 @@ from klmonitor.alerts.event import Alert
 from klmonitor.alerts.initial import InitialKLRule
 from klmonitor.alerts.sampling import RolloutMismatchRule, SamplingMismatchRule
 from klmonitor.alerts.tokens import ExtremeRule, NonFiniteRule
+from klmonitor.alerts.trend import EntropyCollapseRule, KLAccelerationRule
 from klmonitor.alerts.update import UpdateSizeRule
 from klmonitor.summary import KLSummary
 
@@ -105,7 +106,7 @@ class AlertEngine:
 
 
 def default_rules(max_kl: float | None = None, max_update_kl: float | None = None) -> list[Rule]:
-    """The default rules: drift, spike, nonfinite, extreme, sampling_mismatch, initial_kl, rollout_mismatch.
+    """The default rules: drift, spike, nonfinite, extreme, sampling_mismatch, initial_kl, rollout_mismatch, entropy_collapse, kl_acceleration.
 
     Args:
         max_kl: when given, adds a :class:`KLBudgetRule` with this budget on the k3 mean.
@@ -113,7 +114,7 @@ def default_rules(max_kl: float | None = None, max_update_kl: float | None = Non
             policy update's KL (needs behaviour log-probs).
 
     >>> [r.name for r in default_rules(max_kl=0.1)]
-    ['drift', 'spike', 'nonfinite', 'extreme', 'sampling_mismatch', 'initial_kl', 'rollout_mismatch', 'kl_budget']
+    ['drift', 'spike', 'nonfinite', 'extreme', 'sampling_mismatch', 'initial_kl', 'rollout_mismatch', 'entropy_collapse', 'kl_acceleration', 'kl_budget']
     """
     rules: list[Rule] = [
         DriftRule(),
@@ -123,6 +124,8 @@ def default_rules(max_kl: float | None = None, max_update_kl: float | None = Non
         SamplingMismatchRule(),
         InitialKLRule(),
         RolloutMismatchRule(),
+        EntropyCollapseRule(),
+        KLAccelerationRule(),
     ]
     if max_kl is not None:
         rules.append(KLBudgetRule(max_kl))
