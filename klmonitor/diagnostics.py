@@ -31,7 +31,7 @@ from torch import Tensor
 
 from klmonitor import estimators as est
 from klmonitor._merge import chan_rows
-from klmonitor._moments import LOG_MAX
+from klmonitor._moments import FLOAT32_CLAMP, LOG_MAX
 from klmonitor.summary import EstimatorStats, InitialSummary, PositionBucket, TopSequence, TopToken, read_f
 
 __all__ = [
@@ -42,10 +42,26 @@ __all__ = [
     "TopSequences",
     "TopTokens",
     "bucket_labels",
+    "token_k3",
 ]
 
 Decode = Callable[[list[int]], str]
 _LN2 = math.log(2.0)
+
+
+def token_k3(logp: Tensor, ref: Tensor, valid: Tensor | None, clamp: float) -> tuple[Tensor, Tensor]:
+    """Each token's k3 as the statistics count it, and which tokens count (``ok``).
+
+    k3 of the log-ratio clamped to ``[-clamp, clamp]``, 0 where ``valid`` is False or the
+    log-ratio is non-finite (or above 700 without a clamp below it); float64 where float32's exp
+    could overflow (a clamp above 30, as by default): exact to |l| = 700.
+    """
+    lr = est.log_ratio(logp, ref)
+    lr = lr.double() if clamp > FLOAT32_CLAMP else lr
+    ok = torch.isfinite(lr) if clamp <= LOG_MAX else torch.isfinite(lr) & (lr <= LOG_MAX)
+    ok = ok if valid is None else ok & valid
+    lz = torch.where(ok, lr, 0.0).clamp(-clamp, clamp)
+    return torch.where(ok, est.k3(lz), 0.0), ok
 
 
 class _Accumulator:
@@ -67,6 +83,13 @@ class _Accumulator:
     def vector(self, device: torch.device) -> Tensor:
         """This rank's window as a flat float64 vector on ``device``."""
         return self._state(device)
+
+    def writable(self, device: torch.device) -> Tensor:
+        """The window's vector on ``device``, for a kernel to add to in place (never shared memory)."""
+        v = self._state(device)
+        if v.is_shared() or not v.is_contiguous():
+            self._v = v = v.clone()
+        return v
 
     def load(self, vector: Tensor) -> None:
         """Replace the window (a resume); ``vector`` as from :meth:`vector`."""
@@ -418,18 +441,43 @@ class TopSequences(_Accumulator):
 
     def update(self, k3: Tensor, valid: Tensor, token_ids: Tensor | None, step: int, rank: int) -> None:
         """Fold the rows of ``[B, T]`` per-token ``k3`` (0 where not valid)."""
-        dev = k3.device
+        self.update_sums(
+            k3.sum(1, dtype=torch.float64),
+            valid.sum(1, dtype=torch.float64),
+            k3.shape[1],
+            lambda rows: k3.index_select(0, rows),
+            token_ids,
+            step,
+            rank,
+        )
+
+    def update_sums(
+        self,
+        sums: Tensor,
+        tokens: Tensor,
+        length: int,
+        k3_of: Callable[[Tensor], Tensor],
+        token_ids: Tensor | None,
+        step: int,
+        rank: int,
+    ) -> None:
+        """Fold a ``[B, length]`` batch's rows from their k3 ``sums`` and valid ``tokens`` (``[B]``).
+
+        ``k3_of(rows)`` gives the per-token k3 of the rows at the indices ``rows`` (only the
+        ``k`` best rows are asked for): the fused kernel gives the sums, and the few winning
+        rows are computed again.
+        """
+        dev = sums.device
         current = self._state(dev).reshape(self.k, self.width)
-        b, t = k3.shape
+        b, t = sums.shape[0], length
         if b == 0:
             return
-        tokens = valid.sum(1, dtype=torch.float64)
-        score = torch.where(tokens > 0, k3.sum(1, dtype=torch.float64), -math.inf)
+        score = torch.where(tokens > 0, sums, -math.inf)
         kb = min(self.k, b)
         best, rows = score.topk(kb)
         keep = min(t, self.max_len)
         kl_rows = torch.zeros(kb, self.max_len, dtype=torch.float64, device=dev)
-        kl_rows[:, :keep] = k3.index_select(0, rows)[:, :keep].double()
+        kl_rows[:, :keep] = k3_of(rows)[:, :keep].double()
         id_rows = torch.full((kb, self.max_len), -1.0, dtype=torch.float64, device=dev)
         if token_ids is not None:
             id_rows[:, :keep] = token_ids.index_select(0, rows)[:, :keep].double()

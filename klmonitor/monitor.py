@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from klmonitor import _layout as lay
-from klmonitor import _moments as mom
+from klmonitor import _native
 from klmonitor import estimators as est
 from klmonitor._validate import check_bool, check_callables, check_int, check_number, check_str
 from klmonitor.alerts import Alert, AlertEngine, Rule, default_rules
@@ -38,6 +38,7 @@ from klmonitor.diagnostics import (
     RatioRange,
     TopSequences,
     TopTokens,
+    token_k3,
 )
 from klmonitor.fdiv import FDivergence
 from klmonitor.sinks import Sink, WarnOnce, make_sinks
@@ -332,6 +333,7 @@ class Monitor:
         self._rng = random.Random(0)
         self._told_no_sinks = False
         self._step_seen = 0
+        self._pending: _native.Diagnostics | None = None
 
     # -- configuration ---------------------------------------------------------------------
     @property
@@ -498,8 +500,10 @@ class Monitor:
         :class:`KLMonitorInputError`); the open window is left intact.
         """
         self._batches += 1
+        self._pending = self._kernel_request(logprobs, token_ids)  # diagnostics in the kernel's pass
         try:
-            self.stats.update(logprobs, ref_logprobs, mask)
+            with _native.diagnosing(self._pending):
+                self.stats.update(logprobs, ref_logprobs, mask)
         except (TypeError, ValueError, RuntimeError) as exc:
             self.problem(
                 f"update:{type(exc).__name__}",
@@ -583,9 +587,53 @@ class Monitor:
             return None
         return token_ids.to(logp.device, non_blocking=True)
 
+    def _kernel_request(self, logprobs: Any, token_ids: Any) -> _native.Diagnostics | None:
+        # What the fused CPU kernel can add in its pass over this batch, if it takes the batch:
+        # the row and position-bucket sums, and the token table, written into the windows.
+        wants = self.positions is not None or self.sequences is not None or self.tokens is not None
+        if not (wants and isinstance(logprobs, Tensor) and logprobs.is_cpu and _native.available()):
+            return None
+        if self.positions is not None and self.positions.buckets > _native.MAX_BUCKETS:
+            return None
+        n, dev = logprobs.numel(), logprobs.device
+        req = _native.Diagnostics(n)
+        if logprobs.dim() == 2 and logprobs.shape[1] > 0:
+            req.row_len = logprobs.shape[1]
+            if self.sequences is not None:
+                req.row_sum, req.row_count = torch.zeros(2, logprobs.shape[0], dtype=torch.float64).unbind(0)
+            if self.positions is not None:
+                req.bucket_sum, req.bucket_count = self.positions.writable(dev).view(2, -1).unbind(0)
+        ids_ok = (
+            isinstance(token_ids, Tensor)
+            and token_ids.is_cpu
+            and not (token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool)
+            and token_ids.shape == logprobs.shape
+        )
+        if self.tokens is not None and ids_ok:
+            v = self.tokens.writable(dev)
+            vocab = self.tokens.vocab_size
+            req.ids = token_ids.reshape(-1).to(torch.int64).contiguous()
+            req.token_sum, req.token_count, req.outside = v[:vocab], v[vocab:-1], v[-1:]
+        return req
+
     def _diagnose(
         self, logp: Tensor, ref: Tensor, valid: Tensor | None, ids: Tensor | None, rows: bool
     ) -> None:
+        clamp, _ = self.stats.limits
+        req, self._pending = self._pending, None
+        if req is not None and req.done:
+            # The fused kernel added the position buckets (every row, exact) and the token
+            # table in its pass, and summed each row; only the winning rows' k3 is computed here.
+            if rows and self.sequences is not None and req.row_sum is not None and req.row_count is not None:
+
+                def k3_of(pick: Tensor) -> Tensor:
+                    sub = valid.index_select(0, pick) if valid is not None else None
+                    return token_k3(logp.index_select(0, pick), ref.index_select(0, pick), sub, clamp)[0]
+
+                self.sequences.update_sums(
+                    req.row_sum, req.row_count, logp.shape[1], k3_of, ids, self._step_seen, self._rank()
+                )
+            return
         # One per-token k3 shared by the position profile, the top sequences and the top tokens.
         # When only the position profile wants it, a strided sample of `position_rows` rows at
         # a random offset (a view: no copy, no host sync) bounds its cost whatever the batch.
@@ -597,14 +645,7 @@ class Monitor:
             pick = slice(start, start + stride * self.position_rows, stride)
             logp, ref = logp[pick], ref[pick]
             valid = valid[pick] if valid is not None else None
-        clamp, _ = self.stats.limits
-        # float64 where float32's exp could overflow (no clamp, by default): exact k3 to |l| = 700
-        lr = est.log_ratio(logp, ref)
-        lr = lr.double() if clamp > mom.FLOAT32_CLAMP else lr
-        ok = torch.isfinite(lr) if clamp <= mom.LOG_MAX else torch.isfinite(lr) & (lr <= mom.LOG_MAX)
-        ok = ok if valid is None else ok & valid
-        lz = torch.where(ok, lr, 0.0).clamp(-clamp, clamp)
-        k3 = torch.where(ok, est.k3(lz), 0.0)
+        k3, ok = token_k3(logp, ref, valid, clamp)
         if rows and self.positions is not None:
             self.positions.update(k3, ok)
         if rows and self.sequences is not None:

@@ -70,14 +70,16 @@ def test_hf_trainer(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     out = _run("hf_trainer.py", "--steps", "4", "--log-every", "2", "--logdir", "logs", cwd=tmp_path)
     assert "final KL per token: k1" in out
-    data = load_run(tmp_path / "logs" / "tb")  # the Trainer's TensorBoard run
-    assert data.scalars["kl/k3/mean"][0].tolist() == [2, 4]
+    (run,) = (tmp_path / "logs" / "hf_trainer" / "runs").iterdir()  # the Trainer's one TensorBoard run
+    data = load_run(run, prefix="train/kl/")  # kl/* beside train/loss, named as the loss is
+    assert data.scalars["train/kl/k3/mean"][0].tolist() == [2, 4]
 
 
 def test_trl_grpo(tmp_path: Path) -> None:
     pytest.importorskip("trl")
     out = _run("trl_grpo.py", "--steps", "4", "--log-every", "2", "--logdir", "logs", cwd=tmp_path)
     assert "final KL per token: k1" in out
-    data = load_run(tmp_path / "logs" / "tb")
-    assert data.scalars["kl/k3/mean"][0].tolist() == [2, 4]
-    assert data.scalars["kl/k3/mean"][1][-1] > 0, "the policy moved away from the reference"
+    (run,) = (tmp_path / "logs" / "trl_grpo" / "runs").iterdir()  # TRL's own run (train/kl is there)
+    data = load_run(run, prefix="train/kl/")
+    assert data.scalars["train/kl/k3/mean"][0].tolist() == [2, 4]
+    assert data.scalars["train/kl/k3/mean"][1][-1] > 0, "the policy moved away from the reference"

@@ -43,7 +43,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -534,7 +537,8 @@ def fold(
     estimators; values are exact at any clamp (float64 where float32 would overflow).
     ``threshold`` (> 0) is the |log-ratio| above which a valid token counts as extreme
     (callers pass ``min(extreme, clamp)``). One C call does the shift sample, the shifted sums
-    (split over torch's thread count from 64K tokens) and Chan's merge.
+    (split over torch's thread count from 64K tokens) and Chan's merge. Inside
+    :func:`diagnosing`, a matching request's diagnostics come from the same pass.
     """
     lib = load()
     if lib is None:
@@ -542,6 +546,11 @@ def fold(
     _check_fold_args(lib, logp, ref, mask, clamp, threshold, acc)
     n = logp.numel()
     workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
+    request: Diagnostics | None = getattr(_pending, "request", None)
+    if request is not None and not request.done and request.n == n:
+        if _fold_diag(lib, request, logp, ref, mask, clamp, threshold, workers, acc):
+            request.done = True
+            return
     mp = mask.data_ptr() if mask is not None else None
     dt = _DTYPE_CODES[logp.dtype]
     if not lib.klm_fold(
@@ -636,3 +645,102 @@ def _fold_threads(
     sums = parts.sum(axis=0)
     sums[15] = parts[:, 15].max()
     lib.klm_fold_sums(acc.ctypes.data, sp, sums.ctypes.data)
+
+
+#: Most position buckets the kernel sums in its pass.
+MAX_BUCKETS = _selftest.MAX_BUCKETS
+_pending = threading.local()
+
+
+@dataclass
+class Diagnostics:
+    """Diagnostics the next :func:`fold` of ``n`` tokens on this thread computes in its own pass.
+
+    Each output is a contiguous float64 CPU tensor that the kernel adds to in place (``None``:
+    that part off): per row of ``row_len`` tokens, the k3 sum and valid tokens (``row_sum``,
+    ``row_count``, ``[n / row_len]``); per position bucket (0-1, 2-3, 4-7, ..., the last open;
+    at most :data:`MAX_BUCKETS`) the same (``bucket_sum``, ``bucket_count``); per token id of
+    ``ids`` (int64, ``n``) in ``[0, vocab)`` the same (``token_sum``, ``token_count``), and the
+    valid tokens with an id outside in ``outside`` (one number). k3 is each token's, as the
+    moments use it (clamped; 0 where masked or non-finite; exact in float64 above |l| = 30).
+    ``done`` turns true when a fold computed them; where no fold did (another backend took
+    the batch), the outputs are untouched.
+    """
+
+    n: int
+    row_len: int = 0
+    row_sum: Tensor | None = None
+    row_count: Tensor | None = None
+    bucket_sum: Tensor | None = None
+    bucket_count: Tensor | None = None
+    ids: Tensor | None = None
+    token_sum: Tensor | None = None
+    token_count: Tensor | None = None
+    outside: Tensor | None = None
+    done: bool = False
+
+    def _struct(self) -> _selftest.Diag:
+        """The ``klm_diag`` of these outputs, after checking each (raise ValueError)."""
+
+        def buf(t: Tensor | None, name: str, size: int, dtype: torch.dtype = torch.float64) -> int | None:
+            if t is None:
+                return None
+            if not (isinstance(t, Tensor) and t.is_cpu and t.is_contiguous() and t.dtype == dtype):
+                raise ValueError(f"Diagnostics.{name} must be a contiguous CPU {dtype} tensor")
+            if t.numel() != size:
+                raise ValueError(f"Diagnostics.{name} has {t.numel()} elements, not {size}")
+            return int(t.data_ptr())
+
+        n, row_len = self.n, self.row_len
+        if row_len < 0 or (row_len and n % row_len):
+            raise ValueError(f"Diagnostics: {n} tokens do not split into rows of {row_len}")
+        rows = n // row_len if row_len else 0
+        if (self.row_sum is None) != (self.row_count is None) or (self.row_sum is not None and not row_len):
+            raise ValueError("Diagnostics: row_sum and row_count go together, with row_len > 0")
+        buckets = 0 if self.bucket_sum is None else self.bucket_sum.numel()
+        if buckets and not (row_len and buckets <= MAX_BUCKETS and self.bucket_count is not None):
+            raise ValueError(
+                f"Diagnostics: position buckets need row_len > 0 and at most {MAX_BUCKETS} buckets"
+            )
+        vocab = 0 if self.token_sum is None else self.token_sum.numel()
+        if (self.ids is None) != (self.token_sum is None) or (vocab == 0 and self.ids is not None):
+            raise ValueError("Diagnostics: ids and token_sum go together (with token_count and outside)")
+        return _selftest.Diag(
+            row_len,
+            buf(self.row_sum, "row_sum", rows),
+            buf(self.row_count, "row_count", rows),
+            buckets,
+            buf(self.bucket_sum, "bucket_sum", buckets),
+            buf(self.bucket_count, "bucket_count", buckets),
+            buf(self.ids, "ids", n if self.ids is not None else 0, torch.int64),
+            vocab,
+            buf(self.token_sum, "token_sum", vocab),
+            buf(self.token_count, "token_count", vocab) if self.ids is not None else None,
+            buf(self.outside, "outside", 1) if self.ids is not None else None,
+        )
+
+
+@contextmanager
+def diagnosing(request: Diagnostics | None) -> Iterator[Diagnostics | None]:
+    """Ask the first :func:`fold` of ``request.n`` tokens on this thread, in the block, for ``request``.
+
+    ``None`` asks for nothing; the request's ``done`` says whether a fold computed it.
+    """
+    before = getattr(_pending, "request", None)
+    _pending.request = request
+    try:
+        yield request
+    finally:
+        _pending.request = before
+
+
+def _fold_diag(lib: ctypes.CDLL, request: Diagnostics, logp: Tensor, ref: Tensor, mask: Tensor | None,
+               clamp: float, threshold: float, workers: int, acc: np.ndarray) -> bool:  # fmt: skip
+    """:func:`fold` with ``request``'s diagnostics in the same pass; False where the kernel refused."""
+    d = request._struct()
+    mp = mask.data_ptr() if mask is not None else None
+    args = (logp.data_ptr(), ref.data_ptr(), _DTYPE_CODES[logp.dtype], mp, logp.numel(), clamp, threshold)
+    rc = lib.klm_fold_diag(*args, workers, acc.ctypes.data, ctypes.byref(d))
+    if rc == 0:  # built without OpenMP: one thread reads the batch (the diagnostics' sums are shared)
+        rc = lib.klm_fold_diag(*args, 1, acc.ctypes.data, ctypes.byref(d))
+    return bool(rc == 1)

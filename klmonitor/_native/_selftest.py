@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 #: The interface this module speaks (``klm_abi_version`` in moments.c).
-ABI_VERSION = 3
+ABI_VERSION = 4
 # Element types the kernel knows (codes as in moments.c).
 FLOAT32, BFLOAT16, FLOAT16 = 0, 1, 2
 #: Batch sizes of the sweep: one token, a scalar tail only, one vector, the float body's block
@@ -27,6 +27,26 @@ FLOAT32, BFLOAT16, FLOAT16 = 0, 1, 2
 SIZES = (1, 7, 8, 511, 512, 513, 4097, 140_001)
 #: The split of the largest batch: this many slices (OpenMP threads, or C calls per slice).
 SPLIT_WORKERS = 3
+#: Most position buckets ``klm_fold_diag`` sums (``KLM_MAX_BUCKETS`` in moments.c).
+MAX_BUCKETS = 64
+
+
+class Diag(ctypes.Structure):
+    """``klm_diag`` of moments.c: what ``klm_fold_diag`` adds to (NULL, 0: that part is off)."""
+
+    _fields_ = [
+        ("row_len", ctypes.c_int64),
+        ("row_sum", ctypes.c_void_p),
+        ("row_count", ctypes.c_void_p),
+        ("buckets", ctypes.c_int64),
+        ("bucket_sum", ctypes.c_void_p),
+        ("bucket_count", ctypes.c_void_p),
+        ("ids", ctypes.c_void_p),
+        ("vocab", ctypes.c_int64),
+        ("token_sum", ctypes.c_void_p),
+        ("token_count", ctypes.c_void_p),
+        ("outside", ctypes.c_void_p),
+    ]
 
 
 def bind(lib: ctypes.CDLL) -> None:
@@ -42,6 +62,7 @@ def bind(lib: ctypes.CDLL) -> None:
         "klm_sample_shift": ([p, p, cint, p, i64, f32, p], None),
         "klm_token_moments": ([p, p, cint, p, i64, i64, p, f32, f32, p], None),
         "klm_fold": ([p, p, cint, p, i64, f32, f32, cint, p], cint),
+        "klm_fold_diag": ([p, p, cint, p, i64, f32, f32, cint, p, ctypes.POINTER(Diag)], cint),
         "klm_fold_sums": ([p, p, p], None),
         "klm_vector_size": ([], cint),
         "klm_reads_dtype": ([cint], cint),
@@ -153,6 +174,77 @@ def _compare(got: np.ndarray, want: np.ndarray, layout: Any) -> bool:
     )
 
 
+def bucket_index(length: int, buckets: int) -> np.ndarray:
+    """Each position's bucket: ``floor(log2(max(pos, 1)))`` capped at ``buckets - 1``."""
+    pos = np.maximum(np.arange(length), 1)
+    return np.minimum(np.floor(np.log2(pos)).astype(np.int64), buckets - 1)
+
+
+def reference_diagnostics(
+    logp: np.ndarray, ref: np.ndarray, mask: np.ndarray, ids: np.ndarray, rows: int, clamp: float, buckets: int, vocab: int
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """``klm_fold_diag``'s outputs for one batch of ``rows`` rows in float64 numpy (values as float64)."""
+    with np.errstate(all="ignore"):
+        good = mask & np.isfinite(ref.astype(np.float32) - logp.astype(np.float32))
+        lc = np.clip(np.where(good, ref - logp, 0.0), -clamp, clamp)
+        k3 = np.where(good, np.expm1(lc) - lc, 0.0)
+    k3r, gr = k3.reshape(rows, -1), good.reshape(rows, -1).astype(np.float64)
+    idx = bucket_index(k3r.shape[1], buckets)
+    inside = (ids >= 0) & (ids < vocab)
+    use = good & inside
+    return {
+        "row_sum": k3r.sum(1),
+        "row_count": gr.sum(1),
+        "bucket_sum": np.bincount(idx, k3r.sum(0), minlength=buckets),
+        "bucket_count": np.bincount(idx, gr.sum(0), minlength=buckets),
+        "token_sum": np.bincount(ids[use], k3[use], minlength=vocab),
+        "token_count": np.bincount(ids[use], minlength=vocab).astype(np.float64),
+        "outside": np.array([float((good & ~inside).sum())]),
+    }
+
+
+def fold_diag_outputs(
+    lib: ctypes.CDLL, lp: np.ndarray, rp: np.ndarray, code: int, mask: np.ndarray, ids: np.ndarray,
+    rows: int, clamp: float, buckets: int, vocab: int, workers: int, size: int,
+) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """``klm_fold_diag`` on numpy arrays: (its return, the moments vector, its outputs)."""
+    out = {
+        "row_sum": np.zeros(rows), "row_count": np.zeros(rows),
+        "bucket_sum": np.zeros(buckets), "bucket_count": np.zeros(buckets),
+        "token_sum": np.zeros(vocab), "token_count": np.zeros(vocab), "outside": np.zeros(1),
+    }  # fmt: skip
+    ids64 = np.ascontiguousarray(ids, dtype=np.int64)
+    d = Diag(lp.size // rows, out["row_sum"].ctypes.data, out["row_count"].ctypes.data, buckets,
+             out["bucket_sum"].ctypes.data, out["bucket_count"].ctypes.data, ids64.ctypes.data, vocab,
+             out["token_sum"].ctypes.data, out["token_count"].ctypes.data, out["outside"].ctypes.data)  # fmt: skip
+    acc = np.zeros(size, dtype=np.float64)
+    rc = lib.klm_fold_diag(lp.ctypes.data, rp.ctypes.data, code, mask.ctypes.data, lp.size, clamp, 20.0, workers, acc.ctypes.data, ctypes.byref(d))  # fmt: skip
+    if rc == 0:  # built without OpenMP: one thread
+        rc = lib.klm_fold_diag(lp.ctypes.data, rp.ctypes.data, code, mask.ctypes.data, lp.size, clamp, 20.0, 1, acc.ctypes.data, ctypes.byref(d))  # fmt: skip
+    return rc, acc, out
+
+
+def _diag_problem(lib: ctypes.CDLL, layout: Any) -> str | None:
+    """Why ``klm_fold_diag``'s diagnostics or moments differ from the references, or ``None``."""
+    for rows, cols, clamp, workers in ((1, 1, float("inf"), 1), (3, 1367, float("inf"), 1), (3, 1367, 5.0, 1), (7, 20001, float("inf"), SPLIT_WORKERS)):  # fmt: skip
+        logp, ref, mask = _batch(rows * cols, rows * cols + 7)
+        ids = np.random.default_rng(rows).integers(-2, 300, rows * cols)
+        lp, rp = np.ascontiguousarray(logp, np.float32), np.ascontiguousarray(ref, np.float32)
+        mk = np.ascontiguousarray(mask, dtype=np.bool_)
+        rc, acc, got = fold_diag_outputs(lib, lp, rp, FLOAT32, mk, ids, rows, clamp, 12, 290, workers, layout.SIZE)  # fmt: skip
+        l64, r64 = lp.astype(np.float64), rp.astype(np.float64)
+        want = reference_diagnostics(l64, r64, mk, ids, rows, clamp, 12, 290)
+        moments = reference_moments(l64, r64, mk, clamp, 20.0, layout)
+        bad = [
+            k
+            for k in want
+            if not np.allclose(got[k], want[k], rtol=1e-5, atol=1e-9 * (1 + np.abs(want[k]).max()))
+        ]
+        if rc != 1 or bad or not _compare(acc, moments, layout):
+            return f"klm_fold_diag gave wrong numbers on a {rows} x {cols} self-test batch (clamp={clamp}, return {rc}, wrong: {bad or 'moments'})"  # fmt: skip
+    return None
+
+
 def run(lib: ctypes.CDLL, layout: Any) -> str | None:
     """Why the library's numbers differ from the float64 reference, or ``None``.
 
@@ -205,7 +297,7 @@ def run(lib: ctypes.CDLL, layout: Any) -> str | None:
             why = fold(logp, ref, mask, FLOAT32, float("inf"), 20.0, how)
             if why:
                 return why
-    return None
+    return _diag_problem(lib, layout)
 
 
 def _load_layout(path: str) -> ModuleType:

@@ -42,6 +42,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -205,6 +206,136 @@ static void exact_quantities(double l, double q[NQ]) {
     }
 }
 
+/* ---- Diagnostics in the same pass (klm_fold_diag) ----------------------------------------
+ * Per-token k3 is computed by the bodies anyway; with diagnostics on, each block's k3 (0 for a
+ * token outside the float sums) and weights (1 for a token in them) are kept in the block's
+ * buffers, which stay in L1, and after the block:
+ *  - per row of a [B, T] batch: its k3 sum and valid tokens (top_sequences),
+ *  - per position bucket (0-1, 2-3, 4-7, ..., the last open: floor(log2(max(pos, 1))) capped
+ *    at buckets - 1, as PositionProfile): k3 sum and valid tokens (by_position, every row),
+ *  - per token id (top_tokens): k3 sum and count into a float64 table of the vocabulary; valid
+ *    tokens with an id outside [0, vocab) are counted apart.
+ * Tokens the rescan adds in double (|l| > 30 above a clamp of 30) add their double k3 and a
+ * count of 1 (diag_token). Sums are float64 over the float k3 of each token. */
+#define KLM_MAX_BUCKETS 64
+
+/* What klm_fold_diag writes (a ctypes Structure mirrors it in __init__.py). Every output is
+ * added to, never overwritten; a NULL pointer (or 0 size) turns its part off. */
+typedef struct {
+    int64_t row_len;       /* T of a [B, T] batch; 0: no rows (row sums and buckets off) */
+    double* row_sum;       /* [n / T]: k3 sum per row */
+    double* row_count;     /* [n / T]: valid tokens per row */
+    int64_t buckets;       /* position buckets, 0 (off) to KLM_MAX_BUCKETS */
+    double* bucket_sum;    /* [buckets] */
+    double* bucket_count;  /* [buckets] */
+    const int64_t* ids;    /* [n] token ids; NULL: no token table */
+    int64_t vocab;         /* ids in [0, vocab) have a slot */
+    double* token_sum;     /* [vocab] */
+    double* token_count;   /* [vocab] */
+    double* outside;       /* [1]: valid tokens whose id is outside [0, vocab) */
+} klm_diag;
+
+/* One thread's share: rows its range shares with a neighbour's (the first and last row it
+ * touches) and the buckets are summed privately and added once the threads are done; rows in
+ * between go straight to the output. The token table is the output's own for one thread, a
+ * private one (tok_sum, tok_count) for each further thread. */
+typedef struct {
+    const klm_diag* d;
+    int64_t first_row, last_row;
+    double edge_sum[2], edge_count[2];
+    double bsum[KLM_MAX_BUCKETS], bcount[KLM_MAX_BUCKETS];
+    double* tok_sum;
+    double* tok_count;
+    double outside;
+} diag_part;
+
+static inline int64_t bucket_of(int64_t pos, int64_t buckets) {
+    int64_t b = pos < 2 ? 0 : 63 - __builtin_clzll((unsigned long long)pos);
+    return b < buckets - 1 ? b : buckets - 1;
+}
+
+static inline void diag_row_add(diag_part* p, int64_t row, double s, double c) {
+    if (!p->d->row_sum) return;
+    if (row == p->first_row) {
+        p->edge_sum[0] += s; p->edge_count[0] += c;
+    } else if (row == p->last_row) {
+        p->edge_sum[1] += s; p->edge_count[1] += c;
+    } else {
+        p->d->row_sum[row] += s; p->d->row_count[row] += c;
+    }
+}
+
+/* One token of k3 (double) and count 1, at global index i (a token the rescan added). */
+static void diag_token(diag_part* p, int64_t i, double k3) {
+    const klm_diag* d = p->d;
+    if (d->row_len > 0) {
+        const int64_t row = i / d->row_len, pos = i - row * d->row_len;
+        diag_row_add(p, row, k3, 1.0);
+        if (d->buckets > 0) {
+            const int64_t b = bucket_of(pos, d->buckets);
+            p->bsum[b] += k3; p->bcount[b] += 1.0;
+        }
+    }
+    if (d->ids) {
+        const int64_t id = d->ids[i];
+        if ((uint64_t)id < (uint64_t)d->vocab) {
+            p->tok_sum[id] += k3; p->tok_count[id] += 1.0;
+        } else {
+            p->outside += 1.0;
+        }
+    }
+}
+
+/* The block of nb tokens at global index g0: k3 in bk, weights (1 or 0) in bw. */
+static void diag_block(diag_part* p, int64_t g0, int nb, const float* bk, const float* bw) {
+    const klm_diag* d = p->d;
+    const int64_t T = d->row_len;
+    if (T > 0 && (d->row_sum || d->buckets > 0)) {
+        int64_t row = g0 / T, pos = g0 - row * T;
+        int k = 0;
+        while (k < nb) {
+            int64_t b = 0, stop = T;  /* this segment: one bucket of one row */
+            if (d->buckets > 0) {
+                b = bucket_of(pos, d->buckets);
+                if (b < d->buckets - 1 && ((int64_t)2 << b) < T) stop = (int64_t)2 << b;
+            }
+            int len = (int)(stop - pos < nb - k ? stop - pos : nb - k);
+            double s = 0, c = 0;
+            for (int j = k; j < k + len; j++) {
+                s += bk[j];
+                c += bw[j];
+            }
+            diag_row_add(p, row, s, c);
+            if (d->buckets > 0) {
+                p->bsum[b] += s; p->bcount[b] += c;
+            }
+            k += len;
+            pos += len;
+            if (pos == T) {
+                row++;
+                pos = 0;
+            }
+        }
+    }
+    if (d->ids) {
+        const int64_t* ids = d->ids + g0;
+        const uint64_t V = (uint64_t)d->vocab;
+        double* ts = p->tok_sum;
+        double* tc = p->tok_count;
+        double out = 0;
+        for (int j = 0; j < nb; j++) {
+            const int64_t id = ids[j];
+            if ((uint64_t)id < V) {
+                ts[id] += bk[j];
+                tc[id] += bw[j];
+            } else {
+                out += bw[j];
+            }
+        }
+        p->outside += out;
+    }
+}
+
 /* Token i of a block being scanned again, unless masked out: if its |l| is finite and above
  * threshold, it is counted in out[14] (extreme); if the clamp exceeds 30 and its |l| does
  * too (the float body gave it weight 0), its six quantities are computed in double from
@@ -212,7 +343,8 @@ static void exact_quantities(double l, double q[NQ]) {
  * and the count out[12]. The float l, as the float body computes it, decides both, so every
  * valid finite token lands in exactly one of the two bodies. Returns 1 for a token added. */
 static int rescan_token(const void* logp, const void* ref, int dtype, const uint8_t* mask,
-                        int64_t i, const float* shift, float clamp, float threshold, double* out) {
+                        int64_t i, const float* shift, float clamp, float threshold, double* out,
+                        diag_part* dp, int64_t off) {
     if (mask && !mask[i]) return 0;
     const float lp = load1(logp, i, dtype), rf = load1(ref, i, dtype);
     const float al = absf(rf - lp);
@@ -230,14 +362,16 @@ static int rescan_token(const void* logp, const void* ref, int dtype, const uint
         out[NQ + k] += d * d;
     }
     out[12] += 1;
+    if (dp) diag_token(dp, off + i, q[2]);
     return 1;
 }
 
 /* Every token of [lo, hi) through rescan_token (the portable body's rescan). */
 static void rescan_block(const void* logp, const void* ref, int dtype, const uint8_t* mask,
                          int64_t lo, int64_t hi, const float* shift, float clamp, float threshold,
-                         double* out) {
-    for (int64_t i = lo; i < hi; i++) rescan_token(logp, ref, dtype, mask, i, shift, clamp, threshold, out);
+                         double* out, diag_part* dp, int64_t off) {
+    for (int64_t i = lo; i < hi; i++)
+        rescan_token(logp, ref, dtype, mask, i, shift, clamp, threshold, out, dp, off);
 }
 
 /* One block of at most BLOCK tokens, accumulated in float (exact for the counts; for the
@@ -249,7 +383,7 @@ static void rescan_block(const void* logp, const void* ref, int dtype, const uin
  * A token is in the float sums where it is valid (masked in, finite) and |l| <= bound; the
  * block's max |l| runs over every valid token. */
 #define BLOCK 512
-#define BODY(MASK_EXPR)                                                                        \
+#define BODY(MASK_EXPR, STORE)                                                                  \
     for (int64_t i = blo; i < bhi; i++) {                                                 \
         float l = ref[i] - logp[i];                                                       \
         float m = (MASK_EXPR);                                                            \
@@ -272,13 +406,16 @@ static void rescan_block(const void* logp, const void* ref, int dtype, const uin
         fnonfinite += finite ? 0.f : m;                                                   \
         int32_t bits = float_bits(av);                                                    \
         bmax = bmax > bits ? bmax : bits;                                                 \
+        STORE;                                                                            \
     }
 
 /* Shifted sums over float32 tokens [lo, hi) (see BODY and rescan_token): the portable body,
  * compiled for the baseline target. out as klm_token_moments writes it. */
 static void range_float_blocks(const float* restrict logp, const float* restrict ref,
                                const uint8_t* restrict mask, int64_t lo, int64_t hi,
-                               const float* shift, float clamp, float threshold, double* out) {
+                               const float* shift, float clamp, float threshold, double* out,
+                               diag_part* dp, int64_t off) {
+    float bk[BLOCK], bw[BLOCK];  /* with dp: the block's k3 and weights (see diag_block) */
     const float s0 = shift[0], s1 = shift[1], s2 = shift[2];
     const float s3 = shift[3], s4 = shift[4], s5 = shift[5];
     const float bound = float_bound(clamp), up = usable_up_to(clamp);
@@ -292,16 +429,25 @@ static void range_float_blocks(const float* restrict logp, const float* restrict
         double fb5 = 0;
         float fcnt = 0, fnonfinite = 0;
         int32_t bmax = 0;
-        if (mask) {
-            BODY((float)(mask[i] != 0))
+#define KEEP (bk[i - blo] = q[2], bw[i - blo] = g)
+        if (dp) {
+            if (mask) {
+                BODY((float)(mask[i] != 0), KEEP)
+            } else {
+                BODY(1.f, KEEP)
+            }
+            diag_block(dp, off + blo, (int)(bhi - blo), bk, bw);
+        } else if (mask) {
+            BODY((float)(mask[i] != 0), (void)0)
         } else {
-            BODY(1.f)
+            BODY(1.f, (void)0)
         }
+#undef KEEP
         acc[0] += fa0; acc[1] += fa1; acc[2] += fa2; acc[3] += fa3; acc[4] += fa4; acc[5] += fa5;
         acc[6] += fb0; acc[7] += fb1; acc[8] += fb2; acc[9] += fb3; acc[10] += fb4; acc[11] += fb5;
         acc[12] += fcnt; acc[13] += fnonfinite;
         if (bmax > rbits) {  /* some valid |l| above the threshold or 30: rare */
-            rescan_block(logp, ref, KLM_F32, mask, blo, bhi, shift, clamp, threshold, acc);
+            rescan_block(logp, ref, KLM_F32, mask, blo, bhi, shift, clamp, threshold, acc, dp, off);
         }
         maxbits = maxbits > bmax ? maxbits : bmax;
     }
@@ -415,7 +561,7 @@ static inline KLM_AVX2_FN int32_t avx2_hmax8i(__m256i x) {
  * the double sums. */
 static KLM_AVX2_FN int avx2_rescan(const void* logp, const void* ref, int dtype, const uint8_t* mask,
                                    int64_t blo, int nb, float rb, const float* shift, float clamp,
-                                   float threshold, double* out) {
+                                   float threshold, double* out, diag_part* dp) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 vrb = _mm256_set1_ps(rb);
     int added = 0;
@@ -425,7 +571,7 @@ static KLM_AVX2_FN int avx2_rescan(const void* logp, const void* ref, int dtype,
         while (far) {
             int k = __builtin_ctz(far);
             far &= far - 1;
-            added += rescan_token(logp, ref, dtype, mask, blo + j + k, shift, clamp, threshold, out);
+            added += rescan_token(logp, ref, dtype, mask, blo + j + k, shift, clamp, threshold, out, dp, 0);
         }
     }
     return added;
@@ -475,7 +621,7 @@ static inline __attribute__((always_inline)) KLM_AVX2_FN void avx2_quantities(
 /* The AVX2 form of range_float_blocks over [lo, hi) with hi - lo a multiple of 8. */
 static KLM_AVX2_FN void range_avx2(const void* restrict logp, const void* restrict ref, int dtype,
                        const uint8_t* restrict mask, int64_t lo, int64_t hi,
-                       const float* shift, float clamp, float threshold, double* out) {
+                       const float* shift, float clamp, float threshold, double* out, diag_part* dp) {
     float bl[BLOCK] __attribute__((aligned(32)));
     float bg[BLOCK] __attribute__((aligned(32)));
     const __m256 vs1 = _mm256_set1_ps(shift[1]), vs2 = _mm256_set1_ps(shift[2]);
@@ -515,6 +661,7 @@ static KLM_AVX2_FN void range_avx2(const void* restrict logp, const void* restri
             } else {
                 avx2_quantities(lc, 0, &k2, &k3, &kl, &em1, &q5);
             }
+            if (dp) _mm256_store_ps(bl + j, k3);  /* lc is read: bl keeps the block's k3 */
             __m256 d1 = _mm256_fnmadd_ps(vs1, g, k2), d2 = _mm256_fnmadd_ps(vs2, g, k3);
             __m256 d3 = _mm256_fnmadd_ps(vs3, g, kl), d4 = _mm256_fnmadd_ps(vs4, g, em1);
             __m256 d5 = _mm256_fnmadd_ps(vs5, g, q5);
@@ -534,10 +681,11 @@ static KLM_AVX2_FN void range_avx2(const void* restrict logp, const void* restri
         acc[9] += avx2_hsum8(fb3); acc[10] += avx2_hsum8(fb4); acc[11] += avx2_hsum4d(_mm256_add_pd(fb5lo, fb5hi));
         float cnt = avx2_hsum8(fcnt);
         acc[12] += cnt;
+        if (dp) diag_block(dp, blo, nb, bl, bg);
         int32_t bm = avx2_hmax8i(bmax);
         int added = 0;  /* tokens the rescan added in double */
         if (bm > rbits) {  /* some valid |l| above the threshold or 30: rare */
-            added = avx2_rescan(logp, ref, dtype, mask, blo, nb, rb, shift, clamp, threshold, acc);
+            added = avx2_rescan(logp, ref, dtype, mask, blo, nb, rb, shift, clamp, threshold, acc, dp);
         }
         /* Non-finite tokens: those masked in, less the valid ones (in either sum). */
         if (mask) {
@@ -607,9 +755,9 @@ int klm_reads_dtype(int dtype) {
 static KLM_AVX2_FN void token_moments_avx2(const void* logp, const void* ref, int dtype,
                                            const uint8_t* mask, int64_t lo, int64_t hi,
                                            const float* shift, float clamp, float threshold,
-                                           double* out) {
+                                           double* out, diag_part* dp) {
     int64_t mid = lo + ((hi - lo) & ~(int64_t)7);
-    range_avx2(logp, ref, dtype, mask, lo, mid, shift, clamp, threshold, out);
+    range_avx2(logp, ref, dtype, mask, lo, mid, shift, clamp, threshold, out, dp);
     if (mid < hi) {
         float tl[8], tr[8];
         double tail[NOUT];
@@ -617,7 +765,8 @@ static KLM_AVX2_FN void token_moments_avx2(const void* logp, const void* ref, in
             tl[i - mid] = load1(logp, i, dtype);
             tr[i - mid] = load1(ref, i, dtype);
         }
-        range_float_blocks(tl, tr, mask ? mask + mid : mask, 0, hi - mid, shift, clamp, threshold, tail);
+        range_float_blocks(tl, tr, mask ? mask + mid : mask, 0, hi - mid, shift, clamp, threshold, tail,
+                           dp, mid);
         add_sums(out, tail);
     }
 }
@@ -628,20 +777,26 @@ static KLM_AVX2_FN void token_moments_avx2(const void* logp, const void* ref, in
  * clamp (> 0, +inf for none) bounds |l| before the estimators; extreme counts the valid,
  * finite tokens with |l| > threshold. Both inputs have element type dtype, which
  * klm_reads_dtype must accept (else out is NaN). */
-void klm_token_moments(const void* logp, const void* ref, int dtype, const uint8_t* mask,
-                       int64_t lo, int64_t hi, const float* shift, float clamp, float threshold,
-                       double* out) {
+static void token_moments(const void* logp, const void* ref, int dtype, const uint8_t* mask,
+                          int64_t lo, int64_t hi, const float* shift, float clamp, float threshold,
+                          double* out, diag_part* dp) {
     if (!klm_reads_dtype(dtype)) {
         for (int k = 0; k < NOUT; k++) out[k] = __builtin_nan("");
         return;
     }
 #ifdef KLM_X86
     if (klm_isa == 1) {
-        token_moments_avx2(logp, ref, dtype, mask, lo, hi, shift, clamp, threshold, out);
+        token_moments_avx2(logp, ref, dtype, mask, lo, hi, shift, clamp, threshold, out, dp);
         return;
     }
 #endif
-    range_float_blocks(logp, ref, mask, lo, hi, shift, clamp, threshold, out);
+    range_float_blocks(logp, ref, mask, lo, hi, shift, clamp, threshold, out, dp, 0);
+}
+
+void klm_token_moments(const void* logp, const void* ref, int dtype, const uint8_t* mask,
+                       int64_t lo, int64_t hi, const float* shift, float clamp, float threshold,
+                       double* out) {
+    token_moments(logp, ref, dtype, mask, lo, hi, shift, clamp, threshold, out, 0);
 }
 
 /* The moments-vector layout of klmonitor/_layout.py (a test checks they agree): count,
@@ -696,7 +851,7 @@ void klm_fold_sums(double* acc, const float* shift, const double* sums) {
 }
 
 /* Interface version: klmonitor/_native/__init__.py loads only the version it was written for. */
-int klm_abi_version(void) { return 3; }
+int klm_abi_version(void) { return 4; }
 
 /* sha256 of the moments.c this library was built from (setup.py defines it), so that a
  * library left from an older source is not used with a newer loader. */
@@ -714,11 +869,62 @@ int klm_openmp(void) {
 #endif
 }
 
+/* A thread's diag_part over tokens [lo, hi) (hi > lo), writing the token table tok_sum,
+ * tok_count (the output's or a private one). */
+static void diag_part_init(diag_part* p, const klm_diag* d, int64_t lo, int64_t hi, double* tok_sum,
+                           double* tok_count) {
+    p->d = d;
+    p->first_row = d->row_len > 0 ? lo / d->row_len : 0;
+    p->last_row = d->row_len > 0 ? (hi - 1) / d->row_len : 0;
+    p->edge_sum[0] = p->edge_sum[1] = p->edge_count[0] = p->edge_count[1] = 0;
+    for (int b = 0; b < KLM_MAX_BUCKETS; b++) p->bsum[b] = p->bcount[b] = 0;
+    p->tok_sum = tok_sum;
+    p->tok_count = tok_count;
+    p->outside = 0;
+}
+
+/* Add a thread's private sums into the outputs (threads in order: the same sums every run). */
+static void diag_part_finish(const diag_part* p) {
+    const klm_diag* d = p->d;
+    if (d->row_len > 0 && d->row_sum) {
+        d->row_sum[p->first_row] += p->edge_sum[0];
+        d->row_count[p->first_row] += p->edge_count[0];
+        if (p->last_row != p->first_row) {
+            d->row_sum[p->last_row] += p->edge_sum[1];
+            d->row_count[p->last_row] += p->edge_count[1];
+        }
+    }
+    for (int64_t b = 0; b < d->buckets; b++) {
+        d->bucket_sum[b] += p->bsum[b];
+        d->bucket_count[b] += p->bcount[b];
+    }
+    if (d->ids) {
+        if (p->tok_sum != d->token_sum) {
+            for (int64_t v = 0; v < d->vocab; v++) {
+                d->token_sum[v] += p->tok_sum[v];
+                d->token_count[v] += p->tok_count[v];
+            }
+        }
+        d->outside[0] += p->outside;
+    }
+}
+
+/* 1 where d is consistent for n tokens (sizes given, outputs present), else 0. */
+static int diag_ok(const klm_diag* d, int64_t n) {
+    if (d->row_len < 0 || d->buckets < 0 || d->buckets > KLM_MAX_BUCKETS) return 0;
+    if (d->row_len > 0 && n % d->row_len != 0) return 0;
+    if (d->row_len == 0 && (d->row_sum || d->buckets > 0)) return 0;
+    if (d->row_sum && !d->row_count) return 0;
+    if (d->buckets > 0 && !(d->bucket_sum && d->bucket_count)) return 0;
+    if (d->ids && !(d->vocab > 0 && d->token_sum && d->token_count && d->outside)) return 0;
+    return 1;
+}
+
 /* Everything one update needs, in one call: the shift sample, the shifted sums over [0, n) on
  * up to nthreads OpenMP threads (clamp and threshold as in klm_token_moments), and the merge
- * into the moments vector acc. Returns 0, doing
- * nothing, when nthreads > 1 but the library was built without OpenMP (the caller then splits
- * the range over its own threads with klm_token_moments and merges with klm_fold_sums). */
+ * into the moments vector acc. Returns 1 when done, 0, doing nothing, when nthreads > 1 but
+ * the library was built without OpenMP (the caller then splits the range over its own threads
+ * with klm_token_moments and merges with klm_fold_sums). */
 int klm_fold(const void* logp, const void* ref, int dtype, const uint8_t* mask, int64_t n,
              float clamp, float threshold, int nthreads, double* acc) {
     float shift[NQ];
@@ -747,6 +953,68 @@ int klm_fold(const void* logp, const void* ref, int dtype, const uint8_t* mask, 
         }
 #endif
     }
+    klm_fold_sums(acc, shift, sums);
+    return 1;
+}
+
+/* klm_fold with the diagnostics of d (see klm_diag) computed in the same pass: each token's
+ * k3, as the moments use it, summed per row, per position bucket and per token id, added to
+ * d's outputs. Returns 1 when done; 0, doing nothing, when nthreads > 1 without OpenMP (call
+ * again with nthreads = 1); -1, doing nothing, when d is inconsistent (sizes, NULL outputs)
+ * or the inputs' dtype is not read. With a token table, threads beyond the first get private
+ * tables; where they cannot be allocated, one thread does the work. */
+int klm_fold_diag(const void* logp, const void* ref, int dtype, const uint8_t* mask, int64_t n,
+                  float clamp, float threshold, int nthreads, double* acc, const klm_diag* d) {
+    float shift[NQ];
+    double sums[NOUT];
+    if (!diag_ok(d, n) || !klm_reads_dtype(dtype)) return -1;
+#ifndef _OPENMP
+    if (nthreads > 1) return 0;
+#endif
+    if (n <= 0) return 1;
+    if (nthreads > 64) nthreads = 64;
+    if ((int64_t)nthreads > n) nthreads = (int)n;
+    double* tables = 0;
+    if (nthreads > 1 && d->ids) {
+        tables = (double*)calloc((size_t)(nthreads - 1) * 2 * (size_t)d->vocab, sizeof(double));
+        if (!tables) nthreads = 1;
+    }
+    klm_sample_shift(logp, ref, dtype, mask, n, clamp, shift);
+    if (nthreads <= 1) {
+        diag_part part;
+        diag_part_init(&part, d, 0, n, d->token_sum, d->token_count);
+        token_moments(logp, ref, dtype, mask, 0, n, shift, clamp, threshold, sums, &part);
+        diag_part_finish(&part);
+    } else {
+#ifdef _OPENMP
+        double parts[64][NOUT];
+        diag_part dparts[64];
+        int used = 1;
+        #pragma omp parallel num_threads(nthreads)
+        {
+            int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+            double* ts = d->token_sum;
+            double* tc = d->token_count;
+            if (t > 0 && tables) {
+                ts = tables + (size_t)(t - 1) * 2 * (size_t)d->vocab;
+                tc = ts + d->vocab;
+            }
+            if (hi > lo) {
+                diag_part_init(&dparts[t], d, lo, hi, ts, tc);
+                token_moments(logp, ref, dtype, mask, lo, hi, shift, clamp, threshold, parts[t], &dparts[t]);
+            } else {
+                diag_part_init(&dparts[t], d, 0, 1, ts, tc);
+                for (int k = 0; k < NOUT; k++) parts[t][k] = 0;
+            }
+            if (t == 0) used = nt;
+        }
+        for (int k = 0; k < NOUT; k++) sums[k] = parts[0][k];
+        for (int t = 1; t < used; t++) add_sums(sums, parts[t]);
+        for (int t = 0; t < used; t++) diag_part_finish(&dparts[t]);
+#endif
+    }
+    free(tables);
     klm_fold_sums(acc, shift, sums);
     return 1;
 }

@@ -1,0 +1,103 @@
+"""Diagnostics in the fused CPU kernel's pass (klm_fold_diag) against independent references.
+
+The kernel's per-row, per-position-bucket and per-token-id k3 sums against float64 numpy, on
+both bodies and over threads; and a Monitor whose diagnostics come from the kernel against one
+on the eager torch path (backend="torch"), at extreme log-ratios (the double rescan), NaN, a
+mask and ids outside the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from klmonitor import Monitor, _native
+from klmonitor._layout import SIZE
+from klmonitor._native import _selftest
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason="the fused CPU kernel is not built")
+
+
+@pytest.fixture(params=["portable", "avx2"])
+def body(request: pytest.FixtureRequest) -> object:
+    if request.param == "avx2" and not _native.cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2")
+    _native.select_isa(request.param)
+    yield request.param
+    _native.select_isa("auto")
+
+
+@pytest.mark.parametrize(("rows", "cols", "clamp", "workers"), [(1, 1, math.inf, 1), (4, 777, math.inf, 1), (4, 777, 3.0, 1), (9, 5003, math.inf, 2), (2, 9, math.inf, 2)])  # fmt: skip
+def test_kernel_sums_equal_a_float64_reference(body: object, rows: int, cols: int, clamp: float, workers: int) -> None:  # fmt: skip
+    lib = _native.load()
+    assert lib is not None
+    n = rows * cols
+    logp, ref, mask = _selftest._batch(n, n)  # NaN, -inf, |l| = 61 and 25 among ordinary ones
+    ids = np.random.default_rng(n).integers(-3, 400, n)
+    lp, rp = logp.astype(np.float32), ref.astype(np.float32)
+    rc, acc, got = _selftest.fold_diag_outputs(lib, lp, rp, 0, mask, ids, rows, clamp, 7, 390, workers, SIZE)
+    want = _selftest.reference_diagnostics(lp.astype(np.float64), rp.astype(np.float64), mask, ids, rows, clamp, 7, 390)  # fmt: skip
+    assert rc == 1
+    for key, value in want.items():
+        if key.endswith("count") or key == "outside":
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+        else:
+            np.testing.assert_allclose(got[key], value, rtol=2e-6, atol=1e-12, err_msg=key)
+    assert acc[0] == want["row_count"].sum()  # the moments saw the same tokens
+
+
+def test_inconsistent_requests_are_refused() -> None:
+    t = torch.zeros(6)
+    with pytest.raises(ValueError, match="do not split into rows"):
+        _native.Diagnostics(7, row_len=3)._struct()
+    with pytest.raises(ValueError, match="has 2 elements, not 3"):
+        _native.Diagnostics(9, row_len=3, row_sum=torch.zeros(2, dtype=torch.float64), row_count=t.double()[:2])._struct()  # fmt: skip
+    with pytest.raises(ValueError, match="at most 64 buckets"):
+        z = torch.zeros(65, dtype=torch.float64)
+        _native.Diagnostics(9, row_len=3, bucket_sum=z, bucket_count=z)._struct()
+
+
+def _monitors_agree(backend_batch: dict[str, torch.Tensor], clamp: float | None) -> None:
+    out = {}
+    for backend in ("auto", "torch"):
+        m = Monitor(
+            log_every_n_steps=1, by_position=True, position_rows=None, top_sequences=4, top_tokens=5,
+            vocab_size=50, rules=[], backend=backend, clamp=clamp, histogram=False,
+        )  # fmt: skip
+        m.reset_window(1)
+        m.update(**backend_batch)
+        if backend == "auto":
+            assert m.stats.backend == "auto" and m._pending is None
+        res = m.step(2)
+        assert res is not None
+        out[backend] = res.summary
+    a, b = out["auto"], out["torch"]
+    assert a.by_position and len(a.by_position) == len(b.by_position)
+    for x, y in zip(a.by_position, b.by_position, strict=True):
+        assert (x.label, x.tokens) == (y.label, y.tokens)
+        assert x.k3_mean == pytest.approx(y.k3_mean, rel=1e-6)
+    assert len(a.top_sequences) == 4
+    for s, t in zip(a.top_sequences, b.top_sequences, strict=True):
+        assert (s.row, s.tokens, s.token_ids) == (t.row, t.tokens, t.token_ids)
+        assert s.kl_sum == pytest.approx(t.kl_sum, rel=1e-6)
+        assert s.token_kl == pytest.approx(t.token_kl, rel=1e-9, abs=1e-12)
+    assert [(t.token_id, t.count) for t in a.top_tokens] == [(t.token_id, t.count) for t in b.top_tokens]
+    assert [t.kl_sum for t in a.top_tokens] == pytest.approx([t.kl_sum for t in b.top_tokens], rel=1e-6)
+
+
+@pytest.mark.parametrize("clamp", [None, 10.0])
+def test_monitor_from_the_kernel_equals_the_torch_path(body: object, clamp: float | None) -> None:
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(37, 301, generator=g) * 4
+    rf = lp + 0.3 * torch.randn(37, 301, generator=g)
+    rf[3, 7], rf[5, 100], rf[6, 2], rf[8, 9] = lp[3, 7] + 45, lp[5, 100] - 60, math.nan, lp[8, 9] + 800
+    batch = {
+        "logprobs": lp,
+        "ref_logprobs": rf,
+        "mask": torch.rand(37, 301, generator=g) < 0.9,
+        "token_ids": torch.randint(0, 50, (37, 301), generator=g),
+    }
+    _monitors_agree(batch, clamp)
