@@ -92,8 +92,8 @@ def test_feed_exact() -> None:
     assert res.metrics["kl/k3/std"] == pytest.approx(want["k3_std"], rel=1e-4)
     assert res.metrics["kl/k1/mean"] == pytest.approx(want["k1"], rel=1e-5, abs=1e-7)
     roll = _reference(cat[ko.ROLLOUT], cat[ko.POLICY], cat[ko.MASK])
-    assert res.summary.rollout is not None and res.summary.rollout.tokens == want["n"]
-    assert res.summary.rollout.k3.mean == pytest.approx(roll["k3"], rel=1e-4)
+    assert res.summary.rollout is not None and res.summary.rollout.kl.tokens == want["n"]
+    assert res.summary.rollout.kl.k3.mean == pytest.approx(roll["k3"], rel=1e-4)
 
 
 def test_merged_experiences_feed_the_same() -> None:
