@@ -1,4 +1,4 @@
-"""verl with klmonitor: :func:`feed` a ``DataProto`` into a :class:`~klmonitor.Monitor`, or train with the V1 trainer.
+r"""verl with klmonitor: :func:`feed` a ``DataProto`` into a :class:`~klmonitor.Monitor`, or train with the V1 trainer.
 
 verl logs one number for the KL (``actor/kl_loss`` or ``actor/reward_kl_penalty``: a mean of a
 clamped estimator). Its batches carry everything klmonitor needs, on the driver and on the CPU:
@@ -25,9 +25,9 @@ Two ways in:
    ``trainer.v1.trainer_mode=klmonitor``. Registration must happen in verl's Ray driver
    (``TaskRunnerV1``), which Ray's ``worker_process_setup_hook`` does::
 
-       python -m verl.trainer.main_ppo ... \\
-           trainer.v1.trainer_mode=klmonitor \\
-           +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=klmonitor.verl.register \\
+       python -m verl.trainer.main_ppo ... \
+           trainer.v1.trainer_mode=klmonitor \
+           +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=klmonitor.verl.register \
            +trainer.klmonitor.max_kl=0.1
 
    ``trainer.klmonitor`` holds :class:`~klmonitor.Monitor`'s keyword arguments
@@ -255,7 +255,7 @@ class KLMonitorTrainerMixin:
 
     # -- the step -----------------------------------------------------------------------------
     def step(self, metrics: dict[str, Any], timing_raw: dict[str, Any]) -> Any:
-        """verl's step, then the batch into the monitor and the window's ``kl/*`` into ``metrics``."""
+        """Run verl's step, then feed the batch into the monitor and the window's ``kl/*`` into ``metrics``."""
         batch = super().step(metrics, timing_raw)  # type: ignore[misc]
         start = time.perf_counter()
         trainer: Any = self
@@ -294,7 +294,9 @@ class KLMonitorTrainerMixin:
         """
         import transfer_queue as tq
 
-        return tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=self.klm_fields())
+        return tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=self.klm_fields()
+        )
 
     def _klm_stop(self, result: Any) -> None:
         trainer: Any = self

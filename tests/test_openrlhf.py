@@ -85,7 +85,9 @@ def test_feed_exact() -> None:
         assert ko.feed(mon, e)
     res = mon.step(1)
     assert res is not None
-    cat = {k: torch.cat([getattr(e, k) for e in exps], 0) for k in (ko.POLICY, ko.REFERENCE, ko.ROLLOUT, ko.MASK)}
+    cat = {
+        k: torch.cat([getattr(e, k) for e in exps], 0) for k in (ko.POLICY, ko.REFERENCE, ko.ROLLOUT, ko.MASK)
+    }
     want = _reference(cat[ko.POLICY], cat[ko.REFERENCE], cat[ko.MASK])
     assert res.summary.tokens == want["n"]
     assert res.metrics["kl/k3/mean"] == pytest.approx(want["k3"], rel=1e-5)

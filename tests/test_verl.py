@@ -83,7 +83,13 @@ def test_field_names_in_verl_sources() -> None:
             )
     config = Path(importlib.util.find_spec("verl.trainer").origin).parent / "config"
     text = "\n".join(p.read_text() for p in config.rglob("*.yaml"))
-    for key in ("use_kl_loss", "use_kl_in_reward", "calculate_log_probs", "trainer_mode", "default_local_dir"):
+    for key in (
+        "use_kl_loss",
+        "use_kl_in_reward",
+        "calculate_log_probs",
+        "trainer_mode",
+        "default_local_dir",
+    ):
         assert f"{key}:" in text, f"verl's trainer config no longer has {key!r}: klmonitor.verl names it"
 
 
@@ -118,7 +124,9 @@ def test_feed_jagged_tensordict_equals_padded() -> None:
     lengths = rec["response_mask"].sum(1).tolist()
 
     def jag(t: torch.Tensor) -> torch.Tensor:
-        return torch.nested.as_nested_tensor([row[:n] for row, n in zip(t, lengths)], layout=torch.jagged)
+        return torch.nested.as_nested_tensor(
+            [row[:n] for row, n in zip(t, lengths, strict=True)], layout=torch.jagged
+        )
 
     td = TensorDict({k: jag(v) for k, v in rec.items()}, batch_size=[len(lengths)])
     a, b = Monitor(histogram=False), Monitor(histogram=False)
@@ -212,9 +220,13 @@ def test_trainer_contract() -> None:
         "_load_checkpoint": ["self"],
         "__init__": ["self", "config"],
     }.items():
-        assert hasattr(base, name), f"verl's V1 PPOTrainer has no {name}() any more: klmonitor.verl overrides it"
+        assert hasattr(base, name), (
+            f"verl's V1 PPOTrainer has no {name}() any more: klmonitor.verl overrides it"
+        )
         got = list(inspect.signature(getattr(base, name)).parameters)
-        assert got == params, f"verl's PPOTrainer.{name} signature moved: {got}, klmonitor.verl expects {params}"
+        assert got == params, (
+            f"verl's PPOTrainer.{name} signature moved: {got}, klmonitor.verl expects {params}"
+        )
     src = inspect.getsource(base.fit)
     assert "self.step(metrics, self.timing_raw)" in src and "self.logger.log(data=metrics" in src, (
         "verl's PPOTrainer.fit no longer logs the dict that step() fills: klmonitor's kl/* would not reach Tracking"
@@ -317,7 +329,9 @@ def _trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: dict[str, A
 def test_trainer_step_merges_kl_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store: dict[str, Any] = {"steps": [], "asked": []}
     trainer = _trainer(tmp_path, monkeypatch, store, log_every_n_steps=2, histogram=False)
-    assert trainer.trainer_mode == "sync", "the trainer must keep verl's sync mode (replay buffer, checkpoints)"
+    assert trainer.trainer_mode == "sync", (
+        "the trainer must keep verl's sync mode (replay buffer, checkpoints)"
+    )
     assert trainer.kl_monitor.log_every_n_steps == 2
     logged = []
     for step in (1, 2):
@@ -328,7 +342,13 @@ def test_trainer_step_merges_kl_metrics(tmp_path: Path, monkeypatch: pytest.Monk
         logged.append(metrics)
         assert metrics["actor/pg_loss"] == 0.5 and "klmonitor" in timing
     assert not any(k.startswith("kl/") for k in logged[0])  # window (0, 2] not ended yet
-    assert set(store["asked"][0]) == {"old_log_probs", "response_mask", "responses", "ref_log_prob", "rollout_log_probs"}
+    assert set(store["asked"][0]) == {
+        "old_log_probs",
+        "response_mask",
+        "responses",
+        "ref_log_prob",
+        "rollout_log_probs",
+    }
     steps = store["steps"]
     want = _reference(
         torch.cat([r["old_log_probs"] for r in steps], 1),
