@@ -25,15 +25,16 @@ import torch
 
 from klmonitor import Monitor
 
-OFF: dict[str, Any] = {"by_position": False, "top_sequences": 0, "top_tokens": 0}
+OFF: dict[str, Any] = {"by_position": False, "top_sequences": 0, "top_tokens": 0, "entropy": False}
 CONFIGS: dict[str, dict[str, Any]] = {
     "base (all off)": OFF,
     "by_position (16 rows)": {**OFF, "by_position": True},
     "by_position (all rows)": {**OFF, "by_position": True, "position_rows": None},
     "top_sequences=5": {**OFF, "top_sequences": 5},
     "top_tokens=5": {**OFF, "top_tokens": 5, "vocab_size": 50_257},
+    "entropy (the default)": {**OFF, "entropy": True},
     "rollout": OFF,
-    "all": {"by_position": True, "top_sequences": 5, "top_tokens": 5, "vocab_size": 50_257},
+    "all": {"by_position": True, "top_sequences": 5, "top_tokens": 5, "vocab_size": 50_257, "entropy": True},
 }
 
 
