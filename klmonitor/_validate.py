@@ -88,3 +88,17 @@ def check_callables(x: Any, arg: str, signature: str) -> list[Callable[..., Any]
     if bad:
         raise TypeError(f"{arg} must be a callable {signature} or a list of them, got {bad[0]!r} in the list")
     return list(x)
+
+
+def version_in(version: str, supported: tuple[tuple[int, int], tuple[int, int]]) -> bool:
+    """Whether ``version``'s major.minor lies in ``[lo, hi)`` (an unparsable version does not).
+
+    >>> version_in("1.16.2", ((1, 16), (1, 17))), version_in("1.17.0.dev0", ((1, 16), (1, 17)))
+    (True, False)
+    """
+    try:
+        major_minor = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return False
+    lo, hi = supported
+    return lo <= major_minor < hi

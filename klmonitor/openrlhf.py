@@ -30,6 +30,7 @@ from typing import Any
 
 from torch import Tensor
 
+from klmonitor._validate import version_in
 from klmonitor.monitor import Monitor
 
 __all__ = ["SUPPORTED_OPENRLHF", "feed"]
@@ -54,12 +55,7 @@ def _check_openrlhf_version(version: str) -> str | None:
     >>> _check_openrlhf_version("0.11.2") is None, _check_openrlhf_version("0.12.0") is None
     (True, False)
     """
-    try:
-        major_minor = tuple(int(p) for p in version.split(".")[:2])
-    except ValueError:
-        major_minor = (0, 0)
-    lo, hi = _SUPPORTED_RANGE
-    if lo <= major_minor < hi:
+    if version_in(version, _SUPPORTED_RANGE):
         return None
     return (
         f"klmonitor.openrlhf is tested with openrlhf{SUPPORTED_OPENRLHF} and openrlhf {version} is "

@@ -57,6 +57,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
+from klmonitor._validate import version_in
 from klmonitor.transformers import KLMonitorCallback
 
 log = logging.getLogger("klmonitor")
@@ -74,12 +75,7 @@ def _check_trl_version(version: str) -> str | None:
     >>> _check_trl_version("1.16.0") is None, _check_trl_version("1.17.0.dev0") is None
     (True, False)
     """
-    try:
-        major_minor = tuple(int(p) for p in version.split(".")[:2])
-    except ValueError:
-        major_minor = (0, 0)
-    lo, hi = _SUPPORTED_RANGE
-    if lo <= major_minor < hi:
+    if version_in(version, _SUPPORTED_RANGE):
         return None
     return (
         f"klmonitor.trl is tested with trl{SUPPORTED_TRL} and trl {version} is installed; it relies "

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from klmonitor._validate import version_in
 from klmonitor.monitor import Monitor
 
 log = logging.getLogger("klmonitor")
@@ -90,12 +91,7 @@ def _check_verl_version(version: str) -> str | None:
     >>> _check_verl_version("0.9.1") is None, _check_verl_version("0.10.0") is None
     (True, False)
     """
-    try:
-        major_minor = tuple(int(p) for p in version.split(".")[:2])
-    except ValueError:
-        major_minor = (0, 0)
-    lo, hi = _SUPPORTED_RANGE
-    if lo <= major_minor < hi:
+    if version_in(version, _SUPPORTED_RANGE):
         return None
     return (
         f"klmonitor.verl is tested with verl{SUPPORTED_VERL} and verl {version} is installed; it relies on "
