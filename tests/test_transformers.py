@@ -364,9 +364,13 @@ def test_attach_wandb_offline_gets_kl_with_the_loss(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    # wandb keeps its settings (WANDB_DIR among them) in a process-wide singleton made by the
+    # first run of the process: another test's run would send this one elsewhere.
+    wandb.teardown()
     records: list[Record] = []
     _train(tmp_path / "out", None, records, max_steps=4, report_to=["wandb"], attach_kwargs={})
-    import wandb
 
     wandb.finish()
     (run_file,) = list(tmp_path.rglob("run-*.wandb"))
