@@ -35,6 +35,8 @@ install() {
     "$O/bin/pip" install -q --no-deps openrlhf==0.11.2
     # Experience imports openrlhf.utils: transformers (OpenRLHF's pin) and pylatexenc
     "$O/bin/pip" install -q transformers==5.15.0 pylatexenc "${KLM_DEPS[@]}"
+    # the PPOTrainer module (klmonitor's trainer mixin): ray and datasets (vLLM/DeepSpeed are faked)
+    "$O/bin/pip" install -q ray==2.60.0 datasets
 }
 
 run_tests() {
