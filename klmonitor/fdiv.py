@@ -76,7 +76,9 @@ def js(lr: Tensor) -> Tensor:
     the next term is below 1e-10 of the value there).
     """
     r = torch.exp(lr)
-    direct = 0.5 * torch.addcmul(r * lr, 1.0 + r, _LOG2 - torch.nn.functional.softplus(lr))
+    # softplus's default threshold (20) returns l itself above it, dropping log1p(e**-l) ~ 2e-9,
+    # which the factor r makes a relative error of 3e-9 at l = 20; above 40 it is below 1e-17.
+    direct = 0.5 * torch.addcmul(r * lr, 1.0 + r, _LOG2 - torch.nn.functional.softplus(lr, threshold=40.0))
     small = lr.abs() < _SERIES_BELOW
     return torch.where(small, _series(lr, _JS_SERIES), direct).clamp_min(0.0)
 
