@@ -1,15 +1,20 @@
 """What each diagnostic adds to ``Monitor.update`` at 1M tokens (issue 23: by_position and
 top_sequences at most +25 %, top_tokens at most +100 %).
 
-A ``[B, T]`` batch of masked float32 log-probs (1M tokens by default) with token ids and
-rollout log-probs. The base is ``Monitor.update`` with every diagnostic off; each row adds one
-(by_position, top_sequences, top_tokens, rollout) and reports the extra time as a fraction of
-the base, all measured in one run, interleaved round by round (median of rounds). Every
-monitor is past its first optimizer step (``reset_window(1)``), as in training: the
-``initial_kl`` check, which reads the batches fed before that step, is not timed.
+``[B, T]`` batches of masked float32 log-probs (1M tokens by default) with token ids and
+rollout log-probs; ``--batches`` distinct ones (4) are fed in turn, so no batch is still in
+the cache from its last use and every batch brings new rows to the top-sequences table. The
+base is ``Monitor.update`` with every diagnostic off; each row adds one (by_position,
+top_sequences, top_tokens, entropy, rollout) and reports the extra time as a fraction of the
+base, all measured in one run, interleaved round by round (median of rounds). Every monitor
+is past its first optimizer step (``reset_window(1)``), as in training: the ``initial_kl``
+check, which reads the batches fed before that step, is not timed. A new window starts every
+``--window`` updates (default 1, the costly case: each update is its window's first, so the
+top-sequences table takes k new rows, and their per-token k3 is computed, every time); the
+reset itself is not timed.
 
-    python benchmarks/bench_diagnostics.py                 # ~30 s on 2 cores
-    python benchmarks/bench_diagnostics.py --rows 256 --cols 256 --rounds 5
+    python benchmarks/bench_diagnostics.py                 # ~1 min on 2 cores
+    python benchmarks/bench_diagnostics.py --rows 256 --cols 256 --rounds 5 --window 8
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,20 +42,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _timer(fn: Callable[[], None], repeat: int) -> float:
-    fn()  # warm-up (first-use allocations, kernel load)
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t0) / repeat
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--cols", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=8, help="updates per config per round")
+    parser.add_argument("--batches", type=int, default=4, help="distinct batches fed in turn")
+    parser.add_argument("--window", type=int, default=1, help="updates per window (a reset between)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -60,38 +58,64 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(0)
     shape = (args.rows, args.cols)
-    logp = -torch.rand(shape, generator=g) * 5
-    ref = logp + 0.05 * torch.randn(shape, generator=g)
-    mask = torch.rand(shape, generator=g) < 0.9
-    ids = torch.randint(0, 50_257, shape, generator=g)
-    rollout = logp + 0.01 * torch.randn(shape, generator=g)
+    batches = []
+    for _ in range(args.batches):
+        logp = -torch.rand(shape, generator=g) * 5
+        batches.append(
+            {
+                "logp": logp,
+                "ref": logp + 0.05 * torch.randn(shape, generator=g),
+                "mask": torch.rand(shape, generator=g) < 0.9,
+                "ids": torch.randint(0, 50_257, shape, generator=g),
+                "rollout": logp + 0.01 * torch.randn(shape, generator=g),
+            }
+        )
 
     monitors = {
         name: Monitor(log_every_n_steps=10**9, histogram=False, rules=[], **kw)
         for name, kw in CONFIGS.items()
     }
-    for mon in monitors.values():
-        mon.reset_window(1)  # past the first optimizer step: no initial_kl check
+    fed = dict.fromkeys(CONFIGS, 0)
 
-    def run(name: str) -> Callable[[], None]:
+    def update(name: str) -> float:
+        """One update of ``name``'s monitor on its next batch; its seconds (the reset not timed)."""
         mon = monitors[name]
-        extra: dict[str, Any] = {"token_ids": ids}
+        if fed[name] % args.window == 0:
+            mon.reset_window(1)  # past the first optimizer step: no initial_kl check
+        b = batches[fed[name] % len(batches)]
+        fed[name] += 1
+        extra: dict[str, Any] = {"token_ids": b["ids"]}
         if name in ("rollout", "all"):
-            extra["rollout_logprobs"] = rollout
-        return lambda: mon.update(logp, ref, mask, **extra)
+            extra["rollout_logprobs"] = b["rollout"]
+        t0 = time.perf_counter()
+        mon.update(b["logp"], b["ref"], b["mask"], **extra)
+        return time.perf_counter() - t0
 
+    for name in CONFIGS:  # warm-up (first-use allocations, kernel load, caches)
+        for _ in range(len(batches)):
+            update(name)
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     for _ in range(args.rounds):
         for name in CONFIGS:
-            times[name].append(_timer(run(name), args.repeat))
+            times[name].append(sum(update(name) for _ in range(args.repeat)) / args.repeat)
     med = {name: statistics.median(v) for name, v in times.items()}
     base = med["base (all off)"]
     rows = [{"config": name, "ms": 1e3 * t, "extra_vs_base": (t - base) / base} for name, t in med.items()]
     if args.json:
-        print(json.dumps({"tokens": args.rows * args.cols, "threads": torch.get_num_threads(), "rows": rows}))
+        print(
+            json.dumps(
+                {
+                    "tokens": args.rows * args.cols,
+                    "threads": torch.get_num_threads(),
+                    "window": args.window,
+                    "rows": rows,
+                }
+            )
+        )
         return
     print(
-        f"{args.rows} x {args.cols} = {args.rows * args.cols:,} tokens, float32, CPU, {torch.get_num_threads()} threads"
+        f"{args.rows} x {args.cols} = {args.rows * args.cols:,} tokens, float32, CPU, {torch.get_num_threads()} threads, "
+        f"{args.batches} batches in turn, a window every {args.window} update(s)"
     )
     print(f"{'config':<24} {'update ms':>10} {'extra vs base':>14}")
     for r in rows:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -467,7 +468,8 @@ class TopSequences(_Accumulator):
     ) -> None:
         """Fold a ``[B, length]`` batch's rows from their k3 ``sums`` and valid ``tokens`` (``[B]``).
 
-        ``k3_of(rows)`` gives the per-token k3 of the rows at the indices ``rows`` (only the
+        ``k3_of(rows)`` gives the per-token k3 of the rows at the indices ``rows`` (at least their
+        first ``max_len`` tokens; only the
         ``k`` best rows are asked for): the fused kernel gives the sums, and the few winning
         rows are computed again.
         """
@@ -475,6 +477,9 @@ class TopSequences(_Accumulator):
         current = self._state(dev).reshape(self.k, self.width)
         b, t = sums.shape[0], length
         if b == 0:
+            return
+        if dev.type == "cpu":
+            self._update_host(current, sums, tokens, length, k3_of, token_ids, step, rank)
             return
         score = torch.where(tokens > 0, sums, -math.inf)
         kb = min(self.k, b)
@@ -498,6 +503,61 @@ class TopSequences(_Accumulator):
         )
         candidates = torch.cat([current, torch.cat([meta, id_rows, kl_rows], 1)])
         self._v = self._top(candidates).reshape(-1)
+
+    def _update_host(
+        self,
+        current: Tensor,
+        sums: Tensor,
+        tokens: Tensor,
+        length: int,
+        k3_of: Callable[[Tensor], Tensor],
+        token_ids: Tensor | None,
+        step: int,
+        rank: int,
+    ) -> None:
+        """:meth:`update_sums` on the host, in numpy.
+
+        A few microseconds where torch's ops take tens: only rows whose score beats the
+        window's k-th are read again, so once the window holds k rows most batches end after
+        one comparison.
+        """
+        cur = current.numpy()
+        score = np.where(tokens.numpy() > 0, sums.numpy(), -math.inf)
+        floor = cur[:, _SCORE].min()  # -inf while a slot is empty
+        if not (score > floor).any():
+            return
+        if score.size > self.k:  # the k best, best first (equal scores: the first row first)
+            part = np.argpartition(-score, self.k - 1)[: self.k]
+            enter = np.sort(part)[np.argsort(-score[np.sort(part)], kind="stable")]
+        else:
+            enter = np.argsort(-score, kind="stable")
+        enter = enter[score[enter] > floor]
+        kb, keep = enter.size, min(length, self.max_len)
+        rows = torch.from_numpy(enter)
+        new = np.empty((kb, self.width))
+        new[:, _SCORE] = score[enter]
+        new[:, _TOKENS] = tokens.numpy()[enter]
+        new[:, _STEP], new[:, _ROW], new[:, _RANK], new[:, _LEN] = (
+            float(step),
+            enter,
+            float(rank),
+            float(keep),
+        )
+        new[:, _F + keep : _F + self.max_len] = -1.0
+        new[:, _F + self.max_len + keep :] = 0.0
+        if token_ids is not None and token_ids.is_cpu:
+            new[:, _F : _F + keep] = token_ids.numpy()[enter, :keep]
+        elif token_ids is not None:
+            new[:, _F : _F + keep] = (
+                token_ids.index_select(0, rows.to(token_ids.device))[:, :keep].double().cpu().numpy()
+            )
+        else:
+            new[:, _F : _F + keep] = -1.0
+        new[:, _F + self.max_len : _F + self.max_len + keep] = k3_of(rows)[:, :keep].double().numpy()
+        both = np.concatenate([cur, new])
+        # The k best of the window and the new rows; the window's rows first among equals.
+        best = np.argsort(-both[:, _SCORE], kind="stable")[: self.k]
+        self._v = torch.from_numpy(both[best].reshape(-1))
 
     def _top(self, candidates: Tensor) -> Tensor:
         return candidates.index_select(0, candidates[:, _SCORE].topk(self.k).indices)

@@ -57,6 +57,9 @@ STATE_VERSION = 3
 # 3 adds "config" (what the state was made with) and "histogram" (the ring buffer), read with
 # defaults when absent.
 _READABLE_VERSIONS = (1, 2, 3)
+#: Most threads that scatter into the fused kernel's token tables (each holds 2 x vocab_size
+#: float64 numbers: 0.8 MB for 50,257 ids).
+_SCRATCH_TABLES = 8
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
@@ -334,6 +337,7 @@ class Monitor:
         self._told_no_sinks = False
         self._step_seen = 0
         self._pending: _native.Diagnostics | None = None
+        self._token_scratch: Tensor | None = None  # the fused kernel's token tables (zeros)
 
     # -- configuration ---------------------------------------------------------------------
     @property
@@ -406,6 +410,7 @@ class Monitor:
                     kept.append(sink)
             state["_sinks"] = kept
             state["_sinks_ready"] = set()  # the copy's sinks are new objects: set them up again
+            state["_token_scratch"] = None  # a workspace of zeros: made again when needed
         self._left_out(left)
         return state
 
@@ -424,10 +429,12 @@ class Monitor:
                     kept.append(copy.deepcopy(sink, memo))
                 except Exception as exc:
                     left.append((sink, exc))
-            rest = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_sinks", "_sinks_ready")}
+            skip = ("_lock", "_sinks", "_sinks_ready", "_token_scratch")
+            rest = {k: v for k, v in self.__dict__.items() if k not in skip}
             state = copy.deepcopy(rest, memo)
         state["_sinks"] = kept
         state["_sinks_ready"] = set()
+        state["_token_scratch"] = None
         new.__setstate__(state)
         self._left_out(left)
         return new
@@ -614,6 +621,12 @@ class Monitor:
             vocab = self.tokens.vocab_size
             req.ids = token_ids.reshape(-1).to(torch.int64).contiguous()
             req.token_sum, req.token_count, req.outside = v[:vocab], v[vocab:-1], v[-1:]
+            # The threads' token tables, kept zero between calls (the kernel clears them as it
+            # merges): at most _SCRATCH_TABLES threads scatter, so a wide host keeps this small.
+            tables = max(1, min(torch.get_num_threads(), _SCRATCH_TABLES))
+            if self._token_scratch is None or self._token_scratch.numel() != tables * 2 * vocab:
+                self._token_scratch = torch.zeros(tables * 2 * vocab, dtype=torch.float64)
+            req.scratch = self._token_scratch
         return req
 
     def _diagnose(
@@ -625,10 +638,10 @@ class Monitor:
             # The fused kernel added the position buckets (every row, exact) and the token
             # table in its pass, and summed each row; only the winning rows' k3 is computed here.
             if rows and self.sequences is not None and req.row_sum is not None and req.row_count is not None:
+                seqs = self.sequences
 
-                def k3_of(pick: Tensor) -> Tensor:
-                    sub = valid.index_select(0, pick) if valid is not None else None
-                    return token_k3(logp.index_select(0, pick), ref.index_select(0, pick), sub, clamp)[0]
+                def k3_of(pick: Tensor) -> Tensor:  # the kernel read these inputs: a C call per row
+                    return _native.token_k3(logp, ref, valid, clamp, rows=pick, cols=seqs.max_len)
 
                 self.sequences.update_sums(
                     req.row_sum, req.row_count, logp.shape[1], k3_of, ids, self._step_seen, self._rank()

@@ -560,6 +560,52 @@ def fold(
         _fold_threads(lib, logp, ref, mask, clamp, threshold, workers, acc)
 
 
+def token_k3(
+    logp: Tensor,
+    ref: Tensor,
+    mask: Tensor | None,
+    clamp: float,
+    rows: Tensor | None = None,
+    cols: int | None = None,
+) -> Tensor:
+    """Each token's k3 in float64, as :func:`fold` counts it.
+
+    0 where ``mask`` is False or the log-ratio is not usable, else k3 of the log-ratio clamped
+    to ``+-clamp``. ``rows`` (int64 indices into the first dimension of ``[B, T]`` inputs): only those rows'
+    first ``cols`` tokens (all ``T`` by default), ``[len(rows), min(cols, T)]``, read in place
+    (no copies). For the few rows a top-sequences table shows token by token: C calls of microseconds, where torch's float64 ops over the same rows take
+    a few hundred. Inputs as :func:`fold`'s (any shape without ``rows``).
+    """
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"token_k3 needs the fused CPU kernel, which is not available: {_reason}")
+    logp, ref = logp.contiguous(), ref.contiguous()
+    mask = mask.contiguous() if mask is not None else None
+    acc = np.zeros(lib.klm_vector_size(), dtype=np.float64)
+    _check_fold_args(lib, logp, ref, mask, clamp, 1.0, acc)
+    code = _DTYPE_CODES[logp.dtype]
+    if rows is None:
+        out = torch.empty(logp.shape, dtype=torch.float64)
+        mp = mask.data_ptr() if mask is not None else None
+        lib.klm_token_k3(logp.data_ptr(), ref.data_ptr(), code, mp, logp.numel(), clamp, out.data_ptr())
+        return out
+    if logp.dim() != 2:
+        raise ValueError(f"token_k3: rows need [B, T] inputs, got {tuple(logp.shape)}")
+    b, width = logp.shape
+    t = width if cols is None else max(0, min(int(cols), width))
+    picked = [int(r) for r in rows.tolist()]
+    if any(not 0 <= r < b for r in picked):
+        raise ValueError(f"token_k3: rows must be in [0, {b}), got {picked}")
+    out = torch.empty(len(picked), t, dtype=torch.float64)
+    step, mstep = width * logp.element_size(), width * (mask.element_size() if mask is not None else 0)
+    for k, r in enumerate(picked):
+        mp = mask.data_ptr() + r * mstep if mask is not None else None
+        lib.klm_token_k3(
+            logp.data_ptr() + r * step, ref.data_ptr() + r * step, code, mp, t, clamp, out[k].data_ptr()
+        )
+    return out
+
+
 def _check_fold_args(
     lib: ctypes.CDLL,
     logp: Tensor,
@@ -664,7 +710,10 @@ class Diagnostics:
     valid tokens with an id outside in ``outside`` (one number). k3 is each token's, as the
     moments use it (clamped; 0 where masked or non-finite; exact in float64 above |l| = 30).
     ``done`` turns true when a fold computed them; where no fold did (another backend took
-    the batch), the outputs are untouched.
+    the batch), the outputs are untouched. ``scratch`` (optional, with ``ids``): float64 zeros
+    the kernel's threads scatter into (a multiple of ``2 * vocab``, one table per thread; left
+    zero), kept by the caller across calls so that no call allocates and clears its tables;
+    without it each call allocates them.
     """
 
     n: int
@@ -677,6 +726,7 @@ class Diagnostics:
     token_sum: Tensor | None = None
     token_count: Tensor | None = None
     outside: Tensor | None = None
+    scratch: Tensor | None = None
     done: bool = False
 
     def _struct(self) -> _selftest.Diag:
@@ -717,7 +767,20 @@ class Diagnostics:
             buf(self.token_sum, "token_sum", vocab),
             buf(self.token_count, "token_count", vocab) if self.ids is not None else None,
             buf(self.outside, "outside", 1) if self.ids is not None else None,
+            *self._scratch(vocab),
         )
+
+    def _scratch(self, vocab: int) -> tuple[int | None, int]:
+        t = self.scratch
+        if t is None or self.ids is None:
+            return None, 0
+        if not (isinstance(t, Tensor) and t.is_cpu and t.is_contiguous() and t.dtype == torch.float64):
+            raise ValueError("Diagnostics.scratch must be a contiguous CPU float64 tensor")
+        if t.numel() < 2 * vocab or t.numel() % (2 * vocab):
+            raise ValueError(
+                f"Diagnostics.scratch has {t.numel()} elements, not a multiple of 2 * vocab = {2 * vocab}"
+            )
+        return int(t.data_ptr()), t.numel() // (2 * vocab)
 
 
 @contextmanager

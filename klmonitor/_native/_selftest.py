@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 #: The interface this module speaks (``klm_abi_version`` in moments.c).
-ABI_VERSION = 4
+ABI_VERSION = 5
 # Element types the kernel knows (codes as in moments.c).
 FLOAT32, BFLOAT16, FLOAT16 = 0, 1, 2
 #: Batch sizes of the sweep: one token, a scalar tail only, one vector, the float body's block
@@ -46,6 +46,8 @@ class Diag(ctypes.Structure):
         ("token_sum", ctypes.c_void_p),
         ("token_count", ctypes.c_void_p),
         ("outside", ctypes.c_void_p),
+        ("scratch", ctypes.c_void_p),
+        ("scratch_tables", ctypes.c_int64),
     ]
 
 
@@ -64,6 +66,7 @@ def bind(lib: ctypes.CDLL) -> None:
         "klm_fold": ([p, p, cint, p, i64, f32, f32, cint, p], cint),
         "klm_fold_diag": ([p, p, cint, p, i64, f32, f32, cint, p, ctypes.POINTER(Diag)], cint),
         "klm_fold_sums": ([p, p, p], None),
+        "klm_token_k3": ([p, p, cint, p, i64, f32, p], None),
         "klm_vector_size": ([], cint),
         "klm_reads_dtype": ([cint], cint),
     }
@@ -206,8 +209,13 @@ def reference_diagnostics(
 def fold_diag_outputs(
     lib: ctypes.CDLL, lp: np.ndarray, rp: np.ndarray, code: int, mask: np.ndarray, ids: np.ndarray,
     rows: int, clamp: float, buckets: int, vocab: int, workers: int, size: int,
+    scratch: np.ndarray | None = None,
 ) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
-    """``klm_fold_diag`` on numpy arrays: (its return, the moments vector, its outputs)."""
+    """``klm_fold_diag`` on numpy arrays: (its return, the moments vector, its outputs).
+
+    ``scratch``: float64 zeros of a multiple of ``2 * vocab`` (the threads' token tables), or
+    ``None`` (the kernel allocates them).
+    """
     out = {
         "row_sum": np.zeros(rows), "row_count": np.zeros(rows),
         "bucket_sum": np.zeros(buckets), "bucket_count": np.zeros(buckets),
@@ -216,7 +224,9 @@ def fold_diag_outputs(
     ids64 = np.ascontiguousarray(ids, dtype=np.int64)
     d = Diag(lp.size // rows, out["row_sum"].ctypes.data, out["row_count"].ctypes.data, buckets,
              out["bucket_sum"].ctypes.data, out["bucket_count"].ctypes.data, ids64.ctypes.data, vocab,
-             out["token_sum"].ctypes.data, out["token_count"].ctypes.data, out["outside"].ctypes.data)  # fmt: skip
+             out["token_sum"].ctypes.data, out["token_count"].ctypes.data, out["outside"].ctypes.data,
+             scratch.ctypes.data if scratch is not None else None,
+             scratch.size // (2 * vocab) if scratch is not None else 0)  # fmt: skip
     acc = np.zeros(size, dtype=np.float64)
     rc = lib.klm_fold_diag(lp.ctypes.data, rp.ctypes.data, code, mask.ctypes.data, lp.size, clamp, 20.0, workers, acc.ctypes.data, ctypes.byref(d))  # fmt: skip
     if rc == 0:  # built without OpenMP: one thread

@@ -206,6 +206,42 @@ static void exact_quantities(double l, double q[NQ]) {
     }
 }
 
+/* k3 = e^l - 1 - l of one log-ratio in double: below |l| = 0.1 its series to l^12 (e^l - 1
+ * and l cancel there; the first term left out, l^13 / 13!, is below 2e-10 of l^2 / 2 times
+ * 1e-12), above expm1(l) - l; inf above l ~ 709.78, where e^l is beyond double. */
+static double k3_double(double l) {
+    if (l > -0.1 && l < 0.1) {
+        double c = 1.0 / 479001600.0;  /* 1 / 12! */
+        static const double inv[] = {1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+                                     1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5};
+        for (int k = 0; k < 10; k++) c = c * l + inv[k];
+        return c * l * l;
+    }
+    const double em1 = expm1(l);
+    return em1 <= DBL_MAX ? em1 - l : INFINITY;
+}
+
+/* Each of n tokens' k3 in double into out, as the moments count it: 0 where masked out or not
+ * usable (non-finite, or l above 700 without a clamp below it), else k3 of l clamped to
+ * +-clamp, l being the float difference (as klmonitor.diagnostics.token_k3 takes it). For the
+ * few rows a top-sequences table shows token by token. */
+void klm_token_k3(const void* logp, const void* ref, int dtype, const uint8_t* mask, int64_t n,
+                  float clamp, double* out) {
+    const float up = usable_up_to(clamp);
+    for (int64_t i = 0; i < n; i++) {
+        const float lp = load1(logp, i, dtype), rf = load1(ref, i, dtype);
+        const float lf = rf - lp;
+        if ((mask && !mask[i]) || !(absf(lf) <= FLT_BIG) || lf > up) {
+            out[i] = 0;
+            continue;
+        }
+        double l = lf;
+        const double c = clamp;
+        l = l > c ? c : (l < -c ? -c : l);
+        out[i] = k3_double(l);
+    }
+}
+
 /* ---- Diagnostics in the same pass (klm_fold_diag) ----------------------------------------
  * Per-token k3 is computed by the bodies anyway; with diagnostics on, each block's k3 (0 for a
  * token outside the float sums) and weights (1 for a token in them) are kept in the block's
@@ -233,19 +269,23 @@ typedef struct {
     double* token_sum;     /* [vocab] */
     double* token_count;   /* [vocab] */
     double* outside;       /* [1]: valid tokens whose id is outside [0, vocab) */
+    double* scratch;       /* the threads' token tables: scratch_tables x [vocab][2] doubles, all 0
+                            * on entry and left 0 (NULL: allocated per call) */
+    int64_t scratch_tables;
 } klm_diag;
 
 /* One thread's share: rows its range shares with a neighbour's (the first and last row it
  * touches) and the buckets are summed privately and added once the threads are done; rows in
- * between go straight to the output. The token table is the output's own for one thread, a
- * private one (tok_sum, tok_count) for each further thread. */
+ * between go straight to the output. Each thread scatters into its own interleaved token
+ * table tab ([2 id]: k3 sum, [2 id + 1]: count; one cache line per token instead of two),
+ * which the threads then add into the output's two arrays, each a slice of the vocabulary,
+ * tables in thread order (the same sums every run), zeroing them as they go. */
 typedef struct {
     const klm_diag* d;
     int64_t first_row, last_row;
     double edge_sum[2], edge_count[2];
     double bsum[KLM_MAX_BUCKETS], bcount[KLM_MAX_BUCKETS];
-    double* tok_sum;
-    double* tok_count;
+    double* tab;
     double outside;
 } diag_part;
 
@@ -279,61 +319,82 @@ static void diag_token(diag_part* p, int64_t i, double k3) {
     if (d->ids) {
         const int64_t id = d->ids[i];
         if ((uint64_t)id < (uint64_t)d->vocab) {
-            p->tok_sum[id] += k3; p->tok_count[id] += 1.0;
+            p->tab[2 * id] += k3; p->tab[2 * id + 1] += 1.0;
         } else {
             p->outside += 1.0;
         }
     }
 }
 
-/* The block of nb tokens at global index g0: k3 in bk, weights (1 or 0) in bw. */
+/* The k3 sum (double) and weight sum of bk[0, len), bw[0, len) (len <= BLOCK): four
+ * independent double lanes, so the adds are not one chain of dependent float64 additions
+ * (latency-bound: that chain cost as much as the moments); the weights (0 or 1) sum
+ * exactly in float. */
+static inline void seg_sums(const float* bk, const float* bw, int len, double* s, double* c) {
+    double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    float w0 = 0, w1 = 0, w2 = 0, w3 = 0;
+    int j = 0;
+    for (; j + 4 <= len; j += 4) {
+        a0 += bk[j]; a1 += bk[j + 1]; a2 += bk[j + 2]; a3 += bk[j + 3];
+        w0 += bw[j]; w1 += bw[j + 1]; w2 += bw[j + 2]; w3 += bw[j + 3];
+    }
+    for (; j < len; j++) {
+        a0 += bk[j];
+        w0 += bw[j];
+    }
+    *s = (a0 + a1) + (a2 + a3);
+    *c = (double)((w0 + w1) + (w2 + w3));
+}
+
+/* The block of nb tokens at global index g0: k3 in bk, weights (1 or 0) in bw. SEG_SUMS sums
+ * one segment (a bucket of a row); the token table gets k3 and weight per token id, in the
+ * thread's interleaved table tab ([2 id] sum, [2 id + 1] count: one cache line per token). */
+#define DIAG_BLOCK_BODY(SEG_SUMS)                                                              \
+    const klm_diag* d = p->d;                                                                  \
+    const int64_t T = d->row_len;                                                              \
+    if (T > 0 && (d->row_sum || d->buckets > 0)) {                                             \
+        int64_t row = g0 / T, pos = g0 - row * T;                                              \
+        int k = 0;                                                                             \
+        while (k < nb) {                                                                       \
+            int64_t b = 0, stop = T; /* this segment: one bucket of one row */                 \
+            if (d->buckets > 0) {                                                              \
+                b = bucket_of(pos, d->buckets);                                                \
+                if (b < d->buckets - 1 && ((int64_t)2 << b) < T) stop = (int64_t)2 << b;       \
+            }                                                                                  \
+            int len = (int)(stop - pos < nb - k ? stop - pos : nb - k);                        \
+            double s, c;                                                                       \
+            SEG_SUMS(bk + k, bw + k, len, &s, &c);                                             \
+            diag_row_add(p, row, s, c);                                                        \
+            if (d->buckets > 0) {                                                              \
+                p->bsum[b] += s; p->bcount[b] += c;                                            \
+            }                                                                                  \
+            k += len;                                                                          \
+            pos += len;                                                                        \
+            if (pos == T) {                                                                    \
+                row++;                                                                         \
+                pos = 0;                                                                       \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    if (d->ids) {                                                                              \
+        const int64_t* ids = d->ids + g0;                                                      \
+        const uint64_t V = (uint64_t)d->vocab;                                                 \
+        double* tab = p->tab;                                                                  \
+        double out = 0;                                                                        \
+        for (int j = 0; j < nb; j++) {                                                         \
+            const int64_t id = ids[j];                                                         \
+            if ((uint64_t)id < V) {                                                            \
+                tab[2 * id] += bk[j];                                                          \
+                tab[2 * id + 1] += bw[j];                                                      \
+            } else {                                                                           \
+                out += bw[j];                                                                  \
+            }                                                                                  \
+        }                                                                                      \
+        p->outside += out;                                                                     \
+    }
+
 static void diag_block(diag_part* p, int64_t g0, int nb, const float* bk, const float* bw) {
-    const klm_diag* d = p->d;
-    const int64_t T = d->row_len;
-    if (T > 0 && (d->row_sum || d->buckets > 0)) {
-        int64_t row = g0 / T, pos = g0 - row * T;
-        int k = 0;
-        while (k < nb) {
-            int64_t b = 0, stop = T;  /* this segment: one bucket of one row */
-            if (d->buckets > 0) {
-                b = bucket_of(pos, d->buckets);
-                if (b < d->buckets - 1 && ((int64_t)2 << b) < T) stop = (int64_t)2 << b;
-            }
-            int len = (int)(stop - pos < nb - k ? stop - pos : nb - k);
-            double s = 0, c = 0;
-            for (int j = k; j < k + len; j++) {
-                s += bk[j];
-                c += bw[j];
-            }
-            diag_row_add(p, row, s, c);
-            if (d->buckets > 0) {
-                p->bsum[b] += s; p->bcount[b] += c;
-            }
-            k += len;
-            pos += len;
-            if (pos == T) {
-                row++;
-                pos = 0;
-            }
-        }
-    }
-    if (d->ids) {
-        const int64_t* ids = d->ids + g0;
-        const uint64_t V = (uint64_t)d->vocab;
-        double* ts = p->tok_sum;
-        double* tc = p->tok_count;
-        double out = 0;
-        for (int j = 0; j < nb; j++) {
-            const int64_t id = ids[j];
-            if ((uint64_t)id < V) {
-                ts[id] += bk[j];
-                tc[id] += bw[j];
-            } else {
-                out += bw[j];
-            }
-        }
-        p->outside += out;
-    }
+    DIAG_BLOCK_BODY(seg_sums)
 }
 
 /* Token i of a block being scanned again, unless masked out: if its |l| is finite and above
@@ -618,6 +679,44 @@ static inline __attribute__((always_inline)) KLM_AVX2_FN void avx2_quantities(
     *q5o = q5;
 }
 
+/* seg_sums with AVX2: sixteen k3 at a time widened to four double vectors (four independent
+ * chains: the adds' latency, not their throughput, bounds one chain), the weights in float. */
+static inline __attribute__((always_inline)) KLM_AVX2_FN void seg_sums_avx2(
+    const float* bk, const float* bw, int len, double* s, double* c) {
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+    __m256d a2 = _mm256_setzero_pd(), a3 = _mm256_setzero_pd();
+    __m256 w0 = _mm256_setzero_ps(), w1 = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 16 <= len; j += 16) {
+        __m256 k = _mm256_loadu_ps(bk + j), k8 = _mm256_loadu_ps(bk + j + 8);
+        a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(k)));
+        a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(k, 1)));
+        a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm256_castps256_ps128(k8)));
+        a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm256_extractf128_ps(k8, 1)));
+        w0 = _mm256_add_ps(w0, _mm256_loadu_ps(bw + j));
+        w1 = _mm256_add_ps(w1, _mm256_loadu_ps(bw + j + 8));
+    }
+    if (j + 8 <= len) {
+        __m256 k = _mm256_loadu_ps(bk + j);
+        a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(k)));
+        a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(k, 1)));
+        w0 = _mm256_add_ps(w0, _mm256_loadu_ps(bw + j));
+        j += 8;
+    }
+    double st = 0;
+    float ct = 0;
+    for (; j < len; j++) {
+        st += bk[j];
+        ct += bw[j];
+    }
+    *s = avx2_hsum4d(_mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3))) + st;
+    *c = (double)(avx2_hsum8(_mm256_add_ps(w0, w1)) + ct);
+}
+
+static KLM_AVX2_FN void diag_block_avx2(diag_part* p, int64_t g0, int nb, const float* bk, const float* bw) {
+    DIAG_BLOCK_BODY(seg_sums_avx2)
+}
+
 /* The AVX2 form of range_float_blocks over [lo, hi) with hi - lo a multiple of 8. */
 static KLM_AVX2_FN void range_avx2(const void* restrict logp, const void* restrict ref, int dtype,
                        const uint8_t* restrict mask, int64_t lo, int64_t hi,
@@ -681,7 +780,7 @@ static KLM_AVX2_FN void range_avx2(const void* restrict logp, const void* restri
         acc[9] += avx2_hsum8(fb3); acc[10] += avx2_hsum8(fb4); acc[11] += avx2_hsum4d(_mm256_add_pd(fb5lo, fb5hi));
         float cnt = avx2_hsum8(fcnt);
         acc[12] += cnt;
-        if (dp) diag_block(dp, blo, nb, bl, bg);
+        if (dp) diag_block_avx2(dp, blo, nb, bl, bg);
         int32_t bm = avx2_hmax8i(bmax);
         int added = 0;  /* tokens the rescan added in double */
         if (bm > rbits) {  /* some valid |l| above the threshold or 30: rare */
@@ -851,7 +950,7 @@ void klm_fold_sums(double* acc, const float* shift, const double* sums) {
 }
 
 /* Interface version: klmonitor/_native/__init__.py loads only the version it was written for. */
-int klm_abi_version(void) { return 4; }
+int klm_abi_version(void) { return 5; }
 
 /* sha256 of the moments.c this library was built from (setup.py defines it), so that a
  * library left from an older source is not used with a newer loader. */
@@ -869,21 +968,19 @@ int klm_openmp(void) {
 #endif
 }
 
-/* A thread's diag_part over tokens [lo, hi) (hi > lo), writing the token table tok_sum,
- * tok_count (the output's or a private one). */
-static void diag_part_init(diag_part* p, const klm_diag* d, int64_t lo, int64_t hi, double* tok_sum,
-                           double* tok_count) {
+/* A thread's diag_part over tokens [lo, hi) (hi > lo), scattering into the token table tab. */
+static void diag_part_init(diag_part* p, const klm_diag* d, int64_t lo, int64_t hi, double* tab) {
     p->d = d;
     p->first_row = d->row_len > 0 ? lo / d->row_len : 0;
     p->last_row = d->row_len > 0 ? (hi - 1) / d->row_len : 0;
     p->edge_sum[0] = p->edge_sum[1] = p->edge_count[0] = p->edge_count[1] = 0;
     for (int b = 0; b < KLM_MAX_BUCKETS; b++) p->bsum[b] = p->bcount[b] = 0;
-    p->tok_sum = tok_sum;
-    p->tok_count = tok_count;
+    p->tab = tab;
     p->outside = 0;
 }
 
-/* Add a thread's private sums into the outputs (threads in order: the same sums every run). */
+/* Add a thread's private sums (edge rows, buckets, outside) into the outputs (threads in
+ * order: the same sums every run). The token tables are merged by merge_tables. */
 static void diag_part_finish(const diag_part* p) {
     const klm_diag* d = p->d;
     if (d->row_len > 0 && d->row_sum) {
@@ -898,14 +995,23 @@ static void diag_part_finish(const diag_part* p) {
         d->bucket_sum[b] += p->bsum[b];
         d->bucket_count[b] += p->bcount[b];
     }
-    if (d->ids) {
-        if (p->tok_sum != d->token_sum) {
-            for (int64_t v = 0; v < d->vocab; v++) {
-                d->token_sum[v] += p->tok_sum[v];
-                d->token_count[v] += p->tok_count[v];
-            }
+    if (d->ids) d->outside[0] += p->outside;
+}
+
+/* Ids [v0, v1) of the ntab interleaved tables at tabs (2 vocab doubles each), added in table
+ * order into the output's sum and count arrays; the tables are left 0 there. */
+static void merge_tables(const klm_diag* d, double* tabs, int ntab, int64_t v0, int64_t v1) {
+    const size_t stride = 2 * (size_t)d->vocab;
+    for (int64_t v = v0; v < v1; v++) {
+        double s = 0, c = 0;
+        for (int t = 0; t < ntab; t++) {
+            double* e = tabs + t * stride + 2 * v;
+            s += e[0];
+            c += e[1];
+            e[0] = e[1] = 0;
         }
-        d->outside[0] += p->outside;
+        d->token_sum[v] += s;
+        d->token_count[v] += c;
     }
 }
 
@@ -917,6 +1023,7 @@ static int diag_ok(const klm_diag* d, int64_t n) {
     if (d->row_sum && !d->row_count) return 0;
     if (d->buckets > 0 && !(d->bucket_sum && d->bucket_count)) return 0;
     if (d->ids && !(d->vocab > 0 && d->token_sum && d->token_count && d->outside)) return 0;
+    if (d->scratch_tables < 0 || (d->scratch_tables > 0 && !d->scratch)) return 0;
     return 1;
 }
 
@@ -961,8 +1068,9 @@ int klm_fold(const void* logp, const void* ref, int dtype, const uint8_t* mask, 
  * k3, as the moments use it, summed per row, per position bucket and per token id, added to
  * d's outputs. Returns 1 when done; 0, doing nothing, when nthreads > 1 without OpenMP (call
  * again with nthreads = 1); -1, doing nothing, when d is inconsistent (sizes, NULL outputs)
- * or the inputs' dtype is not read. With a token table, threads beyond the first get private
- * tables; where they cannot be allocated, one thread does the work. */
+ * or the inputs' dtype is not read. With a token table, each thread scatters into a table of
+ * d->scratch (where it holds fewer tables than threads, the threads are fewer) or, without
+ * scratch, of one allocation per call (where that fails, nothing is done: -1). */
 int klm_fold_diag(const void* logp, const void* ref, int dtype, const uint8_t* mask, int64_t n,
                   float clamp, float threshold, int nthreads, double* acc, const klm_diag* d) {
     float shift[NQ];
@@ -972,19 +1080,28 @@ int klm_fold_diag(const void* logp, const void* ref, int dtype, const uint8_t* m
     if (nthreads > 1) return 0;
 #endif
     if (n <= 0) return 1;
+    if (nthreads < 1) nthreads = 1;
     if (nthreads > 64) nthreads = 64;
     if ((int64_t)nthreads > n) nthreads = (int)n;
     double* tables = 0;
-    if (nthreads > 1 && d->ids) {
-        tables = (double*)calloc((size_t)(nthreads - 1) * 2 * (size_t)d->vocab, sizeof(double));
-        if (!tables) nthreads = 1;
+    double* owned = 0;
+    if (d->ids) {
+        if (d->scratch && d->scratch_tables > 0) {
+            tables = d->scratch;
+            if ((int64_t)nthreads > d->scratch_tables) nthreads = (int)d->scratch_tables;
+        } else {
+            owned = tables = (double*)calloc((size_t)nthreads * 2 * (size_t)d->vocab, sizeof(double));
+            if (!tables) return -1;
+        }
     }
+    const size_t stride = 2 * (size_t)d->vocab;
     klm_sample_shift(logp, ref, dtype, mask, n, clamp, shift);
     if (nthreads <= 1) {
         diag_part part;
-        diag_part_init(&part, d, 0, n, d->token_sum, d->token_count);
+        diag_part_init(&part, d, 0, n, tables);
         token_moments(logp, ref, dtype, mask, 0, n, shift, clamp, threshold, sums, &part);
         diag_part_finish(&part);
+        if (tables) merge_tables(d, tables, 1, 0, d->vocab);
     } else {
 #ifdef _OPENMP
         double parts[64][NOUT];
@@ -994,27 +1111,27 @@ int klm_fold_diag(const void* logp, const void* ref, int dtype, const uint8_t* m
         {
             int t = omp_get_thread_num(), nt = omp_get_num_threads();
             int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
-            double* ts = d->token_sum;
-            double* tc = d->token_count;
-            if (t > 0 && tables) {
-                ts = tables + (size_t)(t - 1) * 2 * (size_t)d->vocab;
-                tc = ts + d->vocab;
-            }
+            double* tab = tables ? tables + (size_t)t * stride : 0;
             if (hi > lo) {
-                diag_part_init(&dparts[t], d, lo, hi, ts, tc);
+                diag_part_init(&dparts[t], d, lo, hi, tab);
                 token_moments(logp, ref, dtype, mask, lo, hi, shift, clamp, threshold, parts[t], &dparts[t]);
             } else {
-                diag_part_init(&dparts[t], d, 0, 1, ts, tc);
+                diag_part_init(&dparts[t], d, 0, 1, tab);
                 for (int k = 0; k < NOUT; k++) parts[t][k] = 0;
             }
             if (t == 0) used = nt;
+            if (tables) {
+                /* Every table is complete; each thread merges a slice of the vocabulary. */
+                #pragma omp barrier
+                merge_tables(d, tables, nt, d->vocab * t / nt, d->vocab * (t + 1) / nt);
+            }
         }
         for (int k = 0; k < NOUT; k++) sums[k] = parts[0][k];
         for (int t = 1; t < used; t++) add_sums(sums, parts[t]);
         for (int t = 0; t < used; t++) diag_part_finish(&dparts[t]);
 #endif
     }
-    free(tables);
+    free(owned);
     klm_fold_sums(acc, shift, sums);
     return 1;
 }
