@@ -527,7 +527,8 @@ class Monitor:
         logp, ref = logprobs.detach(), ref_logprobs.detach()
         # The tokens KLStats counted (a numeric mask counts where it is exactly 1).
         valid = None if mask is None else (mask if mask.dtype == torch.bool else mask == 1).to(logp.device)
-        if self._entropy is not None:
+        req = self._pending
+        if self._entropy is not None and not (req is not None and req.done and req.entropy is not None):
             self._entropy.update(logp, ref, valid, self.level == "sequence")
         uses_ids = self.sequences is not None or self.tokens is not None
         ids = self._checked_ids(token_ids, logp) if token_ids is not None and uses_ids else None
@@ -540,6 +541,7 @@ class Monitor:
                 self._update_rollout(logp, rollout_logprobs, mask, valid)
             if diagnose:
                 self._diagnose(logp, ref, valid, ids, wants_rows)
+        self._pending = None  # what the kernel's pass added is in the windows; drop the request
         if behaviour_logprobs is not None:
             try:  # the behaviour policy sampled the tokens: it is the sampler, the current policy the reference
                 self.update_stats.update(behaviour_logprobs, logp, mask)
@@ -597,13 +599,16 @@ class Monitor:
     def _kernel_request(self, logprobs: Any, token_ids: Any) -> _native.Diagnostics | None:
         # What the fused CPU kernel can add in its pass over this batch, if it takes the batch:
         # the row and position-bucket sums, and the token table, written into the windows.
-        wants = self.positions is not None or self.sequences is not None or self.tokens is not None
+        entropy = self._entropy is not None and self.level == "token"
+        wants = self.positions is not None or self.sequences is not None or self.tokens is not None or entropy
         if not (wants and isinstance(logprobs, Tensor) and logprobs.is_cpu and _native.available()):
             return None
         if self.positions is not None and self.positions.buckets > _native.MAX_BUCKETS:
             return None
         n, dev = logprobs.numel(), logprobs.device
         req = _native.Diagnostics(n)
+        if entropy and self._entropy is not None:
+            req.entropy = self._entropy.writable(dev)
         if logprobs.dim() == 2 and logprobs.shape[1] > 0:
             req.row_len = logprobs.shape[1]
             if self.sequences is not None:

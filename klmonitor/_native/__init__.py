@@ -714,6 +714,9 @@ class Diagnostics:
     the kernel's threads scatter into (a multiple of ``2 * vocab``, one table per thread; left
     zero), kept by the caller across calls so that no call allocates and clears its tables;
     without it each call allocates them.
+    ``entropy`` (optional, 3 float64 numbers: count, mean and M2
+    of ``-logp``, as :class:`klmonitor.diagnostics.EntropyMoments` keeps them): the batch's
+    masked-in tokens with both log-probs finite are merged into it (Chan's rule).
     """
 
     n: int
@@ -727,6 +730,7 @@ class Diagnostics:
     token_count: Tensor | None = None
     outside: Tensor | None = None
     scratch: Tensor | None = None
+    entropy: Tensor | None = None
     done: bool = False
 
     def _struct(self) -> _selftest.Diag:
@@ -768,6 +772,7 @@ class Diagnostics:
             buf(self.token_count, "token_count", vocab) if self.ids is not None else None,
             buf(self.outside, "outside", 1) if self.ids is not None else None,
             *self._scratch(vocab),
+            buf(self.entropy, "entropy", 3),
         )
 
     def _scratch(self, vocab: int) -> tuple[int | None, int]:

@@ -48,6 +48,7 @@ class Diag(ctypes.Structure):
         ("outside", ctypes.c_void_p),
         ("scratch", ctypes.c_void_p),
         ("scratch_tables", ctypes.c_int64),
+        ("entropy", ctypes.c_void_p),
     ]
 
 
