@@ -249,3 +249,26 @@ def test_monitor_entropy_from_the_kernel_equals_the_torch_path(body: object, dty
     for got in out.values():
         assert got.mean == pytest.approx(x.mean().item(), rel=1e-7)
         assert got.var == pytest.approx(x.var().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_k3_of_some_rows_equals_the_whole(body: object, dtype: torch.dtype) -> None:
+    """The rows path (the top sequences' tokens): the same numbers as the whole batch's, read in
+    place for the rows asked, in their order, first ``cols`` tokens; bad rows refused."""
+    if not _native.reads_dtype(dtype):
+        pytest.skip(f"this body does not read {dtype}")
+    lp, rf, mask = _entropy_batch(9 * 301, 11, dtype)
+    lp, rf, mask = lp.view(9, 301), rf.view(9, 301), mask.view(9, 301)
+    whole = _native.token_k3(lp, rf, mask, math.inf)
+    rows = torch.tensor([8, 0, 3, 3])
+    for cols in (None, 256, 1, 0, 999):
+        got = _native.token_k3(lp, rf, mask, math.inf, rows=rows, cols=cols)
+        t = 301 if cols is None else min(cols, 301)
+        assert got.shape == (4, t)
+        assert torch.equal(got, whole[rows, :t])
+    assert torch.equal(_native.token_k3(lp, rf, None, 5.0, rows=rows), _native.token_k3(lp, rf, None, 5.0)[rows])
+    for bad in ([9], [-1]):
+        with pytest.raises(ValueError, match="rows must be in"):
+            _native.token_k3(lp, rf, mask, math.inf, rows=torch.tensor(bad))
+    with pytest.raises(ValueError, match="rows need"):
+        _native.token_k3(lp.reshape(-1), rf.reshape(-1), None, math.inf, rows=rows)

@@ -242,6 +242,18 @@ void klm_token_k3(const void* logp, const void* ref, int dtype, const uint8_t* m
     }
 }
 
+/* klm_token_k3 over the first cols tokens of each of nrows rows (indices rows[], each in
+ * [0, n / row_len)) of [n / row_len, row_len] inputs: out is [nrows, cols]. */
+void klm_rows_k3(const void* logp, const void* ref, int dtype, const uint8_t* mask, int64_t row_len,
+                 int64_t cols, const int64_t* rows, int64_t nrows, float clamp, double* out) {
+    const size_t esize = dtype == KLM_F32 ? 4 : 2;
+    for (int64_t k = 0; k < nrows; k++) {
+        const int64_t at = rows[k] * row_len;
+        klm_token_k3((const char*)logp + at * esize, (const char*)ref + at * esize, dtype,
+                     mask ? mask + at : mask, cols, clamp, out + k * cols);
+    }
+}
+
 /* ---- Diagnostics in the same pass (klm_fold_diag) ----------------------------------------
  * Per-token k3 is computed by the bodies anyway; with diagnostics on, each block's k3 (0 for a
  * token outside the float sums) and weights (1 for a token in them) are kept in the block's
