@@ -144,23 +144,28 @@ class Monitor:
         wandb_alert_wait_s: W&B's minimum seconds between two alerts with the same title.
         rank: this process's global rank; ``None`` reads it from ``torch.distributed`` (0
             when it is not initialised). Only rank 0 writes to sinks.
-        by_position: keep the mean k3 per position bucket (``[B, T]`` inputs):
-            ``summary.by_position`` and ``kl/by_position/<bucket>/k3``. Off by default: its
-            ~20 small torch ops cost a fixed ~0.2 ms per update on CPU, half of what the fused
-            kernel takes for 1M tokens (``benchmarks/bench_diagnostics.py``).
+        by_position: keep the mean k3 per position bucket (``[B, T]`` inputs; nothing for
+            ``[N]`` ones): ``summary.by_position``, the scalars
+            ``kl/by_position/<bucket>/k3`` and ``.../tokens`` and a table
+            ``kl/by_position``. On by default (the fused kernels sum the buckets in their
+            pass; ``benchmarks/bench_diagnostics.py`` measures the cost); ``False`` turns it off.
         position_buckets: buckets of token positions: 0-1, 2-3, 4-7, ..., the last open-ended.
         position_rows: rows of each batch the position profile reads (an evenly strided sample
             at a random offset, so its cost stays small whatever the batch; an unbiased
             estimate of each bucket's mean); ``None`` reads every row (exact). Every row is
             read anyway when ``top_sequences`` or ``top_tokens`` is on.
-        top_sequences: keep the window's K sequences with the largest summed k3 (0: off);
-            ``summary.top_sequences``, a table ``kl/top_sequences``.
+        top_sequences: keep the window's K sequences with the largest summed k3 (``[B, T]``
+            inputs): ``summary.top_sequences``, a table ``kl/top_sequences`` (TensorBoard
+            text, a W&B table) per window, as text when ``token_ids`` and ``decode`` are
+            given. 5 by default; ``0`` turns it off.
         top_sequences_max_len: token ids and per-token k3 kept per top sequence.
         top_tokens: keep the K vocabulary entries contributing the most summed k3 (0: off;
             needs ``token_ids`` in :meth:`update` and ``vocab_size``).
         vocab_size: the size of the id table of ``top_tokens`` (``len(tokenizer)``).
         decode: ``callable(token_ids: list[int]) -> str`` (e.g. a tokenizer's ``decode``) to
-            show the top sequences and tokens as text.
+            show the top sequences and tokens as text. The adapters that know the trainer's
+            tokenizer (:mod:`klmonitor.transformers`, :mod:`klmonitor.trl`,
+            :mod:`klmonitor.verl`, :mod:`klmonitor.openrlhf`) set it unless given.
         f_divergences: f-divergences to estimate beside the KL (``"chi2"``, ``"hellinger"``,
             ``"js"``, ``"tv"`` or :class:`klmonitor.FDivergence` entries): ``summary.f[name]``
             and ``kl/f/<name>/mean|std|stderr`` (see :class:`~klmonitor.KLStats`). Off by default.
@@ -211,10 +216,10 @@ class Monitor:
         alert_history_size: int = 1000,
         wandb_alert_wait_s: float = 300.0,
         rank: int | None = None,
-        by_position: bool = False,
+        by_position: bool = True,
         position_buckets: int = 12,
         position_rows: int | None = 16,
-        top_sequences: int = 0,
+        top_sequences: int = 5,
         top_sequences_max_len: int = 256,
         top_tokens: int = 0,
         vocab_size: int | None = None,
