@@ -40,12 +40,16 @@ from klmonitor import Monitor
 SCALES = (8, 128, 1024)
 
 
+#: Every diagnostic off (by_position and top_sequences are on by default): each row adds its own.
+OFF: dict[str, Any] = {"by_position": False, "top_sequences": 0}
+
+
 def configs(vocab: int) -> dict[str, dict[str, Any]]:
     return {
-        "core statistics": {},
-        "by_position": {"by_position": True},
-        "top_sequences=5": {"top_sequences": 5},
-        f"top_tokens=10 (vocab {vocab:,})": {"top_tokens": 10, "vocab_size": vocab},
+        "core statistics": OFF,
+        "by_position": {**OFF, "by_position": True},
+        "top_sequences=5": {**OFF, "top_sequences": 5},
+        f"top_tokens=10 (vocab {vocab:,})": {**OFF, "top_tokens": 10, "vocab_size": vocab},
         "all diagnostics": {"by_position": True, "top_sequences": 5, "top_tokens": 10, "vocab_size": vocab},
     }
 

@@ -487,6 +487,8 @@ def read_wandb(path: str | os.PathLike[str], prefix: str = "kl/") -> RunData:
             for key, value in item.items():
                 if key.startswith("_") or key == WANDB_STEP_KEY:
                     continue  # wandb's own bookkeeping (_step, _runtime, _timestamp) and the step
+                if f"{key.rsplit('.', 1)[0]}._type" in item:
+                    continue  # a table's or histogram's own fields (kl/top_sequences.nrows, ...)
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     by_tag.setdefault(key, {})[step] = float(value)
             if item.get(f"{hist_key}._type") == "histogram":

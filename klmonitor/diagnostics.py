@@ -448,8 +448,20 @@ class TopSequences(_Accumulator):
         rows[:, _SCORE] = -math.inf
         return rows.reshape(-1)
 
-    def update(self, k3: Tensor, valid: Tensor, token_ids: Tensor | None, step: int, rank: int) -> None:
-        """Fold the rows of ``[B, T]`` per-token ``k3`` (0 where not valid)."""
+    def update(
+        self,
+        k3: Tensor,
+        valid: Tensor,
+        token_ids: Tensor | None,
+        step: int,
+        rank: int,
+        shown: Tensor | None = None,
+    ) -> None:
+        """Fold the rows of ``[B, T]`` per-token ``k3`` (0 where not valid).
+
+        ``shown`` (``[B, T]`` bool, e.g. the mask): the tokens whose ids the table keeps; the
+        others (padding) get id -1 and are left out of the decoded text.
+        """
         self.update_sums(
             k3.sum(1, dtype=torch.float64),
             valid.sum(1, dtype=torch.float64),
@@ -458,6 +470,7 @@ class TopSequences(_Accumulator):
             token_ids,
             step,
             rank,
+            (lambda rows: shown.index_select(0, rows)) if shown is not None else None,
         )
 
     def update_sums(
@@ -469,13 +482,15 @@ class TopSequences(_Accumulator):
         token_ids: Tensor | None,
         step: int,
         rank: int,
+        shown_of: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         """Fold a ``[B, length]`` batch's rows from their k3 ``sums`` and valid ``tokens`` (``[B]``).
 
-        ``k3_of(rows)`` gives the per-token k3 of the rows at the indices ``rows`` (at least their
-        first ``max_len`` tokens; only the
-        ``k`` best rows are asked for): the fused kernel gives the sums, and the few winning
-        rows are computed again.
+        ``k3_of(rows)`` gives the per-token k3 of the rows at the indices ``rows`` (at least
+        their first ``max_len`` tokens; only the ``k`` best rows are asked for): the fused
+        kernel gives the sums, and the few winning rows are computed again. ``shown_of(rows)``
+        (optional, bool, as wide): which of their tokens keep their ids (the others, padding,
+        get -1 and no text).
         """
         dev = sums.device
         current = self._state(dev).reshape(self.k, self.width)
@@ -483,7 +498,7 @@ class TopSequences(_Accumulator):
         if b == 0:
             return
         if dev.type == "cpu":
-            self._update_host(current, sums, tokens, length, k3_of, token_ids, step, rank)
+            self._update_host(current, sums, tokens, length, k3_of, token_ids, step, rank, shown_of)
             return
         score = torch.where(tokens > 0, sums, -math.inf)
         kb = min(self.k, b)
@@ -494,6 +509,8 @@ class TopSequences(_Accumulator):
         id_rows = torch.full((kb, self.max_len), -1.0, dtype=torch.float64, device=dev)
         if token_ids is not None:
             id_rows[:, :keep] = token_ids.index_select(0, rows)[:, :keep].double()
+            if shown_of is not None:
+                id_rows[:, :keep].masked_fill_(~shown_of(rows)[:, :keep].to(dev, torch.bool), -1.0)
         meta = torch.stack(
             [
                 best,
@@ -518,6 +535,7 @@ class TopSequences(_Accumulator):
         token_ids: Tensor | None,
         step: int,
         rank: int,
+        shown_of: Callable[[Tensor], Tensor] | None,
     ) -> None:
         """:meth:`update_sums` on the host, in numpy.
 
@@ -555,6 +573,9 @@ class TopSequences(_Accumulator):
             )
         else:
             new[:, _F : _F + keep] = -1.0
+        if token_ids is not None and shown_of is not None:
+            hidden = ~shown_of(rows)[:, :keep].to("cpu", torch.bool).numpy()
+            new[:, _F : _F + keep][hidden] = -1.0
         new[:, _F + self.max_len : _F + self.max_len + keep] = k3_of(rows)[:, :keep].numpy()
         both = np.concatenate([cur, new])
         # The k best of the window and the new rows; the window's rows first among equals.

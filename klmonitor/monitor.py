@@ -653,8 +653,16 @@ class Monitor:
                 def k3_of(pick: Tensor) -> Tensor:  # the kernel read these inputs: a C call per row
                     return _native.token_k3(logp, ref, valid, clamp, rows=pick, cols=seqs.max_len)
 
+                shown = (lambda pick: valid.index_select(0, pick)) if valid is not None else None
                 self.sequences.update_sums(
-                    req.row_sum, req.row_count, logp.shape[1], k3_of, ids, self._step_seen, self._rank()
+                    req.row_sum,
+                    req.row_count,
+                    logp.shape[1],
+                    k3_of,
+                    ids,
+                    self._step_seen,
+                    self._rank(),
+                    shown,
                 )
             return
         # One per-token k3 shared by the position profile, the top sequences and the top tokens.
@@ -672,7 +680,7 @@ class Monitor:
         if rows and self.positions is not None:
             self.positions.update(k3, ok)
         if rows and self.sequences is not None:
-            self.sequences.update(k3, ok, ids, self._step_seen, self._rank())
+            self.sequences.update(k3, ok, ids, self._step_seen, self._rank(), shown=valid)
         if self.tokens is not None and ids is not None:
             self.tokens.update(k3, ok, ids)
 

@@ -63,7 +63,9 @@ def test_resume_gives_identical_alerts() -> None:
     expected = [[a.to_dict() for a in alerts] for alerts in run(full, seq)]
     fired = {a["rule"] for alerts in expected for a in alerts}
     # kl_acceleration too: the sequence's KL jumps after levelling (its history resumes exactly).
-    assert fired == {"drift", "spike", "nonfinite", "sampling_mismatch", "kl_budget", "kl_acceleration"}, fired
+    assert fired == {"drift", "spike", "nonfinite", "sampling_mismatch", "kl_budget", "kl_acceleration"}, (
+        fired
+    )
     for split in (1, 8, 12, 16, 21, 26):
         first = engine_factory()
         head = [[a.to_dict() for a in alerts] for alerts in run(first, seq[:split])]

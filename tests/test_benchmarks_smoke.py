@@ -188,7 +188,19 @@ def test_collective_benchmark_counts_bytes_that_do_not_grow_with_the_vocabulary_
 def test_fdiv_benchmark_runs_and_checks_its_numbers() -> None:
     script = SCRIPT.with_name("bench_fdiv.py")
     proc = subprocess.run(
-        [sys.executable, str(script), "--rows", "32", "--cols", "40", "--rounds", "1", "--repeat", "1", "--json"],
+        [
+            sys.executable,
+            str(script),
+            "--rows",
+            "32",
+            "--cols",
+            "40",
+            "--rounds",
+            "1",
+            "--repeat",
+            "1",
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -58,10 +58,11 @@ def _k3_rows(batch: dict[str, torch.Tensor]) -> np.ndarray:
 
 
 def _top_row(batches: list[dict[str, torch.Tensor]]) -> tuple[int, int, list[int]]:
-    """(batch index, row, token ids) of the row with the largest summed k3 among ``batches``."""
+    """(batch index, row, token ids) of the row with the largest summed k3 among ``batches``;
+    the ids of its masked-out tokens left out (the table shows the tokens the KL counts)."""
     scores = [(s, b, r) for b, batch in enumerate(batches) for r, s in enumerate(_k3_rows(batch))]
     _, b, r = max(scores)
-    return b, r, batches[b]["token_ids"][r].tolist()
+    return b, r, batches[b]["token_ids"][r][batches[b]["mask"][r]].tolist()
 
 
 def _rows(markdown: str) -> list[list[str]]:
@@ -242,6 +243,12 @@ def test_wandb_offline_gets_a_table_per_window(tmp_path: Path, monkeypatch: pyte
     assert saved["columns"][-1] == "text" and len(saved["data"]) == 5
     _, _, ids = _top_row(batches[2:4])
     assert saved["data"][0][-1].replace("**", "") == _decode(ids)
+    # The report's reader takes the position scalars, not the tables' own fields as scalars.
+    from klmonitor._readers import read_wandb
+
+    data = read_wandb(run_file)
+    assert "kl/by_position/0-1/k3" in data.scalars
+    assert not [t for t in data.scalars if "." in t.rsplit("/", 1)[-1]], sorted(data.scalars)
 
 
 def test_flat_inputs_and_turned_off_log_none_of_them() -> None:

@@ -77,7 +77,8 @@ def test_planted_sequence_comes_out_first_with_its_step_and_row() -> None:
     assert [t.kl_sum for t in top] == pytest.approx([v for v, _, _ in sums], rel=1e-5)
     planted = fed[1][1]
     assert top[0].tokens == int(planted["mask"][4].sum())
-    assert top[0].token_ids == planted["token_ids"][4].tolist()
+    # The masked tokens' ids are kept as -1 (padding: not shown in the text).
+    assert top[0].token_ids == planted["token_ids"][4].masked_fill(~planted["mask"][4], -1).tolist()
     assert top[0].token_kl == pytest.approx(_k3(planted)[4].tolist(), rel=1e-5, abs=1e-9)
     assert top[0].text is not None and top[0].text.count("**") == 6  # the three highest-KL tokens
 

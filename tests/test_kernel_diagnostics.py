@@ -266,9 +266,37 @@ def test_token_k3_of_some_rows_equals_the_whole(body: object, dtype: torch.dtype
         t = 301 if cols is None else min(cols, 301)
         assert got.shape == (4, t)
         assert torch.equal(got, whole[rows, :t])
-    assert torch.equal(_native.token_k3(lp, rf, None, 5.0, rows=rows), _native.token_k3(lp, rf, None, 5.0)[rows])
+    assert torch.equal(
+        _native.token_k3(lp, rf, None, 5.0, rows=rows), _native.token_k3(lp, rf, None, 5.0)[rows]
+    )
     for bad in ([9], [-1]):
         with pytest.raises(ValueError, match="rows must be in"):
             _native.token_k3(lp, rf, mask, math.inf, rows=torch.tensor(bad))
     with pytest.raises(ValueError, match="rows need"):
         _native.token_k3(lp.reshape(-1), rf.reshape(-1), None, math.inf, rows=rows)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_top_sequences_leave_the_masked_tokens_out_of_the_text(backend: str) -> None:
+    """A right-padded completion: the padding's ids are kept as -1 and not decoded (its k3 is 0)."""
+    g = torch.Generator().manual_seed(1)
+    lp = -torch.rand(6, 40, generator=g) * 3
+    rf = lp + 0.1 * torch.randn(6, 40, generator=g)
+    rf[2, :25] += 1.5  # row 2 is the top sequence
+    mask = torch.ones(6, 40, dtype=torch.bool)
+    mask[:, 25:] = False  # padding
+    ids = torch.randint(0, 26, (6, 40), generator=g)
+    ids[:, 25:] = 26  # the pad id, decoded as "#"
+    m = Monitor(log_every_n_steps=1, rules=[], backend=backend, histogram=False, top_sequences=2,
+                decode=lambda t: "".join("abcdefghijklmnopqrstuvwxyz#"[i] for i in t))  # fmt: skip
+    m.reset_window(1)
+    m.update(lp, rf, mask, token_ids=ids)
+    res = m.step(2)
+    assert res is not None
+    top = res.summary.top_sequences[0]
+    assert top.row == 2 and top.tokens == 25
+    assert top.token_ids is not None
+    assert top.token_ids[:25] == ids[2, :25].tolist() and top.token_ids[25:] == [-1] * 15
+    assert top.text is not None and "#" not in top.text
+    assert top.text.replace("*", "") == "".join("abcdefghijklmnopqrstuvwxyz"[i] for i in ids[2, :25].tolist())
+    assert top.token_kl[25:] == [0.0] * 15

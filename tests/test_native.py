@@ -1030,7 +1030,9 @@ def test_fault_leaves_training_running_with_the_torch_path_numbers(
 
 
 def _summary(d: dict[str, Any]) -> KLSummary:
-    return KLSummary(**{k: EstimatorStats(**v) if isinstance(v, dict) and "mean" in v else v for k, v in d.items()})
+    return KLSummary(
+        **{k: EstimatorStats(**v) if isinstance(v, dict) and "mean" in v else v for k, v in d.items()}
+    )
 
 
 # --------------------------------------------------------------------------------------------
