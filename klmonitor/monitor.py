@@ -653,7 +653,8 @@ class Monitor:
                 def k3_of(pick: Tensor) -> Tensor:  # the kernel read these inputs: a C call per row
                     return _native.token_k3(logp, ref, valid, clamp, rows=pick, cols=seqs.max_len)
 
-                shown = (lambda pick: valid.index_select(0, pick)) if valid is not None else None
+                mask_rows = valid
+                shown = (lambda pick: mask_rows.index_select(0, pick)) if mask_rows is not None else None
                 self.sequences.update_sums(
                     req.row_sum,
                     req.row_count,
