@@ -66,6 +66,9 @@ NUM_WARPS = 4
 GROUP = 64
 _ROW = 4 + 3 * mom.NQ  # valid, extreme, good, max|l|, then 6 x (m, C, S2)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Longest rows whose diagnostics the kernels compute (positions are int32 within a tile's rows);
+#: a request with longer rows is not done (the caller computes it).
+MAX_ROW_LEN = 2**30
 #: Above this clamped |l| the float64 kernel redoes a tile: float32 squares of l e**l
 #: overflow above ~44 and float32's exp above 88.7.
 WIDE_ABOVE = mom.FLOAT32_CLAMP
@@ -163,10 +166,15 @@ if tl is not None:
 
     @triton.jit
     def _segment_sum(
-        a_s: tl.tensor, a_c: tl.tensor, a_f: tl.tensor, b_s: tl.tensor, b_c: tl.tensor, b_f: tl.tensor
-    ) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
-        """The combine of a segmented sum: ``(sum, count)`` restart where ``b`` opens a segment."""
-        return tl.where(b_f != 0, b_s, a_s + b_s), tl.where(b_f != 0, b_c, a_c + b_c), a_f | b_f
+        a_s: tl.tensor, a_p: tl.tensor, b_s: tl.tensor, b_p: tl.tensor
+    ) -> tuple[tl.tensor, tl.tensor]:
+        """The combine of a segmented sum of ``(k3, 2 count + opens)``: restart where ``b`` opens.
+
+        Where ``b`` does not open a segment its low bit is 0, so ``a_p + b_p`` adds the counts
+        and keeps ``a``'s bit; count and flag in one int32 keep the scan's registers down.
+        """
+        opens = (b_p & 1) != 0
+        return tl.where(opens, b_s, a_s + b_s), tl.where(opens, b_p, a_p + b_p)
 
     @triton.jit
     def _opens_bucket(pos: tl.tensor, BUCKETS: tl.constexpr) -> tl.tensor:
@@ -177,7 +185,7 @@ if tl is not None:
     def _put_diagnostics(  # noqa: PLR0913
         k3: tl.tensor,
         good: tl.tensor,
-        offs: tl.tensor,
+        first: tl.tensor,
         n: tl.tensor,
         ids_ptr: tl.tensor,
         row_sum_ptr: tl.tensor,
@@ -196,39 +204,45 @@ if tl is not None:
     ) -> None:
         """Add one tile's k3 (any float dtype; 0 where not ``good``) to the diagnostics' outputs.
 
-        Rows and position buckets: the tile is cut into segments (one row's run of tokens in
-        one bucket; a segment also ends at the tile's edge), a segmented scan sums each in
-        float64 (exact counts in int32), and each segment's last token adds its sum and count
-        to its row and bucket with a float64 ``atomic_add`` (segments without a counted token
-        add nothing). Token table: each counted token with an id in ``[0, vocab)`` adds its k3
-        and 1 at its id; the others are counted once per tile into ``outside``. Atomics are
-        relaxed: only their sum matters, read after the kernel.
+        ``first``: the tile's first token (int64). Rows and position buckets: the tile is cut
+        into segments (one row's run of tokens in one bucket; a segment also ends at the tile's
+        edge), a segmented scan sums each in float64 (counts in int32), and each segment's last
+        token adds its sum and count to its row and bucket with a float64 ``atomic_add``
+        (segments without a counted token add nothing). Positions are int32 within the tile's
+        first row (rows are at most ``MAX_ROW_LEN`` tokens). Token table: each counted token
+        with an id in ``[0, vocab)`` adds its k3 and 1 at its id; the others are counted once
+        per tile into ``outside``. Atomics are relaxed: only their sum matters, read after the
+        kernel.
         """
         k = tl.where(good, k3, 0.0).to(tl.float64)
-        inb = offs < n
+        lane = tl.arange(0, BLOCK)
+        left = tl.minimum(n - first, BLOCK).to(tl.int32)  # the tile's tokens
         if ROWS or BUCKETS > 0:
-            row = offs // row_len
-            pos = offs - row * row_len
-            lane = tl.arange(0, BLOCK)
+            t = row_len.to(tl.int32)
+            row0 = first // row_len
+            q = (first - row0 * row_len).to(tl.int32) + lane  # < row_len + BLOCK
+            down = q // t  # rows below the tile's first row
+            pos = q - down * t
             opens = (pos == 0) | (lane == 0)
-            closes = (pos + 1 == row_len) | (lane == BLOCK - 1) | (offs + 1 >= n)
+            closes = (pos + 1 == t) | (lane + 1 >= left)
             if BUCKETS > 1:
                 opens = opens | _opens_bucket(pos, BUCKETS)
                 closes = closes | _opens_bucket(pos + 1, BUCKETS)
-            s, c, _ = tl.associative_scan((k, good.to(tl.int32), opens.to(tl.int32)), 0, _segment_sum)
-            put = closes & inb & (c > 0)
-            cf = c.to(tl.float64)
+            packed = good.to(tl.int32) * 2 + opens.to(tl.int32)
+            s, p = tl.associative_scan((k, packed), 0, _segment_sum)
+            put = closes & (lane < left) & (p >= 2)
+            cf = (p >> 1).to(tl.float64)
             if ROWS:
-                tl.atomic_add(row_sum_ptr + row, s, mask=put, sem="relaxed")
-                tl.atomic_add(row_count_ptr + row, cf, mask=put, sem="relaxed")
+                tl.atomic_add(row_sum_ptr + row0 + down, s, mask=put, sem="relaxed")
+                tl.atomic_add(row_count_ptr + row0 + down, cf, mask=put, sem="relaxed")
             if BUCKETS > 0:
-                # floor(log2(pos)) from float64's exponent (exact below 2**53), capped
-                b = (pos.to(tl.float64).to(tl.int64, bitcast=True) >> 52) - 1023
+                # floor(log2(pos)) from float64's exponent (exact for any int32), capped
+                b = (pos.to(tl.float64).to(tl.int64, bitcast=True) >> 52).to(tl.int32) - 1023
                 b = tl.minimum(tl.maximum(b, 0), BUCKETS - 1)
                 tl.atomic_add(bucket_sum_ptr + b, s, mask=put, sem="relaxed")
                 tl.atomic_add(bucket_count_ptr + b, cf, mask=put, sem="relaxed")
         if TOKENS:
-            ids = tl.load(ids_ptr + offs, mask=inb, other=-1)
+            ids = tl.load(ids_ptr + first + lane, mask=lane < left, other=-1)
             inside = (ids >= 0) & (ids < vocab)
             use = good & inside
             slot = tl.where(use, ids, 0)
@@ -304,7 +318,7 @@ if tl is not None:
         if DIAG:
             if top <= redo_above:  # else the float64 kernel adds this tile (top is never NaN)
                 _put_diagnostics(
-                    k3, good, offs, n, ids_ptr, row_sum_ptr, row_count_ptr, bucket_sum_ptr,
+                    k3, good, pid.to(tl.int64) * BLOCK, n, ids_ptr, row_sum_ptr, row_count_ptr, bucket_sum_ptr,
                     bucket_count_ptr, token_sum_ptr, token_count_ptr, outside_ptr, row_len, vocab,
                     ROWS, BUCKETS, TOKENS, BLOCK,
                 )  # fmt: skip
@@ -378,7 +392,7 @@ if tl is not None:
                     k3 = _put_quantities(row, lc, good, cnt, LIBDEVICE)
                     if DIAG:
                         _put_diagnostics(
-                            k3, good, offs, n, ids_ptr, row_sum_ptr, row_count_ptr, bucket_sum_ptr,
+                            k3, good, t.to(tl.int64) * BLOCK, n, ids_ptr, row_sum_ptr, row_count_ptr, bucket_sum_ptr,
                             bucket_count_ptr, token_sum_ptr, token_count_ptr, outside_ptr, row_len,
                             vocab, ROWS, BUCKETS, TOKENS, BLOCK,
                         )  # fmt: skip
@@ -595,7 +609,8 @@ def fold(
     ``diag`` (a :class:`klmonitor._native.Diagnostics` of ``n = logp.numel()`` tokens whose
     outputs are on the inputs' device): the same launches add each token's k3 (as the moments
     use it: clamped, 0 where masked or non-finite, float64 for tiles the float64 kernel redoes)
-    to its row, position bucket and token id, and set ``diag.done``. Sums are float64 and added
+    to its row, position bucket and token id, and set ``diag.done`` (not for rows longer than
+    :data:`MAX_ROW_LEN`: then nothing is added). Sums are float64 and added
     with atomics: their last bit depends on the order the GPU runs the tiles in.
     """
     if logp.numel() == 0:
@@ -603,6 +618,8 @@ def fold(
             _diagnostic_args(diag, 0, logp.device, acc)  # nothing to add: checked, and done
             diag.done = True
         return acc
+    if diag is not None and diag.row_len > MAX_ROW_LEN:
+        diag = None  # the kernels' positions are int32: such rows are left to the caller (not done)
     rows = partials(logp, ref, mask, clamp, threshold, interpret, diag)
     if diag is not None:
         diag.done = True

@@ -158,6 +158,11 @@ def test_interpreted_monitor_equals_the_torch_path(interpreted: dict[str, Any]) 
     assert_windows_agree(interpreted["monitor"], cases.monitor_windows("torch", "cpu"))
 
 
+@needs_triton
+def test_rows_beyond_the_kernels_int32_positions_are_left_to_the_caller(interpreted: dict[str, Any]) -> None:
+    assert interpreted["declined"] == {"done": False, "untouched": True, "moments_unchanged": True}
+
+
 def _diag(n: int, **parts: Any) -> _native.Diagnostics:
     return _native.Diagnostics(n, **parts)
 

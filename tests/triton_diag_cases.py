@@ -231,9 +231,35 @@ def monitor_windows(backend: str, device: str) -> list[dict[str, Any]]:
     return windows
 
 
+def declined(interpret: bool, device: str = "cpu") -> dict[str, Any]:
+    """A request with rows longer than ``_triton.MAX_ROW_LEN`` (lowered to 100 here): not done,
+    its outputs untouched, the moments as without it."""
+    from klmonitor import _moments as mom
+    from klmonitor import _triton
+
+    c = kernel_cases()["rows_only"]  # rows of 150 tokens
+    dev = torch.device(device)
+    logp, ref, mask = c["logp"].to(dev), c["ref"].to(dev), c["mask"].to(dev)
+    d = outputs(c, dev, fill=1.0)
+    longest = _triton.MAX_ROW_LEN
+    _triton.MAX_ROW_LEN = 100
+    try:
+        acc = _triton.fold(mom.empty(dev), logp, ref, mask, INF, 20.0, interpret, diag=d)
+    finally:
+        _triton.MAX_ROW_LEN = longest
+    plain = _triton.fold(mom.empty(dev), logp, ref, mask, INF, 20.0, interpret)
+    assert d.row_sum is not None and d.row_count is not None
+    untouched = bool((d.row_sum == 1).all() and (d.row_count == 1).all())
+    return {"done": d.done, "untouched": untouched, "moments_unchanged": bool(torch.equal(acc, plain))}
+
+
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    result = {"kernel": kernel_results("cpu", interpret=True), "monitor": monitor_windows("triton", "cpu")}
+    result = {
+        "kernel": kernel_results("cpu", interpret=True),
+        "monitor": monitor_windows("triton", "cpu"),
+        "declined": declined(interpret=True),
+    }
     print(json.dumps(result))
     return 0
 
