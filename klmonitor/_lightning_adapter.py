@@ -53,9 +53,13 @@ class LightningAdapter:
     Logged metrics (``prefix`` defaults to ``kl/``; see :meth:`KLSummary.to_dict`):
     ``{k1,k2,k3,kl_pq}/{mean,std,var,stderr,rel_std}``, ``drift_k2_k3``, ``drift_z``,
     ``r_minus_1/{mean,stderr,z}``, ``ess_fraction``, ``tokens`` (and ``sequences`` at
-    sequence level), ``nonfinite``, ``extreme``, ``max_abs_log_ratio``. TensorBoard also gets
-    ``band/{k1,k3}_{lower,upper}``, a custom-scalars layout, a histogram ``log_ratio`` and
-    alerts as text under ``alerts``; W&B gets the histogram and ``run.alert``.
+    sequence level), ``nonfinite``, ``extreme``, ``max_abs_log_ratio``, ``entropy/{mean,std,
+    stderr}``, ``initial/...`` (the first window), and for ``[B, T]`` inputs
+    ``by_position/<bucket>/{k3,tokens}`` (``by_position``, on by default). TensorBoard also gets
+    ``band/{k1,k3}_{lower,upper}``, a custom-scalars layout, a histogram ``log_ratio``, alerts
+    as text under ``alerts`` and, per window, the tables ``by_position`` and ``top_sequences``
+    (``top_sequences=5`` by default) as text; W&B gets the histogram, the tables and
+    ``run.alert``.
 
     Args:
         log_every_n_steps: optimizer steps per window; None takes the Trainer's.
@@ -99,18 +103,22 @@ class LightningAdapter:
         alert_history_size: alerts kept in alert_history (oldest dropped first).
         wandb_alert_wait_s: W&B's minimum seconds between two alerts with the same title.
         by_position: keep the mean k3 per position bucket ([B, T] inputs), logged as
-            kl/by_position/<bucket>/k3.
+            kl/by_position/<bucket>/k3 (and .../tokens) and a table kl/by_position. On by
+            default; False turns it off.
         position_buckets: buckets of token positions: 0-1, 2-3, 4-7, ..., the last open-ended.
         position_rows: rows of each batch the position profile reads (an evenly strided
             sample); None reads every row (exact).
-        top_sequences: keep the window's K sequences with the largest summed k3 (0: off),
-            logged as a table kl/top_sequences.
+        top_sequences: keep the window's K sequences with the largest summed k3 ([B, T]
+            inputs), logged as a table kl/top_sequences (TensorBoard text, a W&B table). 5 by
+            default; 0 turns it off.
         top_sequences_max_len: token ids and per-token k3 kept per top sequence.
         top_tokens: keep the K vocabulary entries contributing the most summed k3 (0: off;
             needs token ids and vocab_size).
         vocab_size: the size of the id table of top_tokens (len(tokenizer)).
         decode: callable(token_ids: list[int]) -> str (e.g. a tokenizer's decode) to show the
-            top sequences and tokens as text.
+            top sequences and tokens as text. Lightning knows no tokenizer: pass
+            decode=tokenizer.decode (and the token ids under token_ids_key) for text; without
+            it the tables hold the numbers only.
         f_divergences: f-divergences to estimate beside the KL: "chi2", "hellinger", "js",
             "tv" or klmonitor.FDivergence entries; logged as kl/f/NAME/mean, std, stderr. Off
             by default.
@@ -154,10 +162,10 @@ class LightningAdapter:
         backend: Literal["auto", "torch", "native", "triton", "compile"] = "auto",
         alert_history_size: int = 1000,
         wandb_alert_wait_s: float = 300.0,
-        by_position: bool = False,
+        by_position: bool = True,
         position_buckets: int = 12,
         position_rows: int | None = 16,
-        top_sequences: int = 0,
+        top_sequences: int = 5,
         top_sequences_max_len: int = 256,
         top_tokens: int = 0,
         vocab_size: int | None = None,

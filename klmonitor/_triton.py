@@ -464,6 +464,11 @@ def _diagnostic_args(diag: Diagnostics, n: int, device: torch.device, dummy: Ten
 
     if diag.n != n:
         raise ValueError(f"Diagnostics for {diag.n} tokens, but the batch has {n}")
+    if getattr(diag, "entropy", None) is not None:
+        raise ValueError(
+            "Diagnostics.entropy is computed by the C kernel only; leave it None for the Triton "
+            "kernel (the caller then updates the entropy itself)"
+        )
     row_len = diag.row_len
     if row_len < 0 or (row_len and n % row_len):
         raise ValueError(f"Diagnostics: {n} tokens do not split into rows of {row_len}")

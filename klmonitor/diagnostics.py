@@ -249,6 +249,10 @@ class EntropyMoments(_Accumulator):
         """
         v = self._state(logp.device)
         lp, rf = logp.detach(), ref.detach()
+        if lp.dtype in (torch.bfloat16, torch.float16):
+            # Summed in float32 at least: a bf16 sum is rounded to bf16 (8 bits: a mean off by
+            # ~1e-3 relative, as the kernel's float64 reference showed).
+            lp = lp.float()
         if sequence:
             block = max(1, _ENTROPY_BLOCK // max(1, lp.shape[-1]))
         else:
@@ -524,14 +528,12 @@ class TopSequences(_Accumulator):
         cur = current.numpy()
         score = np.where(tokens.numpy() > 0, sums.numpy(), -math.inf)
         floor = cur[:, _SCORE].min()  # -inf while a slot is empty
-        if not (score > floor).any():
+        enter = np.flatnonzero(score > floor)
+        if enter.size == 0:
             return
-        if score.size > self.k:  # the k best, best first (equal scores: the first row first)
-            part = np.argpartition(-score, self.k - 1)[: self.k]
-            enter = np.sort(part)[np.argsort(-score[np.sort(part)], kind="stable")]
-        else:
-            enter = np.argsort(-score, kind="stable")
-        enter = enter[score[enter] > floor]
+        if enter.size > self.k:  # the k best (an equal score at the k-th: one of them)
+            enter = enter[np.argpartition(score[enter], enter.size - self.k)[enter.size - self.k :]]
+        enter = enter[np.argsort(-score[enter], kind="stable")]  # best first
         kb, keep = enter.size, min(length, self.max_len)
         rows = torch.from_numpy(enter)
         new = np.empty((kb, self.width))
@@ -553,7 +555,7 @@ class TopSequences(_Accumulator):
             )
         else:
             new[:, _F : _F + keep] = -1.0
-        new[:, _F + self.max_len : _F + self.max_len + keep] = k3_of(rows)[:, :keep].double().numpy()
+        new[:, _F + self.max_len : _F + self.max_len + keep] = k3_of(rows)[:, :keep].numpy()
         both = np.concatenate([cur, new])
         # The k best of the window and the new rows; the window's rows first among equals.
         best = np.argsort(-both[:, _SCORE], kind="stable")[: self.k]

@@ -144,23 +144,28 @@ class Monitor:
         wandb_alert_wait_s: W&B's minimum seconds between two alerts with the same title.
         rank: this process's global rank; ``None`` reads it from ``torch.distributed`` (0
             when it is not initialised). Only rank 0 writes to sinks.
-        by_position: keep the mean k3 per position bucket (``[B, T]`` inputs):
-            ``summary.by_position`` and ``kl/by_position/<bucket>/k3``. Off by default: its
-            ~20 small torch ops cost a fixed ~0.2 ms per update on CPU, half of what the fused
-            kernel takes for 1M tokens (``benchmarks/bench_diagnostics.py``).
+        by_position: keep the mean k3 per position bucket (``[B, T]`` inputs; nothing for
+            ``[N]`` ones): ``summary.by_position``, the scalars
+            ``kl/by_position/<bucket>/k3`` and ``.../tokens`` and a table
+            ``kl/by_position``. On by default (the fused kernels sum the buckets in their
+            pass; ``benchmarks/bench_diagnostics.py`` measures the cost); ``False`` turns it off.
         position_buckets: buckets of token positions: 0-1, 2-3, 4-7, ..., the last open-ended.
         position_rows: rows of each batch the position profile reads (an evenly strided sample
             at a random offset, so its cost stays small whatever the batch; an unbiased
             estimate of each bucket's mean); ``None`` reads every row (exact). Every row is
             read anyway when ``top_sequences`` or ``top_tokens`` is on.
-        top_sequences: keep the window's K sequences with the largest summed k3 (0: off);
-            ``summary.top_sequences``, a table ``kl/top_sequences``.
+        top_sequences: keep the window's K sequences with the largest summed k3 (``[B, T]``
+            inputs): ``summary.top_sequences``, a table ``kl/top_sequences`` (TensorBoard
+            text, a W&B table) per window, as text when ``token_ids`` and ``decode`` are
+            given. 5 by default; ``0`` turns it off.
         top_sequences_max_len: token ids and per-token k3 kept per top sequence.
         top_tokens: keep the K vocabulary entries contributing the most summed k3 (0: off;
             needs ``token_ids`` in :meth:`update` and ``vocab_size``).
         vocab_size: the size of the id table of ``top_tokens`` (``len(tokenizer)``).
         decode: ``callable(token_ids: list[int]) -> str`` (e.g. a tokenizer's ``decode``) to
-            show the top sequences and tokens as text.
+            show the top sequences and tokens as text. The adapters that know the trainer's
+            tokenizer (:mod:`klmonitor.transformers`, :mod:`klmonitor.trl`,
+            :mod:`klmonitor.verl`, :mod:`klmonitor.openrlhf`) set it unless given.
         f_divergences: f-divergences to estimate beside the KL (``"chi2"``, ``"hellinger"``,
             ``"js"``, ``"tv"`` or :class:`klmonitor.FDivergence` entries): ``summary.f[name]``
             and ``kl/f/<name>/mean|std|stderr`` (see :class:`~klmonitor.KLStats`). Off by default.
@@ -211,10 +216,10 @@ class Monitor:
         alert_history_size: int = 1000,
         wandb_alert_wait_s: float = 300.0,
         rank: int | None = None,
-        by_position: bool = False,
+        by_position: bool = True,
         position_buckets: int = 12,
         position_rows: int | None = 16,
-        top_sequences: int = 0,
+        top_sequences: int = 5,
         top_sequences_max_len: int = 256,
         top_tokens: int = 0,
         vocab_size: int | None = None,
@@ -527,7 +532,8 @@ class Monitor:
         logp, ref = logprobs.detach(), ref_logprobs.detach()
         # The tokens KLStats counted (a numeric mask counts where it is exactly 1).
         valid = None if mask is None else (mask if mask.dtype == torch.bool else mask == 1).to(logp.device)
-        if self._entropy is not None:
+        req = self._pending
+        if self._entropy is not None and not (req is not None and req.done and req.entropy is not None):
             self._entropy.update(logp, ref, valid, self.level == "sequence")
         uses_ids = self.sequences is not None or self.tokens is not None
         ids = self._checked_ids(token_ids, logp) if token_ids is not None and uses_ids else None
@@ -540,6 +546,7 @@ class Monitor:
                 self._update_rollout(logp, rollout_logprobs, mask, valid)
             if diagnose:
                 self._diagnose(logp, ref, valid, ids, wants_rows)
+        self._pending = None  # what the kernel's pass added is in the windows; drop the request
         if behaviour_logprobs is not None:
             try:  # the behaviour policy sampled the tokens: it is the sampler, the current policy the reference
                 self.update_stats.update(behaviour_logprobs, logp, mask)
@@ -597,22 +604,28 @@ class Monitor:
     def _kernel_request(self, logprobs: Any, token_ids: Any) -> _native.Diagnostics | None:
         # What the fused kernel that takes this batch (C on the CPU; Triton on CUDA, or on CPU
         # tensors under TRITON_INTERPRET=1 with backend="triton") can add in its pass over it:
-        # the row and position-bucket sums, and the token table, written into the windows on
-        # the batch's device. `done` says whether one did (else _diagnose does the work).
+        # the row and position-bucket sums, and the token table (and, the C kernel only, the
+        # entropy's moments), written into the windows on the batch's device. `done` says
+        # whether one did (else _diagnose does the work).
         from klmonitor import backends
 
-        wants = self.positions is not None or self.sequences is not None or self.tokens is not None
-        if not (wants and isinstance(logprobs, Tensor)):
+        entropy = self._entropy is not None and self.level == "token"
+        diagnostics = self.positions is not None or self.sequences is not None or self.tokens is not None
+        if not ((diagnostics or entropy) and isinstance(logprobs, Tensor)):
             return None
         skip = ("triton",) if self.stats._triton_failed else ()
         taker = backends.choose(self.stats.backend, logprobs, logprobs, self.stats.level, skip).name
         if taker not in ("native", "triton"):
             return None
         fused = taker == "triton"
+        if fused and not diagnostics:  # the Triton kernel does not compute the entropy
+            return None
         if self.positions is not None and self.positions.buckets > _native.MAX_BUCKETS:
             return None
         n, dev = logprobs.numel(), logprobs.device
         req = _native.Diagnostics(n)
+        if entropy and self._entropy is not None and not fused:
+            req.entropy = self._entropy.writable(dev)
         if logprobs.dim() == 2 and logprobs.shape[1] > 0:
             req.row_len = logprobs.shape[1]
             if self.sequences is not None:

@@ -10,8 +10,10 @@ callback the model's outputs, so the log-probs come from where the loss is compu
 ``GRPOTrainer`` is covered by :mod:`klmonitor.trl`). The callback does the rest:
 
 * ``on_train_begin``: fresh windows (or the checkpoint's state when resuming), the window
-  length (the Trainer's ``logging_steps`` unless given), the device, and the sinks: the
-  trackers of ``args.report_to`` that klmonitor can write to (TensorBoard, W&B);
+  length (the Trainer's ``logging_steps`` unless given), the device, the sinks (the trackers
+  of ``args.report_to`` that klmonitor can write to: TensorBoard, W&B), and the Trainer's
+  tokenizer (``processing_class``) as the monitor's ``decode`` unless one was given, so the
+  top sequences (on by default) show as text when ``update`` gets ``token_ids``;
 * ``on_step_end`` (after each optimizer step): ``monitor.step(state.global_step)``; a stop
   rule sets ``control.should_training_stop``; before a checkpoint, the monitor's state goes
   into ``state.stateful_callbacks`` (saved in the checkpoint's ``trainer_state.json``);
@@ -23,9 +25,11 @@ Usage::
 
     class MyTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            logp, ref_logp, mask = ...  # the sampled tokens' log-probs, [B, T]
+            logp, ref_logp, mask, ids = ...  # the sampled tokens' log-probs and ids, [B, T]
             if model.training:  # the Trainer's evaluation calls compute_loss too
-                self.kl.monitor.update(logp, ref_logp, mask)  # on device, no host sync
+                # on device, no host sync; token_ids (the sampled ids, [B, T]) give the top
+                # sequences their text, decoded with the Trainer's tokenizer
+                self.kl.monitor.update(logp, ref_logp, mask, token_ids=ids)
             return loss
 
     trainer = MyTrainer(model, args, train_dataset=data)
@@ -86,6 +90,12 @@ class KLMonitorCallback(TrainerCallback):
     callable ``fn(metrics, step)`` works for any of them); the callback says so once.
     Alerts go to the Python log, the sinks (TensorBoard text, W&B alerts) and ``on_alert``.
     The metrics logged are listed in :class:`klmonitor.lightning.KLMonitor`.
+
+    Text: the window's top sequences (``top_sequences=5`` by default, a table
+    ``kl/top_sequences``) and top tokens are decoded with the Trainer's tokenizer, its
+    ``processing_class`` (``tokenizer`` on older transformers) when it has a ``decode``, unless
+    ``decode=`` was given (``decode=`` wins). Feed ``token_ids=`` (the sampled ids) to
+    ``monitor.update`` for the text; without them the tables hold the numbers only.
 
     Checkpoints: before each checkpoint the monitor's state (alert state, window position,
     open window) is stored in ``state.stateful_callbacks`` under :attr:`state_key`, so it is
@@ -154,6 +164,8 @@ class KLMonitorCallback(TrainerCallback):
         self._attached = False
         self._merge_in_on_log = False
         self._handler: Any = None
+        # The tokenizer's decode this callback gave the monitor (None: none, or the user's own).
+        self._adopted_decode: Any = None
 
     @property
     def attached(self) -> bool:
@@ -178,6 +190,32 @@ class KLMonitorCallback(TrainerCallback):
         self._merge_in_on_log = merge_in_on_log
         self._handler = handler
 
+    def adopt_tokenizer(self, tokenizer: Any) -> bool:
+        """Decode the top sequences' and tokens' text with ``tokenizer.decode``, unless ``decode`` was given.
+
+        Called with the Trainer's ``processing_class`` by :func:`attach` and when training
+        begins; a ``decode`` the user gave (``decode=`` or ``monitor.decode = ...``) is kept,
+        and an object without a callable ``decode`` changes nothing. Returns whether the
+        monitor now decodes with ``tokenizer``.
+
+        >>> class Tok:
+        ...     def decode(self, ids):
+        ...         return " ".join(map(str, ids))
+        >>> cb = KLMonitorCallback()
+        >>> cb.adopt_tokenizer(Tok()), cb.monitor.decode([1, 2])
+        (True, '1 2')
+        >>> KLMonitorCallback(decode=str).adopt_tokenizer(Tok())
+        False
+        """
+        mon = self.monitor
+        if mon.decode is not None and (self._adopted_decode is None or mon.decode != self._adopted_decode):
+            return False  # the user's own decode
+        decode = getattr(tokenizer, "decode", None)
+        if not callable(decode):
+            return False
+        mon.decode = self._adopted_decode = decode
+        return True
+
     @property
     def state_key(self) -> str:
         """Key of the monitor's state in ``state.stateful_callbacks`` (one per prefix)."""
@@ -196,6 +234,8 @@ class KLMonitorCallback(TrainerCallback):
         mon.rank = int(args.process_index)
         mon.reset_window()
         mon.to(args.device)
+        # The Trainer hands its callbacks processing_class (transformers >= 4.46) or tokenizer.
+        self.adopt_tokenizer(kwargs.get("processing_class", kwargs.get("tokenizer")))
         if not self._user_sinks:
             if not state.is_world_process_zero:
                 mon.set_sinks([])
@@ -433,7 +473,10 @@ def attach(trainer: Trainer, monitor: Monitor | None = None, **monitor_kwargs: A
     and any ``sinks`` given; a stop rule stops training at the log that ends its window.
 
     Feed the monitor from ``compute_loss`` as with the callback:
-    ``callback.monitor.update(logprobs, ref_logprobs, mask)``.
+    ``callback.monitor.update(logprobs, ref_logprobs, mask, token_ids=ids)``. The top
+    sequences (on by default) are decoded with the Trainer's ``processing_class`` (its
+    tokenizer) unless ``decode`` is given; with ``"tensorboard"`` in ``report_to`` their table
+    is a text entry ``train/kl/top_sequences`` in the Trainer's run at each window.
 
     Args:
         trainer: the ``transformers.Trainer`` (a subclass such as your own is fine).
@@ -470,7 +513,15 @@ def attach(trainer: Trainer, monitor: Monitor | None = None, **monitor_kwargs: A
             )
     callback._attach(handler, merge_in_on_log=True)
     handler.callbacks.insert(0, callback)
+    callback.adopt_tokenizer(_trainer_tokenizer(trainer))
     return callback
+
+
+def _trainer_tokenizer(trainer: Any) -> Any:
+    """The Trainer's tokenizer: ``processing_class`` (transformers >= 4.46), else ``tokenizer``."""
+    if hasattr(trainer, "processing_class"):  # newer Trainers warn on (or lack) .tokenizer
+        return trainer.processing_class
+    return getattr(trainer, "tokenizer", None)
 
 
 def _stateful_callbacks(state: TrainerState) -> dict[str, Any]:

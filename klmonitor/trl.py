@@ -174,9 +174,8 @@ class KLMonitorGRPOMixin:
             kl_callback.log_every_n_steps = None  # the same window length as TRL's logs: nothing to decide
         kl_callback._attach(trainer.callback_handler, merge_in_on_log=False)  # self.log merges kl/*
         trainer.add_callback(kl_callback)
-        decode = getattr(getattr(trainer, "processing_class", None), "decode", None)
-        if kl_callback.monitor.decode is None and callable(decode):
-            kl_callback.monitor.decode = decode  # top sequences and tokens as text
+        # The top sequences and tokens as text: the tokenizer's decode, unless decode= was given.
+        kl_callback.adopt_tokenizer(getattr(trainer, "processing_class", None))
         self._klm_capture = False
         self._klm_policy_logps: Tensor | None = None
         self._klm_told_no_rollout = False

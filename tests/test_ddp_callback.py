@@ -393,17 +393,20 @@ def test_every_rank_makes_the_same_alert_and_stop_decisions(ddp_run: dict[str, A
         assert got["value"] == pytest.approx(want["value"], rel=1e-4)
 
 
-def test_one_collective_per_logging_step_and_none_between(ddp_run: dict[str, Any]) -> None:
+def test_two_collectives_per_logging_step_and_none_between(ddp_run: dict[str, Any]) -> None:
+    # At the defaults (top_sequences=5): one all_gather of the small parts and one all_reduce
+    # of the additive ones per window (one all_gather alone with every diagnostic off: see
+    # tests/test_diagnostics.py), nothing between windows.
     for report in ddp_run["reports"]:
         steps = report["per_step"]
         assert len(steps) == report["global_step"]
         for entry in steps:
-            expected = ["all_gather"] if entry["step"] % EVERY == 0 else []
+            expected = ["all_gather", "all_reduce"] if entry["step"] % EVERY == 0 else []
             assert entry["calls"] == expected, (report["rank"], entry)
         # The window was closed by the stop step: nothing left to flush. The flush still joins
-        # one collective on every rank (a rank cannot know alone that no other rank has a
-        # batch; issue 20) and returns None everywhere: no window is added.
-        assert report["flush_calls"] == ["all_gather"]
+        # the window's collectives on every rank (a rank cannot know alone that no other rank
+        # has a batch; issue 20) and returns None everywhere: no window is added.
+        assert report["flush_calls"] == ["all_gather", "all_reduce"]
 
 
 def _send_to_spawned_process(obj: Any) -> Any:

@@ -259,7 +259,7 @@ def _describe(mon: Monitor) -> dict[str, Any]:
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    calls: dict[str, list[Any]] = {"between": [], "logging": [], "core": []}
+    calls: dict[str, list[Any]] = {"between": [], "logging": [], "core": [], "default": [], "off": []}
     gather, reduce = dist.all_gather, dist.all_reduce
     phase = ["between"]
 
@@ -286,10 +286,20 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         assert mon.step(5) is not None
         # Without top_tokens and top_sequences the additive parts are a few numbers: they
         # travel whole in the one all_gather.
-        core = Monitor(by_position=True, log_every_n_steps=1)
+        core = Monitor(by_position=True, top_sequences=0, log_every_n_steps=1)
         core.update(**_rank_batches(rank)[0])
         phase[0] = "core"
         assert core.step(1) is not None
+        # The defaults (by_position, top_sequences=5): the gather and the reduce.
+        default = Monitor(log_every_n_steps=1)
+        default.update(**_rank_batches(rank)[0])
+        phase[0] = "default"
+        assert default.step(1) is not None
+        # Everything off: the core statistics alone, in the one gather.
+        off = Monitor(by_position=False, top_sequences=0, log_every_n_steps=1)
+        off.update(**_rank_batches(rank)[0])
+        phase[0] = "off"
+        assert off.step(1) is not None
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps({**_describe(mon), "calls": calls}))
     finally:
         dist.all_gather, dist.all_reduce = gather, reduce  # type: ignore[assignment]
@@ -323,6 +333,13 @@ def test_two_processes_equal_one_process_over_the_union(tmp_path: Path) -> None:
         "between": [],
         "logging": [["all_gather", WORLD, small], ["all_reduce", "RedOpType.SUM", additive]],
         "core": [["all_gather", WORLD, 8 * (2 + 3 * SIZE + 3 + 2 * 12 + 4 + 3)]],
+        # The defaults: the gather's small rest holds the 5 top sequences' scores; the reduce
+        # the 12 position buckets, the ratio count, the initial check and 5 rows of 6 + 2 * 256.
+        "default": [
+            ["all_gather", WORLD, 8 * (2 + 3 * SIZE + 2 + 3 + 5)],
+            ["all_reduce", "RedOpType.SUM", 8 * (2 * 12 + 1 + 4 + 5 * (6 + 2 * 256))],
+        ],
+        "off": [["all_gather", WORLD, 8 * (2 + 3 * SIZE + 3 + 4 + 3)]],
     }
     for r in got:
         assert r["calls"] == want_calls

@@ -179,3 +179,96 @@ def test_token_k3_matches_float64(body: object, dtype: torch.dtype) -> None:
                 want.append(float(mpmath.expm1(mpmath.mpf(lz)) - lz) if usable else 0.0)
         assert got.dtype == torch.float64 and got.shape == lp.shape
         assert got.tolist() == pytest.approx(want, rel=1e-13, abs=1e-300), clamp
+
+
+def _entropy_batch(n: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(n, generator=g) * 12 - 1e-3
+    rf = lp + 0.5 * torch.randn(n, generator=g)
+    mask = torch.rand(n, generator=g) < 0.85
+    specials = [(-math.inf, 0.0), (-1.0, math.nan), (-900.0, -1.0), (-50.0, -2.0), (-1.0, math.inf)]
+    for k, (a, b) in enumerate(specials):  # non-finite, l = 899 (unusable for KL, kept here), l = 48
+        if k < n:
+            lp[(k * 7919) % n], rf[(k * 7919) % n] = a, b
+    return lp.to(dtype), rf.to(dtype), mask
+
+
+@pytest.mark.parametrize("n", [1, 7, 513, 140_001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_entropy_in_the_kernel_equals_a_float64_reference(body: object, n: int, dtype: torch.dtype) -> None:
+    """The kernel merges the batch's -log q moments (masked-in tokens with both log-probs
+    finite, as EntropyMoments takes them) into a window that already holds some, by Chan."""
+    if not _native.reads_dtype(dtype):
+        pytest.skip(f"this body does not read {dtype}")
+    lp, rf, mask = _entropy_batch(n, n, dtype)
+    prior = torch.tensor([40.0, 3.5, 12.0], dtype=torch.float64)  # count, mean, M2 of a window so far
+    for use_mask in (True, False):
+        ent = prior.clone()
+        req = _native.Diagnostics(n, entropy=ent)
+        acc = np.zeros(SIZE)
+        with _native.diagnosing(req):
+            _native.fold(lp, rf, mask if use_mask else None, math.inf, 20.0, acc)
+        assert req.done
+        a, b = lp.double(), rf.double()
+        ok = torch.isfinite(a) & torch.isfinite(b)
+        if use_mask:
+            ok &= mask
+        x = (-a[ok]).numpy()
+        na, ma, m2a = prior.tolist()
+        nb = x.size
+        if nb == 0:
+            assert ent.tolist() == prior.tolist()
+            continue
+        mb, m2b = x.mean(), ((x - x.mean()) ** 2).sum()
+        delta = mb - ma
+        want = [na + nb, ma + delta * nb / (na + nb), m2a + m2b + delta**2 * na * nb / (na + nb)]
+        assert ent[0].item() == want[0]
+        assert ent[1:].tolist() == pytest.approx(want[1:], rel=1e-6, abs=1e-9), (use_mask, ent, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_monitor_entropy_from_the_kernel_equals_the_torch_path(body: object, dtype: torch.dtype) -> None:
+    """summary.entropy the same from the kernel's pass and from EntropyMoments' torch ops (which
+    summed bf16 in bf16 before: a mean off by 1e-3 relative)."""
+    if not _native.reads_dtype(dtype):
+        pytest.skip(f"this body does not read {dtype}")
+    lp, rf, mask = _entropy_batch(37 * 301, 3, dtype)
+    lp, rf, mask = lp.view(37, 301), rf.view(37, 301), mask.view(37, 301)
+    out = {}
+    for backend in ("auto", "torch"):
+        m = Monitor(log_every_n_steps=1, rules=[], backend=backend, histogram=False, by_position=False, top_sequences=0)  # fmt: skip
+        m.reset_window(1)
+        m.update(lp, rf, mask)
+        m.update(lp[:5], rf[:5])
+        res = m.step(2)
+        assert res is not None and res.summary.entropy is not None
+        out[backend] = res.summary.entropy
+    a, b = lp[:5].double(), rf[:5].double()
+    x = torch.cat([-lp.double()[torch.isfinite(lp.double()) & torch.isfinite(rf.double()) & mask],
+                   -a[torch.isfinite(a) & torch.isfinite(b)]])  # fmt: skip
+    for got in out.values():
+        assert got.mean == pytest.approx(x.mean().item(), rel=1e-7)
+        assert got.var == pytest.approx(x.var().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_k3_of_some_rows_equals_the_whole(body: object, dtype: torch.dtype) -> None:
+    """The rows path (the top sequences' tokens): the same numbers as the whole batch's, read in
+    place for the rows asked, in their order, first ``cols`` tokens; bad rows refused."""
+    if not _native.reads_dtype(dtype):
+        pytest.skip(f"this body does not read {dtype}")
+    lp, rf, mask = _entropy_batch(9 * 301, 11, dtype)
+    lp, rf, mask = lp.view(9, 301), rf.view(9, 301), mask.view(9, 301)
+    whole = _native.token_k3(lp, rf, mask, math.inf)
+    rows = torch.tensor([8, 0, 3, 3])
+    for cols in (None, 256, 1, 0, 999):
+        got = _native.token_k3(lp, rf, mask, math.inf, rows=rows, cols=cols)
+        t = 301 if cols is None else min(cols, 301)
+        assert got.shape == (4, t)
+        assert torch.equal(got, whole[rows, :t])
+    assert torch.equal(_native.token_k3(lp, rf, None, 5.0, rows=rows), _native.token_k3(lp, rf, None, 5.0)[rows])
+    for bad in ([9], [-1]):
+        with pytest.raises(ValueError, match="rows must be in"):
+            _native.token_k3(lp, rf, mask, math.inf, rows=torch.tensor(bad))
+    with pytest.raises(ValueError, match="rows need"):
+        _native.token_k3(lp.reshape(-1), rf.reshape(-1), None, math.inf, rows=rows)

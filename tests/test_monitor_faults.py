@@ -158,8 +158,7 @@ def _run_with_failing_sink() -> tuple[Monitor, RecordingSink, list[Alert], list[
         sinks=[RaisingSink(), good],
         rules=[KLBudgetRule(0.0001, cooldown=0)],
         on_alert=fired.append,
-        by_position=True,
-    )
+    )  # the default diagnostics: by_position and top_sequences, one table each per window
     results = []
     for step in (1, 2, 3, 4):
         mon.update(*(t.reshape(2, 4) for t in _batch()))
@@ -175,10 +174,12 @@ def _assert_delivered(mon: Monitor, good: RecordingSink, fired: list[Alert], res
         "scalars@2",
         "histogram@2",
         "table:by_position@2",
+        "table:top_sequences@2",
         "alert:kl_budget@2",
         "scalars@4",
         "histogram@4",
         "table:by_position@4",
+        "table:top_sequences@4",
         "alert:kl_budget@4",
         "finalize",
     ]
@@ -191,8 +192,10 @@ def test_user_sink_that_raises_loses_nothing_else() -> None:
         mon, good, fired, results = _run_with_failing_sink()
     _assert_delivered(mon, good, fired, results)
     messages = [str(w.message) for w in caught]
-    for what in ("setup broke", "scalars broke", "histogram broke", "table broke", "alert broke"):
+    for what in ("setup broke", "scalars broke", "histogram broke", "alert broke"):
         assert sum(what in m for m in messages) == 1, (what, messages)
+    for table in ("by_position", "top_sequences"):  # once per kind of failure: per table
+        assert sum(f"the {table} table (RuntimeError: table broke)" in m for m in messages) == 1, messages
 
 
 def test_sink_guard_holds_under_warnings_as_errors(caplog: pytest.LogCaptureFixture) -> None:

@@ -80,7 +80,7 @@ def _check_charts_draw_what_they_say(
 def test_core_run_has_named_estimator_charts_with_stderr_bands_and_no_empty_charts(tmp_path: Path) -> None:
     batches = _batches(4)
     writer = SummaryWriter(str(tmp_path / "run"))
-    _run(Monitor(log_every_n_steps=2, sinks=writer), batches)
+    _run(Monitor(log_every_n_steps=2, sinks=writer, by_position=False, top_sequences=0), batches)
     writer.close()
     served = layout(tmp_path)
     # No rollout log-probs, no f-divergences, no position profile: none of their charts.
@@ -139,9 +139,8 @@ def test_k3_band_is_cut_at_zero_where_the_mean_is_within_two_standard_errors_of_
 def test_rollout_position_and_f_divergence_charts_appear_when_their_numbers_do(tmp_path: Path) -> None:
     batches = _batches(6, seed=3)
     writer = SummaryWriter(str(tmp_path / "run"))
-    mon = Monitor(
-        log_every_n_steps=2, sinks=writer, by_position=True, f_divergences=["chi2", "hellinger", "js", "tv"]
-    )
+    # The position profile is on by default.
+    mon = Monitor(log_every_n_steps=2, sinks=writer, f_divergences=["chi2", "hellinger", "js", "tv"])
     _run(mon, batches, rollout_from=3)  # rollout log-probs from the second window on
     writer.close()
     acc = events(tmp_path)

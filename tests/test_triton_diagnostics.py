@@ -186,6 +186,7 @@ def test_inconsistent_or_misplaced_outputs_are_refused() -> None:
     refused(_diag(9, bucket_sum=z(4), bucket_count=z(4)), 9, "with row_len > 0")
     refused(_diag(9, ids=z(9, torch.int64), token_sum=z(5), token_count=z(5)), 9, "ids, token_sum .* go together")  # fmt: skip
     refused(_diag(9, ids=z(9, torch.int32), token_sum=z(5), token_count=z(5), outside=z(1)), 9, "ids must be a contiguous torch.int64")  # fmt: skip
+    refused(_diag(9, entropy=z(3)), 9, "entropy is computed by the C kernel only")
     meta = torch.zeros(3, dtype=torch.float64, device="meta")
     refused(
         _diag(9, row_len=3, row_sum=meta, row_count=z(3)), 9, r"on cpu \(the inputs' device\), got .* on meta"
@@ -211,10 +212,8 @@ def test_fold_checks_the_request_before_launching() -> None:
 
 
 def _monitor(**kw: Any) -> Monitor:
-    return Monitor(
-        log_every_n_steps=1, by_position=True, position_rows=None, top_sequences=3, top_tokens=5,
-        vocab_size=50, rules=[], histogram=False, **kw,
-    )  # fmt: skip
+    parts = {"by_position": True, "position_rows": None, "top_sequences": 3, "top_tokens": 5, **kw}
+    return Monitor(log_every_n_steps=1, vocab_size=50, rules=[], histogram=False, **parts)
 
 
 @needs_triton
@@ -226,6 +225,8 @@ def test_requests_go_to_the_kernel_that_takes_the_batch(monkeypatch: pytest.Monk
         fused is not None and fused.row_len == 6 and fused.ids is not None and fused.ids.dtype == torch.int64
     )
     assert fused.scratch is None  # the Triton kernel scatters into the window's table itself
+    assert fused.entropy is None  # nor does it compute the entropy: the monitor does
+    assert _monitor(backend="triton", by_position=False, top_sequences=0, top_tokens=0)._kernel_request(lp, ids) is None  # fmt: skip
     m = _monitor(backend="triton")
     m.stats._triton_failed = True  # after a failed launch the eager path takes the batches
     assert m._kernel_request(lp, ids) is None

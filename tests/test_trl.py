@@ -66,6 +66,7 @@ class Recording(KLMonitorGRPOTrainer):
         self.fake_sampler = fake_sampler
         self.sampler_records: list[Record] = []
         self.stale_records: list[Record] = []
+        self.completion_ids: list[torch.Tensor] = []  # beside records, micro-batch by micro-batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         step = self.state.global_step + 1
@@ -74,6 +75,7 @@ class Recording(KLMonitorGRPOTrainer):
         mask = inputs["completion_mask"].bool()
         if model.training:  # evaluation calls compute_loss too
             self.records.append((step, policy, ref, mask))
+            self.completion_ids.append(inputs["completion_ids"].clone())
             old = inputs.get("old_per_token_logps")
             if old is not None:  # the generation-time policy's (what the monitor used to feed)
                 self.stale_records.append((step, old.detach().double(), ref, mask))
@@ -278,6 +280,37 @@ def test_top_sequences_decode_the_completions(model_dir: Path, tmp_path: Path) -
     top = s.top_sequences[0]
     assert top.token_ids is not None and top.text is not None and top.text.strip()
     assert top.kl_sum >= s.top_sequences[1].kl_sum
+
+
+def test_default_top_sequences_reach_tensorboard_as_the_tokenizers_text(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    # The defaults (top_sequences=5): TRL's tokenizer decodes the top completions, and the table
+    # is a text entry in the Trainer's TensorBoard run at each logging step.
+    records: list[Record] = []
+    trainer = _trainer(model_dir, tmp_path / "out", records, {"max_steps": 2})
+    trainer.train()
+    assert trainer.kl_callback.monitor.decode == trainer.processing_class.decode
+    (run,) = sorted({p.parent for p in (tmp_path / "out").rglob("events.out.tfevents.*")})
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    acc.Reload()
+    (entry,) = acc.Tensors("train/kl/top_sequences/text_summary")
+    assert entry.step == 2
+    table = b"".join(entry.tensor_proto.string_val).decode()
+    first = [c.strip() for c in table.strip().splitlines()[2].split("|")[1:-1]]
+    # The completion with the largest summed k3 of the window, from the independent log-probs.
+    best: tuple[float, list[int]] = (-float("inf"), [])
+    for (_, policy, ref, mask), ids in zip(records, trainer.completion_ids, strict=True):
+        lr = ref - policy
+        sums = torch.where(mask, torch.expm1(lr) - lr, 0.0).sum(1)
+        r = int(sums.argmax())
+        if float(sums[r]) > best[0]:
+            best = (float(sums[r]), ids[r].tolist())
+    assert float(first[3]) == pytest.approx(best[0], rel=1e-3)
+    words = trainer.processing_class.convert_ids_to_tokens(best[1])
+    assert first[-1].replace("**", "") == "".join(words), (first, words)
 
 
 @pytest.mark.parametrize("disable_dropout", [True, False])

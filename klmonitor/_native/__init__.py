@@ -571,10 +571,11 @@ def token_k3(
     """Each token's k3 in float64, as :func:`fold` counts it.
 
     0 where ``mask`` is False or the log-ratio is not usable, else k3 of the log-ratio clamped
-    to ``+-clamp``. ``rows`` (int64 indices into the first dimension of ``[B, T]`` inputs): only those rows'
-    first ``cols`` tokens (all ``T`` by default), ``[len(rows), min(cols, T)]``, read in place
-    (no copies). For the few rows a top-sequences table shows token by token: C calls of microseconds, where torch's float64 ops over the same rows take
-    a few hundred. Inputs as :func:`fold`'s (any shape without ``rows``).
+    to ``+-clamp``. ``rows`` (indices into the first dimension of ``[B, T]`` inputs): only
+    those rows' first ``cols`` tokens (all ``T`` by default), ``[len(rows), min(cols, T)]``,
+    read in place (no copies). For the few rows a top-sequences table shows token by token:
+    one C call of microseconds, where torch's float64 ops over the same rows take a few
+    hundred. Inputs as :func:`fold`'s (any shape without ``rows``).
     """
     lib = load()
     if lib is None:
@@ -593,16 +594,13 @@ def token_k3(
         raise ValueError(f"token_k3: rows need [B, T] inputs, got {tuple(logp.shape)}")
     b, width = logp.shape
     t = width if cols is None else max(0, min(int(cols), width))
-    picked = [int(r) for r in rows.tolist()]
-    if any(not 0 <= r < b for r in picked):
-        raise ValueError(f"token_k3: rows must be in [0, {b}), got {picked}")
-    out = torch.empty(len(picked), t, dtype=torch.float64)
-    step, mstep = width * logp.element_size(), width * (mask.element_size() if mask is not None else 0)
-    for k, r in enumerate(picked):
-        mp = mask.data_ptr() + r * mstep if mask is not None else None
-        lib.klm_token_k3(
-            logp.data_ptr() + r * step, ref.data_ptr() + r * step, code, mp, t, clamp, out[k].data_ptr()
-        )
+    picked = rows.detach().to("cpu", torch.int64).contiguous().reshape(-1)
+    at = picked.numpy()
+    if at.size and (at.min() < 0 or at.max() >= b):
+        raise ValueError(f"token_k3: rows must be in [0, {b}), got {at.tolist()}")
+    out = torch.empty(picked.numel(), t, dtype=torch.float64)
+    mp = mask.data_ptr() if mask is not None else None
+    lib.klm_rows_k3(logp.data_ptr(), ref.data_ptr(), code, mp, width, t, picked.data_ptr(), picked.numel(), clamp, out.data_ptr())  # fmt: skip
     return out
 
 
@@ -714,6 +712,9 @@ class Diagnostics:
     the kernel's threads scatter into (a multiple of ``2 * vocab``, one table per thread; left
     zero), kept by the caller across calls so that no call allocates and clears its tables;
     without it each call allocates them.
+    ``entropy`` (optional, 3 float64 numbers: count, mean and M2
+    of ``-logp``, as :class:`klmonitor.diagnostics.EntropyMoments` keeps them): the batch's
+    masked-in tokens with both log-probs finite are merged into it (Chan's rule).
     """
 
     n: int
@@ -727,6 +728,7 @@ class Diagnostics:
     token_count: Tensor | None = None
     outside: Tensor | None = None
     scratch: Tensor | None = None
+    entropy: Tensor | None = None
     done: bool = False
 
     def _struct(self) -> _selftest.Diag:
@@ -768,6 +770,7 @@ class Diagnostics:
             buf(self.token_count, "token_count", vocab) if self.ids is not None else None,
             buf(self.outside, "outside", 1) if self.ids is not None else None,
             *self._scratch(vocab),
+            buf(self.entropy, "entropy", 3),
         )
 
     def _scratch(self, vocab: int) -> tuple[int | None, int]:

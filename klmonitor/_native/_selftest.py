@@ -48,6 +48,7 @@ class Diag(ctypes.Structure):
         ("outside", ctypes.c_void_p),
         ("scratch", ctypes.c_void_p),
         ("scratch_tables", ctypes.c_int64),
+        ("entropy", ctypes.c_void_p),
     ]
 
 
@@ -67,6 +68,7 @@ def bind(lib: ctypes.CDLL) -> None:
         "klm_fold_diag": ([p, p, cint, p, i64, f32, f32, cint, p, ctypes.POINTER(Diag)], cint),
         "klm_fold_sums": ([p, p, p], None),
         "klm_token_k3": ([p, p, cint, p, i64, f32, p], None),
+        "klm_rows_k3": ([p, p, cint, p, i64, i64, p, i64, f32, p], None),
         "klm_vector_size": ([], cint),
         "klm_reads_dtype": ([cint], cint),
     }

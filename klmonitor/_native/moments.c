@@ -242,6 +242,18 @@ void klm_token_k3(const void* logp, const void* ref, int dtype, const uint8_t* m
     }
 }
 
+/* klm_token_k3 over the first cols tokens of each of nrows rows (indices rows[], each in
+ * [0, n / row_len)) of [n / row_len, row_len] inputs: out is [nrows, cols]. */
+void klm_rows_k3(const void* logp, const void* ref, int dtype, const uint8_t* mask, int64_t row_len,
+                 int64_t cols, const int64_t* rows, int64_t nrows, float clamp, double* out) {
+    const size_t esize = dtype == KLM_F32 ? 4 : 2;
+    for (int64_t k = 0; k < nrows; k++) {
+        const int64_t at = rows[k] * row_len;
+        klm_token_k3((const char*)logp + at * esize, (const char*)ref + at * esize, dtype,
+                     mask ? mask + at : mask, cols, clamp, out + k * cols);
+    }
+}
+
 /* ---- Diagnostics in the same pass (klm_fold_diag) ----------------------------------------
  * Per-token k3 is computed by the bodies anyway; with diagnostics on, each block's k3 (0 for a
  * token outside the float sums) and weights (1 for a token in them) are kept in the block's
@@ -272,6 +284,8 @@ typedef struct {
     double* scratch;       /* the threads' token tables: scratch_tables x [vocab][2] doubles, all 0
                             * on entry and left 0 (NULL: allocated per call) */
     int64_t scratch_tables;
+    double* entropy;       /* [3]: count, mean and M2 of -log q (q: logp) over the masked-in tokens
+                            * with both log-probs finite, merged into (Chan); NULL: off */
 } klm_diag;
 
 /* One thread's share: rows its range shares with a neighbour's (the first and last row it
@@ -287,6 +301,8 @@ typedef struct {
     double bsum[KLM_MAX_BUCKETS], bcount[KLM_MAX_BUCKETS];
     double* tab;
     double outside;
+    float ent_shift;  /* the entropy sums are of logp - ent_shift (all threads the same) */
+    double ent[3];    /* count, sum and sum of squares of logp - ent_shift */
 } diag_part;
 
 static inline int64_t bucket_of(int64_t pos, int64_t buckets) {
@@ -477,6 +493,7 @@ static void range_float_blocks(const float* restrict logp, const float* restrict
                                const float* shift, float clamp, float threshold, double* out,
                                diag_part* dp, int64_t off) {
     float bk[BLOCK], bw[BLOCK];  /* with dp: the block's k3 and weights (see diag_block) */
+    const float es = dp ? dp->ent_shift : 0.f;
     const float s0 = shift[0], s1 = shift[1], s2 = shift[2];
     const float s3 = shift[3], s4 = shift[4], s5 = shift[5];
     const float bound = float_bound(clamp), up = usable_up_to(clamp);
@@ -489,8 +506,11 @@ static void range_float_blocks(const float* restrict logp, const float* restrict
         float fb0 = 0, fb1 = 0, fb2 = 0, fb3 = 0, fb4 = 0;
         double fb5 = 0;
         float fcnt = 0, fnonfinite = 0;
+        float fe0 = 0, fe1 = 0, fe2 = 0, ew, ex;  /* with dp: the entropy's block sums */
         int32_t bmax = 0;
-#define KEEP (bk[i - blo] = q[2], bw[i - blo] = g)
+#define KEEP                                                                              \
+    (bk[i - blo] = q[2], bw[i - blo] = g, ew = al <= FLT_BIG ? m : 0.f,                        \
+     ex = ew > 0.f ? logp[i] - es : 0.f, fe0 += ew, fe1 += ex, fe2 += ex * ex)
         if (dp) {
             if (mask) {
                 BODY((float)(mask[i] != 0), KEEP)
@@ -498,6 +518,7 @@ static void range_float_blocks(const float* restrict logp, const float* restrict
                 BODY(1.f, KEEP)
             }
             diag_block(dp, off + blo, (int)(bhi - blo), bk, bw);
+            dp->ent[0] += fe0; dp->ent[1] += fe1; dp->ent[2] += fe2;
         } else if (mask) {
             BODY((float)(mask[i] != 0), (void)0)
         } else {
@@ -562,7 +583,7 @@ static inline __attribute__((always_inline)) KLM_AVX2_FN void avx2_pass1(
     const void* restrict logp, const void* restrict ref, const uint8_t* restrict mask,
     int64_t blo, int nb, float clamp, float bound, float s0, float* restrict bl, float* restrict bg,
     __m256* fa0, __m256* fb0, __m256* fcnt, __m256i* msum, __m256i* bmax, int has_mask,
-    int dtype) {
+    int dtype, __m256* ent, float ent_shift, int has_ent) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 big = _mm256_set1_ps(FLT_BIG), one = _mm256_set1_ps(1.f);
     const __m256 bnd = _mm256_set1_ps(bound), up = _mm256_set1_ps(usable_up_to(clamp));
@@ -571,10 +592,17 @@ static inline __attribute__((always_inline)) KLM_AVX2_FN void avx2_pass1(
     const __m256i zero = _mm256_setzero_si256();
     __m256 a0 = *fa0, b0 = *fb0, cnt = *fcnt;
     __m256i ms = *msum, mx = *bmax;
+    const __m256 ves = _mm256_set1_ps(ent_shift);
+    __m256 e0 = _mm256_setzero_ps(), e1 = e0, e2 = e0;
+    if (has_ent) {
+        e0 = ent[0]; e1 = ent[1]; e2 = ent[2];
+    }
     for (int j = 0; j < nb; j += 8) {
         const int64_t i = blo + j;
-        __m256 l = _mm256_sub_ps(avx2_load8(ref, i, dtype), avx2_load8(logp, i, dtype));
+        const __m256 lpv = avx2_load8(logp, i, dtype);
+        __m256 l = _mm256_sub_ps(avx2_load8(ref, i, dtype), lpv);
         __m256 al = _mm256_and_ps(l, absmask);
+        __m256 fm = _mm256_cmp_ps(al, big, _CMP_LE_OQ);  /* both log-probs finite */
         __m256 fin = _mm256_and_ps(_mm256_cmp_ps(al, big, _CMP_LE_OQ),  /* finite, */
                                    _mm256_cmp_ps(l, up, _CMP_LE_OQ));   /* l <= 700 */
         __m256 v = _mm256_cmp_ps(al, bnd, _CMP_LE_OQ);    /* in the float sums */
@@ -584,6 +612,13 @@ static inline __attribute__((always_inline)) KLM_AVX2_FN void avx2_pass1(
             ms = _mm256_sub_epi32(ms, m);
             fin = _mm256_and_ps(fin, _mm256_castsi256_ps(m));
             v = _mm256_and_ps(v, _mm256_castsi256_ps(m));
+            fm = _mm256_and_ps(fm, _mm256_castsi256_ps(m));
+        }
+        if (has_ent) {  /* logp - shift where masked in and finite, else 0 (never inf * 0) */
+            const __m256 ex = _mm256_and_ps(fm, _mm256_sub_ps(lpv, ves));
+            e0 = _mm256_add_ps(e0, _mm256_and_ps(fm, one));
+            e1 = _mm256_add_ps(e1, ex);
+            e2 = _mm256_fmadd_ps(ex, ex, e2);
         }
         __m256 g = _mm256_and_ps(v, one);
         __m256 lz = _mm256_and_ps(v, l);
@@ -597,6 +632,9 @@ static inline __attribute__((always_inline)) KLM_AVX2_FN void avx2_pass1(
         cnt = _mm256_add_ps(cnt, g);
     }
     *fa0 = a0; *fb0 = b0; *fcnt = cnt; *msum = ms; *bmax = mx;
+    if (has_ent) {
+        ent[0] = e0; ent[1] = e1; ent[2] = e2;
+    }
 }
 
 static inline KLM_AVX2_FN float avx2_hsum8(__m256 x) {
@@ -731,23 +769,36 @@ static KLM_AVX2_FN void range_avx2(const void* restrict logp, const void* restri
     const __m256 thr = _mm256_set1_ps(0.34f);
     const float bound = float_bound(clamp), rb = rescan_bound(clamp, threshold);
     const int32_t rbits = float_bits(rb);
+    const int has_ent = dp && dp->d->entropy;
+    const float es = dp ? dp->ent_shift : 0.f;
     double acc[NOUT] = {0};
     int32_t maxbits = 0;
     for (int64_t blo = lo; blo < hi; blo += BLOCK) {
         const int nb = (int)(hi - blo < BLOCK ? hi - blo : BLOCK);
         __m256 fa0 = zero, fb0 = zero, fcnt = zero;
         __m256i msum = _mm256_setzero_si256(), bmax = _mm256_setzero_si256();
-#define PASS1(HAS_MASK, DTYPE)                                                                     \
+        __m256 ent[3] = {zero, zero, zero};  /* with the entropy: its block sums */
+#define PASS1(HAS_MASK, DTYPE, ENT)                                                                \
     avx2_pass1(logp, ref, mask, blo, nb, clamp, bound, shift[0], bl, bg, &fa0, &fb0, &fcnt, &msum, \
-               &bmax, HAS_MASK, DTYPE)
+               &bmax, HAS_MASK, DTYPE, ent, es, ENT)
+#define PASS1_ENT(HAS_MASK, DTYPE)                                                                 \
+    do {                                                                                           \
+        if (has_ent) PASS1(HAS_MASK, DTYPE, 1); else PASS1(HAS_MASK, DTYPE, 0);                    \
+    } while (0)
         if (dtype == KLM_BF16) {
-            if (mask) PASS1(1, KLM_BF16); else PASS1(0, KLM_BF16);
+            if (mask) PASS1_ENT(1, KLM_BF16); else PASS1_ENT(0, KLM_BF16);
         } else if (dtype == KLM_F16) {
-            if (mask) PASS1(1, KLM_F16); else PASS1(0, KLM_F16);
+            if (mask) PASS1_ENT(1, KLM_F16); else PASS1_ENT(0, KLM_F16);
         } else {
-            if (mask) PASS1(1, KLM_F32); else PASS1(0, KLM_F32);
+            if (mask) PASS1_ENT(1, KLM_F32); else PASS1_ENT(0, KLM_F32);
         }
+#undef PASS1_ENT
 #undef PASS1
+        if (has_ent) {
+            dp->ent[0] += avx2_hsum8(ent[0]);
+            dp->ent[1] += avx2_hsum8(ent[1]);
+            dp->ent[2] += avx2_hsum8(ent[2]);
+        }
         __m256 fa1 = zero, fa2 = zero, fa3 = zero, fa4 = zero, fa5 = zero;
         __m256 fb1 = zero, fb2 = zero, fb3 = zero, fb4 = zero;
         __m256d fb5lo = _mm256_setzero_pd(), fb5hi = _mm256_setzero_pd();
@@ -977,6 +1028,8 @@ static void diag_part_init(diag_part* p, const klm_diag* d, int64_t lo, int64_t 
     for (int b = 0; b < KLM_MAX_BUCKETS; b++) p->bsum[b] = p->bcount[b] = 0;
     p->tab = tab;
     p->outside = 0;
+    p->ent_shift = 0;
+    p->ent[0] = p->ent[1] = p->ent[2] = 0;
 }
 
 /* Add a thread's private sums (edge rows, buckets, outside) into the outputs (threads in
@@ -1013,6 +1066,34 @@ static void merge_tables(const klm_diag* d, double* tabs, int ntab, int64_t v0, 
         d->token_sum[v] += s;
         d->token_count[v] += c;
     }
+}
+
+/* The first masked-in token's logp with both log-probs finite (0 if none): the entropy's
+ * shift, so that its float block sums of squares hold the spread, not the mean's square. */
+static float entropy_shift(const void* logp, const void* ref, int dtype, const uint8_t* mask, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        if (mask && !mask[i]) continue;
+        const float lp = load1(logp, i, dtype), rf = load1(ref, i, dtype);
+        if (absf(rf - lp) <= FLT_BIG) return lp;
+    }
+    return 0.f;
+}
+
+/* Merge the batch's entropy sums (count, sum and sum of squares of logp - shift) into
+ * d->entropy = [count, mean, M2] of -logp, by Chan's rule. */
+static void merge_entropy(const klm_diag* d, float shift, const double* sums) {
+    const double nb = sums[0];
+    if (nb <= 0) return;
+    const double q = sums[1] / nb;
+    const double mb = -((double)shift + q);  /* of -logp */
+    double m2b = sums[2] - sums[1] * q;
+    m2b = m2b > 0 ? m2b : 0;
+    double* e = d->entropy;
+    const double na = e[0], n = na + nb;
+    const double delta = mb - e[1];
+    e[1] += delta * (nb / n);
+    e[2] += m2b + delta * delta * (na * nb / n);
+    e[0] = n;
 }
 
 /* 1 where d is consistent for n tokens (sizes given, outputs present), else 0. */
@@ -1095,12 +1176,16 @@ int klm_fold_diag(const void* logp, const void* ref, int dtype, const uint8_t* m
         }
     }
     const size_t stride = 2 * (size_t)d->vocab;
+    const float es = d->entropy ? entropy_shift(logp, ref, dtype, mask, n) : 0.f;
+    double ent[3] = {0, 0, 0};
     klm_sample_shift(logp, ref, dtype, mask, n, clamp, shift);
     if (nthreads <= 1) {
         diag_part part;
         diag_part_init(&part, d, 0, n, tables);
+        part.ent_shift = es;
         token_moments(logp, ref, dtype, mask, 0, n, shift, clamp, threshold, sums, &part);
         diag_part_finish(&part);
+        for (int k = 0; k < 3; k++) ent[k] = part.ent[k];
         if (tables) merge_tables(d, tables, 1, 0, d->vocab);
     } else {
 #ifdef _OPENMP
@@ -1114,6 +1199,7 @@ int klm_fold_diag(const void* logp, const void* ref, int dtype, const uint8_t* m
             double* tab = tables ? tables + (size_t)t * stride : 0;
             if (hi > lo) {
                 diag_part_init(&dparts[t], d, lo, hi, tab);
+                dparts[t].ent_shift = es;
                 token_moments(logp, ref, dtype, mask, lo, hi, shift, clamp, threshold, parts[t], &dparts[t]);
             } else {
                 diag_part_init(&dparts[t], d, 0, 1, tab);
@@ -1128,9 +1214,13 @@ int klm_fold_diag(const void* logp, const void* ref, int dtype, const uint8_t* m
         }
         for (int k = 0; k < NOUT; k++) sums[k] = parts[0][k];
         for (int t = 1; t < used; t++) add_sums(sums, parts[t]);
-        for (int t = 0; t < used; t++) diag_part_finish(&dparts[t]);
+        for (int t = 0; t < used; t++) {
+            diag_part_finish(&dparts[t]);
+            for (int k = 0; k < 3; k++) ent[k] += dparts[t].ent[k];
+        }
 #endif
     }
+    if (d->entropy) merge_entropy(d, es, ent);
     free(owned);
     klm_fold_sums(acc, shift, sums);
     return 1;
