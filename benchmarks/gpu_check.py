@@ -19,6 +19,13 @@ the exit status is 1 if any part failed):
 5. **share**: the monitor's share of a transformer training step (target < 0.5 %): the same
    Lightning run timed with and without ``KLMonitor``, alternating, and the time of the
    ``KLStats.update`` calls themselves.
+6. **diag**: what each diagnostic adds, computed in the fused kernels' pass, at 16M masked
+   float32 tokens (``[16384, 1024]``, token ids of a 50,257 vocabulary; target: each at most
+   +10 %): ``Monitor.update`` with every diagnostic off against ``by_position`` (all rows),
+   ``top_sequences=5``, ``top_tokens=5`` and all three, and the bare kernel launches
+   (``_triton.fold`` with and without each part of ``Diagnostics``), interleaved round by
+   round (median); the first use of the kernels with diagnostics (their compile); and the
+   kernel's diagnostics against the eager torch path's on the same batch.
 """
 
 from __future__ import annotations
@@ -195,6 +202,139 @@ SHARE = MODEL + textwrap.dedent(
     """
 )
 
+# Part 6. Runs on any device: `python -c "$DIAG" cpu 8 256 3` under TRITON_INTERPRET=1 is the
+# smoke run of its logic on a CPU (rows, row length, rounds).
+DIAG = textwrap.dedent(
+    """
+    import json, statistics, sys, time
+    import torch
+    from klmonitor import Monitor, _triton
+    from klmonitor import _moments as mom
+    from klmonitor._native import Diagnostics
+
+    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+    B, T = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (16384, 1024)
+    ROUNDS = int(sys.argv[4]) if len(sys.argv) > 4 else 7
+    VOCAB, REPS = 50257, (20 if device == "cuda" else 1)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    interpret = not cuda  # CPU tensors: Triton's interpreter (TRITON_INTERPRET=1)
+    FUSED = "auto" if cuda else "triton"  # the backend whose kernels compute the diagnostics
+    g = torch.Generator(device=dev).manual_seed(0)
+    logp = -torch.rand(B, T, device=dev, generator=g) * 5
+    ref = logp + 0.3 * torch.randn(B, T, device=dev, generator=g)
+    ref[0, 3] = logp[0, 3] + 45.0  # one tile for the float64 kernel, as in a real batch now and then
+    mask = torch.rand(B, T, device=dev, generator=g) < 0.9
+    ids = torch.randint(0, VOCAB, (B, T), device=dev, generator=g)
+
+    def per_call_ms(fn):
+        # device time between events around REPS calls (host time where there is no device)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(REPS):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / REPS
+        t0 = time.perf_counter()
+        for _ in range(REPS):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / REPS
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    # -- Monitor.update with each diagnostic, from the kernels' pass ---------------------------
+    OFF = dict(by_position=False, top_sequences=0, top_tokens=0, entropy=False)
+    CONFIGS = {
+        "off": OFF,
+        "by_position": {**OFF, "by_position": True, "position_rows": None},
+        "top_sequences=5": {**OFF, "top_sequences": 5},
+        "top_tokens=5": {**OFF, "top_tokens": 5, "vocab_size": VOCAB},
+        "all three": {**OFF, "by_position": True, "position_rows": None, "top_sequences": 5,
+                      "top_tokens": 5, "vocab_size": VOCAB},
+    }
+
+    def monitor(cfg, backend=FUSED):
+        m = Monitor(log_every_n_steps=10**9, rules=[], histogram=False, backend=backend, **cfg)
+        m.reset_window(1)  # past the first optimizer step: no initial_kl check
+        return m
+
+    result = {"tokens": B * T, "device": device}
+    t0 = time.perf_counter()
+    first = monitor(CONFIGS["all three"])
+    first.update(logp, ref, mask, token_ids=ids)  # compiles the kernels with diagnostics
+    sync()
+    result["first_update_with_diagnostics_s"] = time.perf_counter() - t0
+    monitors = {name: monitor(cfg) for name, cfg in CONFIGS.items()}
+    for m in monitors.values():  # warm-up
+        m.update(logp, ref, mask, token_ids=ids)
+    sync()
+    times = {name: [] for name in CONFIGS}
+    host = {name: [] for name in CONFIGS}
+    for _ in range(ROUNDS):
+        for name, m in monitors.items():
+            times[name].append(per_call_ms(lambda m=m: m.update(logp, ref, mask, token_ids=ids)))
+            sync()
+            t0 = time.perf_counter()
+            m.update(logp, ref, mask, token_ids=ids)
+            host[name].append((time.perf_counter() - t0) * 1e3)  # launches only (the GPU runs async)
+            sync()
+    base = statistics.median(times["off"])
+    result["update_ms"] = {k: statistics.median(v) for k, v in times.items()}
+    result["update_host_ms"] = {k: statistics.median(v) for k, v in host.items()}
+    result["update_overhead"] = {k: statistics.median(v) / base - 1 for k, v in times.items() if k != "off"}
+
+    # -- the bare launches: _triton.fold with each part of Diagnostics -------------------------
+    flat_lp, flat_ref, flat_mask = logp.reshape(-1), ref.reshape(-1), mask.reshape(-1)
+    ids64 = ids.reshape(-1).to(torch.int64)
+    z = lambda k: torch.zeros(k, dtype=torch.float64, device=dev)
+    parts = {
+        "off": None,
+        "rows": Diagnostics(B * T, row_len=T, row_sum=z(B), row_count=z(B)),
+        "buckets": Diagnostics(B * T, row_len=T, bucket_sum=z(12), bucket_count=z(12)),
+        "tokens": Diagnostics(B * T, ids=ids64, token_sum=z(VOCAB), token_count=z(VOCAB), outside=z(1)),
+        "all": Diagnostics(B * T, row_len=T, row_sum=z(B), row_count=z(B), bucket_sum=z(12),
+                           bucket_count=z(12), ids=ids64, token_sum=z(VOCAB), token_count=z(VOCAB),
+                           outside=z(1)),
+    }
+    acc = mom.empty(dev)
+
+    def launch(d):
+        _triton.fold(acc, flat_lp, flat_ref, flat_mask, float("inf"), 20.0, interpret, diag=d)
+
+    for d in parts.values():  # compiles each variant
+        launch(d)
+    sync()
+    kt = {name: [] for name in parts}
+    for _ in range(ROUNDS):
+        for name, d in parts.items():
+            kt[name].append(per_call_ms(lambda d=d: launch(d)))
+    kbase = statistics.median(kt["off"])
+    result["fold_ms"] = {k: statistics.median(v) for k, v in kt.items()}
+    result["fold_overhead"] = {k: statistics.median(v) / kbase - 1 for k, v in kt.items() if k != "off"}
+
+    # -- the kernel's diagnostics against the eager torch path's, on one batch -----------------
+    fused, eager = monitor(CONFIGS["all three"]), monitor(CONFIGS["all three"], backend="torch")
+    for m in (fused, eager):
+        m.update(logp, ref, mask, token_ids=ids)
+    agree = {}
+    for part in ("positions", "tokens"):
+        a, b = getattr(fused, part).vector(dev).cpu(), getattr(eager, part).vector(dev).cpu()
+        rel = ((a - b).abs() / b.abs().clamp_min(1e-300)).max().item()
+        agree[part] = {"max_rel_diff": rel, "ok": rel < 1e-5}
+    sa, sb = fused.sequences.vector(dev).cpu(), eager.sequences.vector(dev).cpu()
+    agree["sequences"] = {"ok": bool(torch.allclose(sa, sb, rtol=1e-5, atol=1e-9))}
+    result["agree_with_torch_path"] = agree
+    result["ok"] = all(v["ok"] for v in agree.values())
+    result["meets_10pct"] = {k: v <= 0.10 for k, v in result["update_overhead"].items()}
+    print(json.dumps(result))
+    sys.exit(0 if result["ok"] else 1)
+    """
+)
+
 COMPILE = textwrap.dedent(
     """
     import json, time, torch
@@ -235,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="write the results as JSON here too")
     ap.add_argument(
-        "--skip", default="", help="comma-separated parts to skip (tests,compile,lightning,bench,share)"
+        "--skip", default="", help="comma-separated parts to skip (tests,compile,lightning,bench,share,diag)"
     )
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -257,8 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                 "tests/test_gpu_kernel.py",
                 "tests/test_torch_path.py",
                 "tests/test_exact_values.py",
+                "tests/test_triton_diagnostics.py",
             ],
-            400,
+            600,
         ),
         "tests_cuda_named": lambda: _run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-k", "cuda"], 400
@@ -278,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             500,
         ),
         "share": lambda: _python(SHARE, 400),
+        "diag": lambda: _python(DIAG, 400),
     }
     for name, fn in parts.items():
         if name.split("_")[0] in skip:
@@ -299,6 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     if share:
         report["share_summary"] = {
             k: share[k] for k in ("share_end_to_end", "share_of_update", "step_ms_without")
+        }
+    diag = report.get("diag", {}).get("result")
+    if diag:
+        report["diag_summary"] = {
+            "update_overhead": diag["update_overhead"],
+            "fold_overhead": diag["fold_overhead"],
+            "meets_10pct": diag["meets_10pct"],
         }
     text = json.dumps(report, indent=1)
     if args.out:

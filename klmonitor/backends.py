@@ -49,6 +49,16 @@ def _flat(valid: Tensor | None) -> Tensor | None:
     return valid.reshape(-1) if valid is not None else None
 
 
+def _diagnostics_asked(n: int) -> _native.Diagnostics | None:
+    """The diagnostics a Monitor asked this fold of ``n`` tokens for (``_native.diagnosing``).
+
+    The same thread-local request the C kernel's ``_native.fold`` reads: whichever fused kernel
+    takes the batch computes it in its pass and sets ``done``.
+    """
+    request: _native.Diagnostics | None = getattr(_native._pending, "request", None)
+    return request if request is not None and not request.done and request.n == n else None
+
+
 def _fold_triton(
     acc: Tensor, logp: Tensor, ref: Tensor, valid: Tensor | None, clamp: float, threshold: float, level: str
 ) -> Tensor:
@@ -61,6 +71,7 @@ def _fold_triton(
             clamp,
             threshold,
             interpret=logp.device.type == "cpu",
+            diag=_diagnostics_asked(logp.numel()),
         )
 
 

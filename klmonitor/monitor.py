@@ -602,35 +602,50 @@ class Monitor:
         return token_ids.to(logp.device, non_blocking=True)
 
     def _kernel_request(self, logprobs: Any, token_ids: Any) -> _native.Diagnostics | None:
-        # What the fused CPU kernel can add in its pass over this batch, if it takes the batch:
-        # the row and position-bucket sums, and the token table, written into the windows.
+        # What the fused kernel that takes this batch (C on the CPU; Triton on CUDA, or on CPU
+        # tensors under TRITON_INTERPRET=1 with backend="triton") can add in its pass over it:
+        # the row and position-bucket sums, and the token table (and, the C kernel only, the
+        # entropy's moments), written into the windows on the batch's device. `done` says
+        # whether one did (else _diagnose does the work).
+        from klmonitor import backends
+
         entropy = self._entropy is not None and self.level == "token"
-        wants = self.positions is not None or self.sequences is not None or self.tokens is not None or entropy
-        if not (wants and isinstance(logprobs, Tensor) and logprobs.is_cpu and _native.available()):
+        diagnostics = self.positions is not None or self.sequences is not None or self.tokens is not None
+        if not ((diagnostics or entropy) and isinstance(logprobs, Tensor)):
+            return None
+        skip = ("triton",) if self.stats._triton_failed else ()
+        taker = backends.choose(self.stats.backend, logprobs, logprobs, self.stats.level, skip).name
+        if taker not in ("native", "triton"):
+            return None
+        fused = taker == "triton"
+        if fused and not diagnostics:  # the Triton kernel does not compute the entropy
             return None
         if self.positions is not None and self.positions.buckets > _native.MAX_BUCKETS:
             return None
         n, dev = logprobs.numel(), logprobs.device
         req = _native.Diagnostics(n)
-        if entropy and self._entropy is not None:
+        if entropy and self._entropy is not None and not fused:
             req.entropy = self._entropy.writable(dev)
         if logprobs.dim() == 2 and logprobs.shape[1] > 0:
             req.row_len = logprobs.shape[1]
             if self.sequences is not None:
-                req.row_sum, req.row_count = torch.zeros(2, logprobs.shape[0], dtype=torch.float64).unbind(0)
+                zeros = torch.zeros(2, logprobs.shape[0], dtype=torch.float64, device=dev)
+                req.row_sum, req.row_count = zeros.unbind(0)
             if self.positions is not None:
                 req.bucket_sum, req.bucket_count = self.positions.writable(dev).view(2, -1).unbind(0)
         ids_ok = (
             isinstance(token_ids, Tensor)
-            and token_ids.is_cpu
+            and (token_ids.device == dev or token_ids.is_cpu)
             and not (token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool)
             and token_ids.shape == logprobs.shape
         )
         if self.tokens is not None and ids_ok:
             v = self.tokens.writable(dev)
             vocab = self.tokens.vocab_size
-            req.ids = token_ids.reshape(-1).to(torch.int64).contiguous()
+            req.ids = token_ids.reshape(-1).to(dev, torch.int64, non_blocking=True).contiguous()
             req.token_sum, req.token_count, req.outside = v[:vocab], v[vocab:-1], v[-1:]
+            if fused:  # the Triton kernel adds to the table itself (atomics): no thread tables
+                return req
             # The threads' token tables, kept zero between calls (the kernel clears them as it
             # merges): at most _SCRATCH_TABLES threads scatter, so a wide host keeps this small.
             tables = max(1, min(torch.get_num_threads(), _SCRATCH_TABLES))
@@ -651,6 +666,9 @@ class Monitor:
                 seqs = self.sequences
 
                 def k3_of(pick: Tensor) -> Tensor:  # the kernel read these inputs: a C call per row
+                    if not (logp.is_cpu and _native.available()):  # the Triton kernel's (CUDA)
+                        sub = valid.index_select(0, pick) if valid is not None else None
+                        return token_k3(logp.index_select(0, pick), ref.index_select(0, pick), sub, clamp)[0]
                     return _native.token_k3(logp, ref, valid, clamp, rows=pick, cols=seqs.max_len)
 
                 mask_rows = valid
