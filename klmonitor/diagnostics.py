@@ -350,6 +350,25 @@ class RatioRange(_Accumulator):
         return math.exp(values[0]), math.exp(values[1]), values[2] / tokens
 
 
+def _top_rows(scores: np.ndarray, counts: np.ndarray, k: int, floor: float) -> np.ndarray:
+    """The (at most) ``k`` rows with the largest ``scores`` above ``floor``, best first.
+
+    Among those with ``counts > 0``; equal scores: the first row first. One C call, or numpy
+    without the kernel.
+    """
+    from klmonitor import _native
+
+    if k <= 64:
+        got = _native.top_rows(scores, counts, k, floor)
+        if got is not None:
+            return got
+    score = np.where(counts > 0, scores, -math.inf)
+    enter = np.flatnonzero(score > floor)
+    if enter.size > k:
+        enter = enter[np.argsort(-score[enter], kind="stable")[:k]]
+    return enter[np.argsort(-score[enter], kind="stable")]
+
+
 def bucket_labels(buckets: int) -> list[tuple[str, int, int | None]]:
     """``(label, first, last)`` of each position bucket: 0-1, 2-3, 4-7, ..., and an open last one.
 
@@ -470,7 +489,7 @@ class TopSequences(_Accumulator):
             token_ids,
             step,
             rank,
-            (lambda rows: shown.index_select(0, rows)) if shown is not None else None,
+            shown,
         )
 
     def update_sums(
@@ -482,15 +501,15 @@ class TopSequences(_Accumulator):
         token_ids: Tensor | None,
         step: int,
         rank: int,
-        shown_of: Callable[[Tensor], Tensor] | None = None,
+        shown: Tensor | None = None,
     ) -> None:
         """Fold a ``[B, length]`` batch's rows from their k3 ``sums`` and valid ``tokens`` (``[B]``).
 
         ``k3_of(rows)`` gives the per-token k3 of the rows at the indices ``rows`` (at least
         their first ``max_len`` tokens; only the ``k`` best rows are asked for): the fused
-        kernel gives the sums, and the few winning rows are computed again. ``shown_of(rows)``
-        (optional, bool, as wide): which of their tokens keep their ids (the others, padding,
-        get -1 and no text).
+        kernel gives the sums, and the few winning rows are computed again. ``shown``
+        (optional, ``[B, length]`` bool, e.g. the mask): which tokens keep their ids (the
+        others, padding, get -1 and no text).
         """
         dev = sums.device
         current = self._state(dev).reshape(self.k, self.width)
@@ -498,7 +517,7 @@ class TopSequences(_Accumulator):
         if b == 0:
             return
         if dev.type == "cpu":
-            self._update_host(current, sums, tokens, length, k3_of, token_ids, step, rank, shown_of)
+            self._update_host(current, sums, tokens, length, k3_of, token_ids, step, rank, shown)
             return
         score = torch.where(tokens > 0, sums, -math.inf)
         kb = min(self.k, b)
@@ -509,8 +528,10 @@ class TopSequences(_Accumulator):
         id_rows = torch.full((kb, self.max_len), -1.0, dtype=torch.float64, device=dev)
         if token_ids is not None:
             id_rows[:, :keep] = token_ids.index_select(0, rows)[:, :keep].double()
-            if shown_of is not None:
-                id_rows[:, :keep].masked_fill_(~shown_of(rows)[:, :keep].to(dev, torch.bool), -1.0)
+            if shown is not None:
+                id_rows[:, :keep].masked_fill_(
+                    ~shown.index_select(0, rows)[:, :keep].to(dev, torch.bool), -1.0
+                )
         meta = torch.stack(
             [
                 best,
@@ -535,7 +556,7 @@ class TopSequences(_Accumulator):
         token_ids: Tensor | None,
         step: int,
         rank: int,
-        shown_of: Callable[[Tensor], Tensor] | None,
+        shown: Tensor | None,
     ) -> None:
         """:meth:`update_sums` on the host, in numpy.
 
@@ -544,19 +565,16 @@ class TopSequences(_Accumulator):
         one comparison.
         """
         cur = current.numpy()
-        score = np.where(tokens.numpy() > 0, sums.numpy(), -math.inf)
-        floor = cur[:, _SCORE].min()  # -inf while a slot is empty
-        enter = np.flatnonzero(score > floor)
+        sc, cnt = sums.numpy(), tokens.numpy()
+        floor = float(cur[:, _SCORE].min())  # -inf while a slot is empty
+        enter = _top_rows(sc, cnt, self.k, floor)
         if enter.size == 0:
             return
-        if enter.size > self.k:  # the k best (an equal score at the k-th: one of them)
-            enter = enter[np.argpartition(score[enter], enter.size - self.k)[enter.size - self.k :]]
-        enter = enter[np.argsort(-score[enter], kind="stable")]  # best first
         kb, keep = enter.size, min(length, self.max_len)
         rows = torch.from_numpy(enter)
         new = np.empty((kb, self.width))
-        new[:, _SCORE] = score[enter]
-        new[:, _TOKENS] = tokens.numpy()[enter]
+        new[:, _SCORE] = sc[enter]
+        new[:, _TOKENS] = cnt[enter]
         new[:, _STEP], new[:, _ROW], new[:, _RANK], new[:, _LEN] = (
             float(step),
             enter,
@@ -573,9 +591,12 @@ class TopSequences(_Accumulator):
             )
         else:
             new[:, _F : _F + keep] = -1.0
-        if token_ids is not None and shown_of is not None:
-            hidden = ~shown_of(rows)[:, :keep].to("cpu", torch.bool).numpy()
-            new[:, _F : _F + keep][hidden] = -1.0
+        if token_ids is not None and shown is not None:
+            if shown.is_cpu:
+                kept = shown.numpy()[enter, :keep]
+            else:
+                kept = shown.index_select(0, rows.to(shown.device))[:, :keep].cpu().numpy()
+            np.putmask(new[:, _F : _F + keep], ~kept.astype(bool, copy=False), -1.0)
         new[:, _F + self.max_len : _F + self.max_len + keep] = k3_of(rows)[:, :keep].numpy()
         both = np.concatenate([cur, new])
         # The k best of the window and the new rows; the window's rows first among equals.

@@ -671,8 +671,6 @@ class Monitor:
                         return token_k3(logp.index_select(0, pick), ref.index_select(0, pick), sub, clamp)[0]
                     return _native.token_k3(logp, ref, valid, clamp, rows=pick, cols=seqs.max_len)
 
-                mask_rows = valid
-                shown = (lambda pick: mask_rows.index_select(0, pick)) if mask_rows is not None else None
                 self.sequences.update_sums(
                     req.row_sum,
                     req.row_count,
@@ -681,7 +679,7 @@ class Monitor:
                     ids,
                     self._step_seen,
                     self._rank(),
-                    shown,
+                    valid,
                 )
             return
         # One per-token k3 shared by the position profile, the top sequences and the top tokens.

@@ -604,6 +604,24 @@ def token_k3(
     return out
 
 
+def top_rows(scores: np.ndarray, counts: np.ndarray, k: int, floor: float) -> np.ndarray | None:
+    """The (at most) ``k`` indices with the largest ``scores`` above ``floor``, best first.
+
+    Among those with ``counts > 0``; equal scores: the first index first. ``None`` without the
+    kernel. ``scores``, ``counts``: float64 arrays of one length; ``k`` at most 64.
+    """
+    lib = load()
+    if lib is None:
+        return None
+    s = np.ascontiguousarray(scores, dtype=np.float64)
+    c = np.ascontiguousarray(counts, dtype=np.float64)
+    if s.shape != c.shape or s.ndim != 1 or not 0 < k <= 64:
+        raise ValueError(f"top_rows: scores and counts must be 1-D of one length and 0 < k <= 64, got {s.shape}, {c.shape}, {k}")  # fmt: skip
+    out = np.empty(k, dtype=np.int64)
+    m = lib.klm_top_rows(s.ctypes.data, c.ctypes.data, s.size, k, float(floor), out.ctypes.data)
+    return out[:m]
+
+
 def _check_fold_args(
     lib: ctypes.CDLL,
     logp: Tensor,

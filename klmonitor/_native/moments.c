@@ -254,6 +254,29 @@ void klm_rows_k3(const void* logp, const void* ref, int dtype, const uint8_t* ma
     }
 }
 
+/* The (at most) k rows with the largest scores[i] above floor among those with counts[i] > 0,
+ * best first, into out (a row beats another of the same score only if it comes first):
+ * returns how many. For the top-sequences table: one pass over the row sums, k small. */
+int64_t klm_top_rows(const double* scores, const double* counts, int64_t n, int64_t k, double floor,
+                     int64_t* out) {
+    double best[64];
+    int64_t m = 0;
+    if (k > 64) k = 64;
+    for (int64_t i = 0; i < n; i++) {
+        const double x = scores[i];
+        if (!(counts[i] > 0) || !(x > floor) || (m == k && !(x > best[m - 1]))) continue;
+        int64_t j = m < k ? m++ : m - 1;  /* the slot it may take: a free one or the last */
+        while (j > 0 && x > best[j - 1]) {
+            best[j] = best[j - 1];
+            out[j] = out[j - 1];
+            j--;
+        }
+        best[j] = x;
+        out[j] = i;
+    }
+    return m;
+}
+
 /* ---- Diagnostics in the same pass (klm_fold_diag) ----------------------------------------
  * Per-token k3 is computed by the bodies anyway; with diagnostics on, each block's k3 (0 for a
  * token outside the float sums) and weights (1 for a token in them) are kept in the block's
