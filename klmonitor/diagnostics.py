@@ -546,6 +546,31 @@ class TopSequences(_Accumulator):
         candidates = torch.cat([current, torch.cat([meta, id_rows, kl_rows], 1)])
         self._v = self._top(candidates).reshape(-1)
 
+    def update_kernel(
+        self,
+        sums: Tensor,
+        tokens: Tensor,
+        logp: Tensor,
+        ref: Tensor,
+        mask: Tensor | None,
+        token_ids: Tensor | None,
+        clamp: float,
+        step: int,
+        rank: int,
+    ) -> bool:
+        """:meth:`update_sums` in one C call, from the inputs the fused CPU kernel read.
+
+        ``mask``: the tokens the statistics count (their ids are kept, the others get -1).
+        False (nothing done) where the C code does not read these inputs.
+        """
+        from klmonitor import _native
+
+        table = self.writable(sums.device)
+        done = _native.top_sequences(
+            table, self.k, self.max_len, sums, tokens, logp, ref, mask, token_ids, clamp, step, rank
+        )
+        return done is not None
+
     def _update_host(
         self,
         current: Tensor,

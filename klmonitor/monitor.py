@@ -664,6 +664,10 @@ class Monitor:
             # table in its pass, and summed each row; only the winning rows' k3 is computed here.
             if rows and self.sequences is not None and req.row_sum is not None and req.row_count is not None:
                 seqs = self.sequences
+                if logp.is_cpu and seqs.update_kernel(
+                    req.row_sum, req.row_count, logp, ref, valid, ids, clamp, self._step_seen, self._rank()
+                ):
+                    return
 
                 def k3_of(pick: Tensor) -> Tensor:  # the kernel read these inputs: a C call per row
                     if not (logp.is_cpu and _native.available()):  # the Triton kernel's (CUDA)

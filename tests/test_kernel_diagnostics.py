@@ -300,3 +300,46 @@ def test_top_sequences_leave_the_masked_tokens_out_of_the_text(backend: str) -> 
     assert top.text is not None and "#" not in top.text
     assert top.text.replace("*", "") == "".join("abcdefghijklmnopqrstuvwxyz"[i] for i in ids[2, :25].tolist())
     assert top.token_kl[25:] == [0.0] * 15
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "cols", "max_len", "with_ids", "with_mask"), [(40, 30, 16, True, True), (7, 9, 16, True, False), (3, 50, 64, False, True), (90, 33, 33, True, True)])  # fmt: skip
+def test_top_sequences_in_c_equal_the_numpy_bookkeeping(
+    body: object, dtype: torch.dtype, rows: int, cols: int, max_len: int, with_ids: bool, with_mask: bool
+) -> None:
+    """klm_top_sequences against TopSequences' numpy path over several batches: the same table,
+    number for number, with ties (repeated rows), fewer rows than k, rows shorter and longer
+    than max_len, no ids, no mask."""
+    from klmonitor.diagnostics import TopSequences
+
+    if not _native.reads_dtype(dtype):
+        pytest.skip(f"this body does not read {dtype}")
+    g = torch.Generator().manual_seed(rows * cols)
+    a, b = TopSequences(5, max_len), TopSequences(5, max_len)
+    for step in range(4):
+        lp = (-torch.rand(rows, cols, generator=g) * 3).to(dtype)
+        rf = (lp.float() + 0.4 * torch.randn(rows, cols, generator=g)).to(dtype)
+        if rows > 2:
+            lp[1], rf[1] = lp[0], rf[0]  # a tie
+        mask = torch.rand(rows, cols, generator=g) < 0.8 if with_mask else None
+        ids = torch.randint(0, 1000, (rows, cols), generator=g) if with_ids else None
+        k3 = _native.token_k3(lp, rf, mask, math.inf)
+        sums, counts = k3.sum(1), (mask.sum(1) if mask is not None else torch.full((rows,), cols)).double()
+        assert a.update_kernel(sums, counts, lp, rf, mask, ids, math.inf, step, 0)
+        b.update_sums(sums, counts, cols, lambda r, k3=k3: k3.index_select(0, r), ids, step, 0, mask)
+        va, vb = a.vector(torch.device("cpu")), b.vector(torch.device("cpu"))
+        assert torch.equal(va, vb), (step, (va - vb).abs().max())
+
+
+def test_top_sequences_in_c_decline_what_they_do_not_read() -> None:
+    from klmonitor.diagnostics import TopSequences
+
+    ts = TopSequences(5, 8)
+    lp = -torch.rand(4, 6)
+    sums, counts = torch.ones(4, dtype=torch.float64), torch.full((4,), 6.0, dtype=torch.float64)
+    assert not ts.update_kernel(
+        sums, counts, lp, lp, None, torch.zeros(4, 6, dtype=torch.int32), math.inf, 1, 0
+    )
+    assert not ts.update_kernel(sums, counts, lp.t().contiguous().t(), lp, None, None, math.inf, 1, 0)
+    assert not ts.update_kernel(sums, counts, lp.double(), lp.double(), None, None, math.inf, 1, 0)
+    assert torch.equal(ts.vector(torch.device("cpu")), TopSequences(5, 8).vector(torch.device("cpu")))

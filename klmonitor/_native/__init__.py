@@ -622,6 +622,69 @@ def top_rows(scores: np.ndarray, counts: np.ndarray, k: int, floor: float) -> np
     return out[:m]
 
 
+def top_sequences(
+    table: Tensor,
+    k: int,
+    max_len: int,
+    row_sum: Tensor,
+    row_count: Tensor,
+    logp: Tensor,
+    ref: Tensor,
+    mask: Tensor | None,
+    ids: Tensor | None,
+    clamp: float,
+    step: int,
+    rank: int,
+) -> int | None:
+    """Update a top-sequences table (``TopSequences``' window) with a ``[B, T]`` batch, in C.
+
+    ``table``: the window's ``k`` rows of ``6 + 2 max_len`` float64 numbers, updated in place;
+    ``row_sum``, ``row_count``: the batch's per-row k3 sums and valid tokens (the kernel's);
+    ``logp``, ``ref``, ``mask`` as :func:`fold` read them, ``ids`` int64 ``[B, T]`` or ``None``.
+    Returns how many of the batch's rows took part, or ``None`` where the inputs are not what
+    the C code reads (the caller then does it in numpy).
+    """
+    lib = load()
+    if lib is None or not 0 < k <= 64 or max_len < 1 or logp.dim() != 2 or logp.shape[1] < 1:
+        return None
+    b, t = logp.shape
+    if not (
+        all(x.is_cpu and x.is_contiguous() for x in (table, row_sum, row_count, logp, ref))
+        and table.dtype == row_sum.dtype == row_count.dtype == torch.float64
+        and table.numel() == k * (6 + 2 * max_len)
+        and row_sum.numel() == row_count.numel() == b
+        and ref.shape == logp.shape
+        and logp.dtype == ref.dtype
+        and logp.dtype in _DTYPE_CODES
+        and lib.klm_reads_dtype(_DTYPE_CODES[logp.dtype])
+        and (mask is None or (mask.is_cpu and mask.is_contiguous() and mask.dtype in _MASK_DTYPES and mask.shape == logp.shape))
+        and (ids is None or (ids.is_cpu and ids.is_contiguous() and ids.dtype == torch.int64 and ids.shape == logp.shape))
+        and clamp > 0
+    ):  # fmt: skip
+        return None
+    scratch = np.empty(2 * table.numel())
+    return int(
+        lib.klm_top_sequences(
+            table.data_ptr(),
+            k,
+            max_len,
+            row_sum.data_ptr(),
+            row_count.data_ptr(),
+            b,
+            t,
+            logp.data_ptr(),
+            ref.data_ptr(),
+            _DTYPE_CODES[logp.dtype],
+            mask.data_ptr() if mask is not None else None,
+            ids.data_ptr() if ids is not None else None,
+            clamp,
+            float(step),
+            float(rank),
+            scratch.ctypes.data,
+        )  # fmt: skip
+    )
+
+
 def _check_fold_args(
     lib: ctypes.CDLL,
     logp: Tensor,

@@ -70,6 +70,10 @@ def bind(lib: ctypes.CDLL) -> None:
         "klm_token_k3": ([p, p, cint, p, i64, f32, p], None),
         "klm_rows_k3": ([p, p, cint, p, i64, i64, p, i64, f32, p], None),
         "klm_top_rows": ([p, p, i64, i64, ctypes.c_double, p], i64),
+        "klm_top_sequences": (
+            [p, i64, i64, p, p, i64, i64, p, p, cint, p, p, f32, ctypes.c_double, ctypes.c_double, p],
+            i64,
+        ),
         "klm_vector_size": ([], cint),
         "klm_reads_dtype": ([cint], cint),
     }

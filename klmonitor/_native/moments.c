@@ -277,6 +277,80 @@ int64_t klm_top_rows(const double* scores, const double* counts, int64_t n, int6
     return m;
 }
 
+/* The top-sequences table of a window (klmonitor.diagnostics.TopSequences) updated with a
+ * [nrows, row_len] batch in one call: table is k rows of width = 6 + 2 max_len doubles
+ * (score, valid tokens, step, row, rank, kept length, max_len token ids (-1: none or masked
+ * out), max_len per-token k3). The batch's rows with a valid token and a score (row_sum) above
+ * the table's lowest take part (klm_top_rows); each gets its first keep = min(row_len, max_len)
+ * tokens' ids (ids may be NULL) and k3 (klm_token_k3); the table keeps the k best of its rows
+ * and theirs, its own first among equal scores (then the batch's, best first). scratch holds
+ * 2 k width doubles. Returns the number of the batch's rows that took part (0: table unchanged),
+ * -1 (nothing done) where k or max_len is out of range. */
+int64_t klm_top_sequences(double* table, int64_t k, int64_t max_len, const double* row_sum,
+                          const double* row_count, int64_t nrows, int64_t row_len, const void* logp,
+                          const void* ref, int dtype, const uint8_t* mask, const int64_t* ids,
+                          float clamp, double step, double rank, double* scratch) {
+    if (k < 1 || k > 64 || max_len < 1 || row_len < 1) return -1;
+    const int64_t width = 6 + 2 * max_len;
+    double floor = INFINITY;
+    for (int64_t r = 0; r < k; r++) floor = table[r * width] < floor ? table[r * width] : floor;
+    int64_t enter[64];
+    const int64_t m = klm_top_rows(row_sum, row_count, nrows, k, floor, enter);
+    if (m <= 0) return 0;
+    const int64_t keep = row_len < max_len ? row_len : max_len;
+    const size_t esize = dtype == KLM_F32 ? 4 : 2;
+    double* old = scratch;
+    double* fresh = scratch + k * width;
+    for (int64_t i = 0; i < k * width; i++) old[i] = table[i];
+    for (int64_t j = 0; j < m; j++) {
+        const int64_t r = enter[j], at = r * row_len;
+        double* row = fresh + j * width;
+        row[0] = row_sum[r];
+        row[1] = row_count[r];
+        row[2] = step;
+        row[3] = (double)r;
+        row[4] = rank;
+        row[5] = (double)keep;
+        double* rid = row + 6;
+        double* rk3 = row + 6 + max_len;
+        for (int64_t t = 0; t < max_len; t++) {
+            rid[t] = -1.0;
+            rk3[t] = 0.0;
+        }
+        if (ids) {
+            for (int64_t t = 0; t < keep; t++) {
+                if (!mask || mask[at + t]) rid[t] = (double)ids[at + t];
+            }
+        }
+        klm_token_k3((const char*)logp + at * esize, (const char*)ref + at * esize, dtype,
+                     mask ? mask + at : mask, keep, clamp, rk3);
+    }
+    /* Merge: the k best of old (its order) then fresh (best first), ties to the earlier. */
+    int64_t io = 0, in = 0;
+    int64_t order_old[64];
+    int64_t no = 0;
+    for (int64_t r = 0; r < k; r++) order_old[no++] = r;  /* insertion sort of old by score, stable */
+    for (int64_t a = 1; a < no; a++) {
+        const int64_t v = order_old[a];
+        int64_t b = a;
+        while (b > 0 && old[v * width] > old[order_old[b - 1] * width]) {
+            order_old[b] = order_old[b - 1];
+            b--;
+        }
+        order_old[b] = v;
+    }
+    for (int64_t out = 0; out < k; out++) {
+        const double* src;
+        if (in < m && (io >= no || fresh[in * width] > old[order_old[io] * width])) {
+            src = fresh + (in++) * width;
+        } else {
+            src = old + order_old[io++] * width;
+        }
+        for (int64_t i = 0; i < width; i++) table[out * width + i] = src[i];
+    }
+    return m;
+}
+
 /* ---- Diagnostics in the same pass (klm_fold_diag) ----------------------------------------
  * Per-token k3 is computed by the bodies anyway; with diagnostics on, each block's k3 (0 for a
  * token outside the float sums) and weights (1 for a token in them) are kept in the block's
