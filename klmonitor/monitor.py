@@ -607,14 +607,11 @@ class Monitor:
         # the row and position-bucket sums, and the token table (and, the C kernel only, the
         # entropy's moments), written into the windows on the batch's device. `done` says
         # whether one did (else _diagnose does the work).
-        from klmonitor import backends
-
         entropy = self._entropy is not None and self.level == "token"
         diagnostics = self.positions is not None or self.sequences is not None or self.tokens is not None
         if not ((diagnostics or entropy) and isinstance(logprobs, Tensor)):
             return None
-        skip = ("triton",) if self.stats._triton_failed else ()
-        taker = backends.choose(self.stats.backend, logprobs, logprobs, self.stats.level, skip).name
+        taker = self.stats.next_backend(logprobs, logprobs)
         if taker not in ("native", "triton"):
             return None
         fused = taker == "triton"

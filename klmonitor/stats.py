@@ -413,8 +413,7 @@ class KLStats(Metric):
                 self._f = fdiv.fold(
                     self._f, logprobs, ref_logprobs, valid, self._clamp, self._fdivs, self.level == "sequence"
                 )
-        skip = ("triton",) if self._triton_failed else ()
-        backend = backends.choose(self.backend, logprobs, ref_logprobs, self.level, skip)
+        backend = self._chosen(logprobs, ref_logprobs)
         try:
             self._acc = backend.fold(
                 self._acc, logprobs, ref_logprobs, valid, self._clamp, self._threshold, self.level
@@ -432,6 +431,18 @@ class KLStats(Metric):
             self._acc = fallback.fold(
                 self._acc, logprobs, ref_logprobs, valid, self._clamp, self._threshold, self.level
             )
+
+    def _chosen(self, logprobs: Tensor, ref_logprobs: Tensor) -> backends.Backend:
+        skip = ("triton",) if self._triton_failed else ()
+        return backends.choose(self.backend, logprobs, ref_logprobs, self.level, skip)
+
+    def next_backend(self, logprobs: Tensor, ref_logprobs: Tensor) -> str:
+        """The backend the next :meth:`update` of these inputs runs.
+
+        ``"native"``, ``"triton"``, ``"compile"`` or ``"torch"``: what a caller may ask that
+        kernel to add in its pass.
+        """
+        return self._chosen(logprobs, ref_logprobs).name
 
     @property
     def limits(self) -> tuple[float, float]:
