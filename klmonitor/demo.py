@@ -38,7 +38,7 @@ from klmonitor.stats import KLSummary
 if TYPE_CHECKING:  # pragma: no cover
     from klmonitor.alerts import Alert
 
-__all__ = ["DemoRLHF", "DemoResult", "TinyPolicy", "format_result", "reward_fn", "run_demo"]
+__all__ = ["DemoRLHF", "DemoResult", "TinyPolicy", "decode_tokens", "format_result", "reward_fn", "run_demo"]
 
 LoggerName = Literal["tensorboard", "wandb", "csv"]
 LOGGERS: tuple[str, ...] = ("tensorboard", "wandb", "csv")
@@ -50,6 +50,15 @@ TARGET = 3
 """The token the reward asks for (the reference emits it rarely)."""
 MAX_LEN = 16
 HIDDEN = 32
+
+
+def decode_tokens(ids: list[int]) -> str:
+    """The toy language's text: tokens as letters, :data:`TARGET` as ``D``, :data:`EOS` as ``.``.
+
+    >>> decode_tokens([1, 3, 0])
+    'bD.'
+    """
+    return "".join("." if i == EOS else ("D" if i == TARGET else "abcdefghijklmnop"[i]) for i in ids)
 
 
 class TinyPolicy(nn.Module):
@@ -210,7 +219,7 @@ class DemoRLHF(pl.LightningModule):
         mean_reward = reward.mean()
         self.rewards.append(float(mean_reward))  # a CPU demo: one tiny sync per step is fine
         self.log("reward", mean_reward, prog_bar=True, on_step=True, on_epoch=False)
-        return {"loss": loss, "logprobs": logp, "ref_logprobs": ref_logp, "mask": mask}
+        return {"loss": loss, "logprobs": logp, "ref_logprobs": ref_logp, "mask": mask, "token_ids": tokens}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam on the policy only (the reference is frozen)."""
@@ -416,7 +425,7 @@ def _run(
     with _quiet_lightning():
         pl.seed_everything(seed, verbose=False)
         module = DemoRLHF(kl_coef, lr, batch_size, max_len, seed)
-        monitor = KLMonitor(log_every_n_steps=log_every_n_steps, max_kl=max_kl, by_position=True)
+        monitor = KLMonitor(log_every_n_steps=log_every_n_steps, max_kl=max_kl, decode=decode_tokens)
         history = _History(monitor)
         lg, offline = _make_logger(logger, root)
         trainer = pl.Trainer(
