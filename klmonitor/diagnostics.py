@@ -323,6 +323,11 @@ class RatioRange(_Accumulator):
         out = ((lr.abs() > _LN2) & valid).sum(dtype=torch.float64)
         self._v = torch.stack([torch.minimum(v[0], lo), torch.maximum(v[1], hi), v[2] + out])
 
+    def fold(self, batch: Tensor) -> None:
+        """Fold a batch's ``[min l, max l, count]`` (float64, as ``klmonitor._native.ratio_range`` gives)."""
+        v = self._state(batch.device)
+        self._v = torch.stack([torch.minimum(v[0], batch[0]), torch.maximum(v[1], batch[1]), v[2] + batch[2]])
+
     gathered_size = 2  # min and max are gathered; the count is summed
 
     def gathered(self, vector: Tensor) -> Tensor:  # noqa: D102

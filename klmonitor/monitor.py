@@ -579,7 +579,13 @@ class Monitor:
                 exc,
             )
             return
-        lr = est.log_ratio(rollout.detach(), logp)  # log pi_trainer - log pi_rollout
+        rollout = rollout.detach()
+        if self.rollout_stats.next_backend(rollout, logp) == "native":  # the C kernel took the batch
+            batch = _native.ratio_range(rollout, logp, valid)  # one C pass (None: not what C reads)
+            if batch is not None:
+                self._ratio.fold(batch)
+                return
+        lr = est.log_ratio(rollout, logp)  # log pi_trainer - log pi_rollout
         ok = torch.isfinite(lr) if valid is None else torch.isfinite(lr) & valid
         self._ratio.update(lr, ok)
 

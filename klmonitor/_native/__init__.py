@@ -685,6 +685,35 @@ def top_sequences(
     )
 
 
+def ratio_range(logp: Tensor, ref: Tensor, mask: Tensor | None) -> Tensor | None:
+    """The rollout check's ratio range of a batch in one C pass, or ``None`` where C does not read it.
+
+    ``[min l, max l, count of |l| > ln 2]`` (float64) over the tokens where ``mask`` is true
+    (every token for ``None``) and ``l = ref - logp`` (in float32, as
+    :func:`klmonitor.estimators.log_ratio` takes these inputs) is finite; ``inf``, ``-inf``,
+    0 where none is: what :class:`klmonitor.diagnostics.RatioRange` folds. ``None`` (the
+    caller uses torch) unless the inputs are contiguous CPU tensors of one shape and one of
+    float32, bf16, fp16, and ``mask`` a contiguous bool or uint8 tensor of that shape.
+    """
+    lib = load()
+    if lib is None:
+        return None
+    if not (
+        logp.is_cpu and ref.is_cpu and logp.is_contiguous() and ref.is_contiguous()
+        and logp.shape == ref.shape and logp.dtype == ref.dtype and logp.dtype in _DTYPE_CODES
+        and (mask is None or (mask.is_cpu and mask.is_contiguous() and mask.dtype in _MASK_DTYPES and mask.shape == logp.shape))
+    ):  # fmt: skip
+        return None
+    n = logp.numel()
+    out = torch.empty(3, dtype=torch.float64)
+    workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
+    mp = mask.data_ptr() if mask is not None else None
+    lib.klm_ratio_range(
+        logp.data_ptr(), ref.data_ptr(), _DTYPE_CODES[logp.dtype], mp, n, workers, out.data_ptr()
+    )
+    return out
+
+
 def _check_fold_args(
     lib: ctypes.CDLL,
     logp: Tensor,

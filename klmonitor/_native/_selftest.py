@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 #: The interface this module speaks (``klm_abi_version`` in moments.c).
-ABI_VERSION = 5
+ABI_VERSION = 6
 # Element types the kernel knows (codes as in moments.c).
 FLOAT32, BFLOAT16, FLOAT16 = 0, 1, 2
 #: Batch sizes of the sweep: one token, a scalar tail only, one vector, the float body's block
@@ -74,6 +74,7 @@ def bind(lib: ctypes.CDLL) -> None:
             [p, i64, i64, p, p, i64, i64, p, p, cint, p, p, f32, ctypes.c_double, ctypes.c_double, p],
             i64,
         ),
+        "klm_ratio_range": ([p, p, cint, p, i64, cint, p], None),
         "klm_vector_size": ([], cint),
         "klm_reads_dtype": ([cint], cint),
     }
@@ -314,7 +315,39 @@ def run(lib: ctypes.CDLL, layout: Any) -> str | None:
             why = fold(logp, ref, mask, FLOAT32, float("inf"), 20.0, how)
             if why:
                 return why
-    return _diag_problem(lib, layout)
+    return _diag_problem(lib, layout) or _ratio_range_problem(lib)
+
+
+def reference_ratio_range(logp: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``klm_ratio_range``'s output in numpy.
+
+    The min and max of the float32 ``l = ref - logp`` and the count of ``|l| > ln 2`` (in
+    float32), over masked-in tokens with a finite ``l``; ``[inf, -inf, 0]`` where none is.
+    """
+    with np.errstate(all="ignore"):
+        l32 = ref.astype(np.float32) - logp.astype(np.float32)
+    ok = mask & np.isfinite(l32)
+    if not ok.any():
+        return np.array([np.inf, -np.inf, 0.0])
+    use = l32[ok]
+    return np.array([float(use.min()), float(use.max()), float((np.abs(use) > np.float32(np.log(2))).sum())])
+
+
+def _ratio_range_problem(lib: ctypes.CDLL) -> str | None:
+    """Why ``klm_ratio_range`` differs from :func:`reference_ratio_range`, or ``None``."""
+    for n, workers in ((1, 1), (7, 1), (8, 1), (513, 1), (4097, 1), (140_001, SPLIT_WORKERS)):
+        logp, ref, mask = _batch(n, n + 11)
+        for code in (FLOAT32, BFLOAT16, FLOAT16):
+            lp, lp64 = _as_dtype(logp, code)
+            rp, rp64 = _as_dtype(ref, code)
+            for mk in (np.ascontiguousarray(mask, dtype=np.bool_), None):
+                got = np.zeros(3)
+                mp = mk.ctypes.data if mk is not None else None
+                lib.klm_ratio_range(lp.ctypes.data, rp.ctypes.data, code, mp, n, workers, got.ctypes.data)
+                want = reference_ratio_range(lp64, rp64, mk if mk is not None else np.ones(n, dtype=bool))
+                if not np.array_equal(got, want):
+                    return f"klm_ratio_range gave {got.tolist()} on a {n}-token self-test batch (dtype {code}), not {want.tolist()}"  # fmt: skip
+    return None
 
 
 def _load_layout(path: str) -> ModuleType:

@@ -50,6 +50,7 @@
 #define NQ 6          /* k1, k2, k3, kl_pq, r - 1, k2 - k3 */
 #define NOUT 16       /* S1[6], S2[6], count, nonfinite, extreme, max|l| */
 #define FLT_BIG 3.402823466e38f
+#define KLM_LN2F 0.693147182f /* ln 2 rounded to float, as torch compares a float32 tensor with it */
 
 static inline float maxf(float a, float b) { return a > b ? a : b; }
 static inline float minf(float a, float b) { return a < b ? a : b; }
@@ -951,6 +952,47 @@ static KLM_AVX2_FN void range_avx2(const void* restrict logp, const void* restri
     mxu.i = maxbits;
     out[15] = mxu.f;
 }
+
+/* ratio_range over [lo, hi) eight tokens at a time (hi - lo a multiple of 8): lanes of min l,
+ * max l (+-inf in a lane that saw no usable token) and of counts of |l| > ln 2, in int32
+ * lanes added to the int64 count every 2^20 vectors (no lane overflows). */
+static KLM_AVX2_FN void ratio_range_avx2(const void* logp, const void* ref, int dtype, const uint8_t* mask,
+                                         int64_t lo, int64_t hi, float* mn, float* mx, int64_t* cnt) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 big = _mm256_set1_ps(FLT_BIG), ln2 = _mm256_set1_ps(KLM_LN2F);
+    const __m256 pinf = _mm256_set1_ps(__builtin_inff()), ninf = _mm256_set1_ps(-__builtin_inff());
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 vmin = pinf, vmax = ninf;
+    int64_t total = 0;
+    for (int64_t start = lo; start < hi; start += (int64_t)8 << 20) {
+        const int64_t stop = hi - start < ((int64_t)8 << 20) ? hi : start + ((int64_t)8 << 20);
+        __m256i vc = zero;
+        for (int64_t i = start; i < stop; i += 8) {
+            const __m256 l = _mm256_sub_ps(avx2_load8(ref, i, dtype), avx2_load8(logp, i, dtype));
+            const __m256 al = _mm256_and_ps(l, absmask);
+            __m256 ok = _mm256_cmp_ps(al, big, _CMP_LE_OQ);  /* finite (NaN compares false) */
+            if (mask) {
+                __m256i m = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(mask + i)));
+                ok = _mm256_and_ps(ok, _mm256_castsi256_ps(_mm256_cmpgt_epi32(m, zero)));
+            }
+            vmin = _mm256_min_ps(vmin, _mm256_blendv_ps(pinf, l, ok));
+            vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(ninf, l, ok));
+            const __m256 out = _mm256_and_ps(ok, _mm256_cmp_ps(al, ln2, _CMP_GT_OQ));
+            vc = _mm256_sub_epi32(vc, _mm256_castps_si256(out));  /* lanes of -1 where counted */
+        }
+        int32_t lanes[8];
+        _mm256_storeu_si256((__m256i*)lanes, vc);
+        for (int k = 0; k < 8; k++) total += lanes[k];
+    }
+    float a[8], b[8];
+    _mm256_storeu_ps(a, vmin);
+    _mm256_storeu_ps(b, vmax);
+    for (int k = 0; k < 8; k++) {
+        *mn = a[k] < *mn ? a[k] : *mn;
+        *mx = b[k] > *mx ? b[k] : *mx;
+    }
+    *cnt += total;
+}
 #endif
 
 /* Add the shifted sums of another range of tokens (same shift) into out: sums and counts
@@ -1046,6 +1088,67 @@ void klm_token_moments(const void* logp, const void* ref, int dtype, const uint8
     token_moments(logp, ref, dtype, mask, lo, hi, shift, clamp, threshold, out, 0);
 }
 
+/* The rollout check's ratio range (klmonitor.diagnostics.RatioRange) over tokens [lo, hi):
+ * the min and max of l = ref - logp (in float, as torch's log-ratio of these inputs) and the
+ * count of |l| > ln 2, over the tokens whose mask is nonzero (every token where mask is NULL)
+ * and whose l is finite. Folded into mn, mx, cnt. */
+static void ratio_range(const void* logp, const void* ref, int dtype, const uint8_t* mask, int64_t lo,
+                        int64_t hi, float* mn, float* mx, int64_t* cnt) {
+#ifdef KLM_X86
+    if (klm_isa == 1) {
+        const int64_t mid = lo + ((hi - lo) & ~(int64_t)7);
+        ratio_range_avx2(logp, ref, dtype, mask, lo, mid, mn, mx, cnt);
+        lo = mid;
+    }
+#endif
+    for (int64_t i = lo; i < hi; i++) {
+        const float l = load1(ref, i, dtype) - load1(logp, i, dtype);
+        if ((mask && !mask[i]) || !(absf(l) <= FLT_BIG)) continue;
+        *mn = l < *mn ? l : *mn;
+        *mx = l > *mx ? l : *mx;
+        *cnt += absf(l) > KLM_LN2F;
+    }
+}
+
+/* ratio_range over n tokens in up to nthreads OpenMP threads (one without OpenMP): out = min l,
+ * max l (+inf and -inf where no token is usable) and the count of |l| > ln 2. dtype: any of
+ * the three element types (both inputs the same). */
+void klm_ratio_range(const void* logp, const void* ref, int dtype, const uint8_t* mask, int64_t n,
+                     int nthreads, double* out) {
+    float mn = __builtin_inff(), mx = -__builtin_inff();
+    int64_t cnt = 0;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > 64) nthreads = 64;
+#ifdef _OPENMP
+    if (nthreads > 1 && n > 0) {
+        float pmn[64], pmx[64];
+        int64_t pcnt[64];
+        int used = 1;
+        #pragma omp parallel num_threads(nthreads)
+        {
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            pmn[t] = __builtin_inff();
+            pmx[t] = -__builtin_inff();
+            pcnt[t] = 0;
+            ratio_range(logp, ref, dtype, mask, n * t / nt, n * (t + 1) / nt, &pmn[t], &pmx[t], &pcnt[t]);
+            if (t == 0) used = nt;
+        }
+        for (int t = 0; t < used; t++) {
+            mn = pmn[t] < mn ? pmn[t] : mn;
+            mx = pmx[t] > mx ? pmx[t] : mx;
+            cnt += pcnt[t];
+        }
+    } else
+#endif
+    {
+        (void)nthreads;
+        ratio_range(logp, ref, dtype, mask, 0, n, &mn, &mx, &cnt);
+    }
+    out[0] = mn;
+    out[1] = mx;
+    out[2] = (double)cnt;
+}
+
 /* The moments-vector layout of klmonitor/_layout.py (a test checks they agree): count,
  * mean[6], M2[6], tokens, nonfinite, extreme, max|l|. */
 #define V_COUNT 0
@@ -1098,7 +1201,7 @@ void klm_fold_sums(double* acc, const float* shift, const double* sums) {
 }
 
 /* Interface version: klmonitor/_native/__init__.py loads only the version it was written for. */
-int klm_abi_version(void) { return 5; }
+int klm_abi_version(void) { return 6; }
 
 /* sha256 of the moments.c this library was built from (setup.py defines it), so that a
  * library left from an older source is not used with a newer loader. */
