@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # No test may reach a tracker's servers.
@@ -33,3 +35,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("KLMONITOR_TEST_THREADS", "1")))
+
+
+@pytest.fixture(params=["avx2", "portable"])
+def body(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with each vector body of the fused CPU kernel (AVX2 only where the CPU has it)."""
+    from klmonitor import _native
+
+    if not _native.available():
+        pytest.skip(f"native kernel unavailable: {_native.unavailable_reason()}")
+    if request.param == "avx2" and not _native.cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    before = _native.vector_isa()
+    assert _native.select_isa(request.param) == request.param
+    try:
+        yield request.param
+    finally:
+        _native.select_isa(before or "auto")

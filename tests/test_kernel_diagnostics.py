@@ -23,15 +23,6 @@ from klmonitor._native import _selftest
 pytestmark = pytest.mark.skipif(not _native.available(), reason="the fused CPU kernel is not built")
 
 
-@pytest.fixture(params=["portable", "avx2"])
-def body(request: pytest.FixtureRequest) -> object:
-    if request.param == "avx2" and not _native.cpu_has_avx2():
-        pytest.skip("this CPU has no AVX2")
-    _native.select_isa(request.param)
-    yield request.param
-    _native.select_isa("auto")
-
-
 @pytest.mark.parametrize(("rows", "cols", "clamp", "workers"), [(1, 1, math.inf, 1), (4, 777, math.inf, 1), (4, 777, 3.0, 1), (9, 5003, math.inf, 2), (2, 9, math.inf, 2)])  # fmt: skip
 def test_kernel_sums_equal_a_float64_reference(body: object, rows: int, cols: int, clamp: float, workers: int) -> None:  # fmt: skip
     lib = _native.load()

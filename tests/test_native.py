@@ -64,21 +64,6 @@ def _compiler() -> str | None:
 needs_cc = pytest.mark.skipif(_compiler() is None, reason="no C compiler to build test libraries")
 
 
-@pytest.fixture(params=["avx2", "portable"])
-def body(request: pytest.FixtureRequest) -> Any:
-    """Run the test with each vector body of the kernel (AVX2 only where the CPU has it)."""
-    if not _native.available():
-        pytest.skip(f"native kernel unavailable: {_native.unavailable_reason()}")
-    if request.param == "avx2" and not _native.cpu_has_avx2():
-        pytest.skip("this CPU has no AVX2/FMA/F16C")
-    before = _native.vector_isa()
-    assert _native.select_isa(request.param) == request.param
-    try:
-        yield request.param
-    finally:
-        _native.select_isa(before or "auto")
-
-
 # --------------------------------------------------------------------------------------------
 # 1. both bodies agree with the torch path
 # --------------------------------------------------------------------------------------------

@@ -23,15 +23,6 @@ pytestmark = pytest.mark.skipif(not _native.available(), reason="the fused CPU k
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(params=["portable", "avx2"])
-def body(request: pytest.FixtureRequest) -> object:
-    if request.param == "avx2" and not _native.cpu_has_avx2():
-        pytest.skip("this CPU has no AVX2")
-    _native.select_isa(request.param)
-    yield request.param
-    _native.select_isa("auto")
-
-
 def _torch_range(logp: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     lr = est.log_ratio(logp, ref)
     ok = torch.isfinite(lr) if valid is None else torch.isfinite(lr) & valid
