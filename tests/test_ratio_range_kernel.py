@@ -76,10 +76,23 @@ def test_nothing_usable_gives_the_empty_range(body: object) -> None:
 def test_declines_what_c_does_not_read() -> None:
     x = torch.zeros(4, 6)
     assert _native.ratio_range(x.double(), x.double(), None) is None  # float64
-    assert _native.ratio_range(x, x.bfloat16(), None) is None  # mixed dtypes
-    assert _native.ratio_range(x.t(), x.t(), None) is None  # not contiguous
+    assert _native.ratio_range(x, x.double(), None) is None  # float64 on one side
     assert _native.ratio_range(x, x, torch.ones(4, 6)) is None  # a float mask
     assert _native.ratio_range(x, x[:, :3].contiguous(), None) is None  # shapes differ
+
+
+@pytest.mark.parametrize(("a", "b"), [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
+def test_mixed_dtypes_and_strided_inputs_equal_torch(body: object, a: torch.dtype, b: torch.dtype) -> None:
+    """Mixed dtypes are widened to float32 as torch's log-ratio widens them; strided inputs are copied."""
+    g = torch.Generator().manual_seed(3)
+    base = -4 * torch.rand(300, 70, generator=g)
+    logp = base.to(a).t()  # [70, 300], not contiguous
+    ref = (base + torch.randn(300, 70, generator=g)).to(b).t()
+    mask = (torch.rand(300, 70, generator=g) < 0.7).t()
+    assert not logp.is_contiguous()
+    got = _native.ratio_range(logp, ref, mask)
+    assert got is not None
+    assert torch.equal(got, _torch_range(logp, ref, mask))
 
 
 def _monitor_rollout(backend: str, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, float]:

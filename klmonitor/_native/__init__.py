@@ -689,21 +689,26 @@ def ratio_range(logp: Tensor, ref: Tensor, mask: Tensor | None) -> Tensor | None
     """The rollout check's ratio range of a batch in one C pass, or ``None`` where C does not read it.
 
     ``[min l, max l, count of |l| > ln 2]`` (float64) over the tokens where ``mask`` is true
-    (every token for ``None``) and ``l = ref - logp`` (in float32, as
-    :func:`klmonitor.estimators.log_ratio` takes these inputs) is finite; ``inf``, ``-inf``,
-    0 where none is: what :class:`klmonitor.diagnostics.RatioRange` folds. ``None`` (the
-    caller uses torch) unless the inputs are contiguous CPU tensors of one shape and one of
-    float32, bf16, fp16, and ``mask`` a contiguous bool or uint8 tensor of that shape.
+    (every token for ``None``) and ``l = ref - logp`` is finite, ``l`` in float32 as
+    :func:`klmonitor.estimators.log_ratio` takes these inputs (two of float32, bf16 and fp16
+    that differ are both widened to float32, exactly); ``inf``, ``-inf``, 0 where no token is
+    usable: what :class:`klmonitor.diagnostics.RatioRange` folds. ``None`` (the caller uses
+    torch) unless both are CPU tensors of one shape of those dtypes, and ``mask`` a bool or
+    uint8 tensor of that shape; non-contiguous ones are copied.
     """
     lib = load()
     if lib is None:
         return None
     if not (
-        logp.is_cpu and ref.is_cpu and logp.is_contiguous() and ref.is_contiguous()
-        and logp.shape == ref.shape and logp.dtype == ref.dtype and logp.dtype in _DTYPE_CODES
-        and (mask is None or (mask.is_cpu and mask.is_contiguous() and mask.dtype in _MASK_DTYPES and mask.shape == logp.shape))
+        logp.is_cpu and ref.is_cpu and logp.shape == ref.shape
+        and logp.dtype in _DTYPE_CODES and ref.dtype in _DTYPE_CODES
+        and (mask is None or (mask.is_cpu and mask.dtype in _MASK_DTYPES and mask.shape == logp.shape))
     ):  # fmt: skip
         return None
+    if logp.dtype != ref.dtype:
+        logp, ref = logp.float(), ref.float()
+    logp, ref = logp.contiguous(), ref.contiguous()
+    mask = mask.contiguous() if mask is not None else None
     n = logp.numel()
     out = torch.empty(3, dtype=torch.float64)
     workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
