@@ -62,6 +62,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "top_tokens=5": {**OFF, "top_tokens": 5, "vocab_size": VOCAB},
     "entropy (the default)": {**OFF, "entropy": True},
     "rollout": OFF,
+    "the defaults": {},  # by_position, top_sequences=5, the entropy: Monitor's own defaults
     "all": {"by_position": True, "top_sequences": 5, "top_tokens": 5, "vocab_size": VOCAB, "entropy": True},
 }
 
