@@ -321,7 +321,7 @@ class RatioRange(_Accumulator):
         lo = torch.where(valid, lr, math.inf).amin().double() if lr.numel() else v[0]
         hi = torch.where(valid, lr, -math.inf).amax().double() if lr.numel() else v[1]
         out = ((lr.abs() > _LN2) & valid).sum(dtype=torch.float64)
-        self._v = torch.stack([torch.minimum(v[0], lo), torch.maximum(v[1], hi), v[2] + out])
+        self.fold(torch.stack([lo, hi, out]))
 
     def fold(self, batch: Tensor) -> None:
         """Fold a batch's ``[min l, max l, count]`` (float64, as ``klmonitor._native.ratio_range`` gives)."""
