@@ -43,6 +43,25 @@ def tiny_model(vocab_size: int = 16, seed: int = 0) -> Any:
     return GPT2LMHeadModel(cfg)
 
 
+def tiny_training_args(out: Path, max_steps: int, learning_rate: float, **args: Any) -> Any:
+    """CPU ``TrainingArguments`` for the tiny model: batch 4, seed 0, no progress bar.
+
+    Logs every 2 steps to TensorBoard and saves no checkpoint, unless ``args`` says otherwise.
+    """
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=learning_rate,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        **{"logging_steps": 2, "report_to": ["tensorboard"], "save_strategy": "no", **args},
+    )
+
+
 def read_tensorboard(
     logdir: Path, alerts: str = "kl/alerts"
 ) -> tuple[dict[str, tuple[list[int], list[float]]], list[tuple[int, str]]]:

@@ -312,8 +312,8 @@ def _hf_dataset(n: int = 32, length: int = 10) -> list[dict[str, torch.Tensor]]:
 
 def _hf_train(out: Path, attach_kwargs: dict[str, Any] | None, callback: Any = None, **args: Any) -> Any:
     pytest.importorskip("transformers")
-    from hf_toys import tiny_model, tiny_tokenizer
-    from transformers import Trainer, TrainingArguments
+    from hf_toys import tiny_model, tiny_tokenizer, tiny_training_args
+    from transformers import Trainer
 
     from klmonitor.transformers import attach
 
@@ -334,16 +334,7 @@ def _hf_train(out: Path, attach_kwargs: dict[str, Any] | None, callback: Any = N
             return -(logp * mask).sum() / mask.sum()
 
     model = tiny_model()
-    targs = TrainingArguments(
-        output_dir=str(out),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=5e-2,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        **{"logging_steps": 2, "report_to": ["tensorboard"], "save_strategy": "no", **args},
-    )
+    targs = tiny_training_args(out, 4, 5e-2, **args)
     trainer = KLTrainer(
         model=model,
         args=targs,

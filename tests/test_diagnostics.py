@@ -285,22 +285,19 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             assert mon.step(step) is None
         phase[0] = "logging"
         assert mon.step(5) is not None
-        # Without top_tokens and top_sequences the additive parts are a few numbers: they
-        # travel whole in the one all_gather.
-        core = Monitor(by_position=True, top_sequences=0, log_every_n_steps=1)
-        core.update(**_rank_batches(rank)[0])
-        phase[0] = "core"
-        assert core.step(1) is not None
-        # The defaults (by_position, top_sequences=5): the gather and the reduce.
-        default = Monitor(log_every_n_steps=1)
-        default.update(**_rank_batches(rank)[0])
-        phase[0] = "default"
-        assert default.step(1) is not None
-        # Everything off: the core statistics alone, in the one gather.
-        off = Monitor(by_position=False, top_sequences=0, log_every_n_steps=1)
-        off.update(**_rank_batches(rank)[0])
-        phase[0] = "off"
-        assert off.step(1) is not None
+        # "core": without top_tokens and top_sequences the additive parts are a few numbers,
+        # which travel whole in the one all_gather. "default" (by_position, top_sequences=5):
+        # the gather and the reduce. "off": the core statistics alone, in the one gather.
+        configs = {
+            "core": {"by_position": True, "top_sequences": 0},
+            "default": {},
+            "off": {"by_position": False, "top_sequences": 0},
+        }
+        for name, kwargs in configs.items():
+            one = Monitor(log_every_n_steps=1, **kwargs)
+            one.update(**_rank_batches(rank)[0])
+            phase[0] = name
+            assert one.step(1) is not None
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps({**_describe(mon), "calls": calls}))
     finally:
         dist.all_gather, dist.all_reduce = gather, reduce  # type: ignore[assignment]

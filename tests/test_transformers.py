@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tensorboard")
 
-from hf_toys import read_tensorboard, reference_window, tiny_model  # noqa: E402
+from hf_toys import read_tensorboard, reference_window, tiny_model, tiny_training_args  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from klmonitor import Monitor  # noqa: E402
@@ -86,16 +86,7 @@ def _train(
 ) -> KLTrainer:
     model = tiny_model()
     ref = copy.deepcopy(model).eval()
-    targs = TrainingArguments(
-        output_dir=str(out),
-        max_steps=max_steps,
-        per_device_train_batch_size=4,
-        learning_rate=3e-2,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        **{"logging_steps": 2, "report_to": ["tensorboard"], "save_strategy": "no", **args},
-    )
+    targs = tiny_training_args(out, max_steps, 3e-2, **args)
     trainer = KLTrainer(
         model=model,
         args=targs,
