@@ -526,6 +526,11 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
     return _pool
 
 
+def _workers(n: int) -> int:
+    """Threads a C call over ``n`` tokens splits them over: torch's, one per ``_PARALLEL_FROM`` tokens at most."""
+    return max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
+
+
 def fold(
     logp: Tensor, ref: Tensor, mask: Tensor | None, clamp: float, threshold: float, acc: np.ndarray
 ) -> None:
@@ -545,7 +550,7 @@ def fold(
         raise RuntimeError(f"fold needs the fused CPU kernel, which is not available: {_reason}")
     _check_fold_args(lib, logp, ref, mask, clamp, threshold, acc)
     n = logp.numel()
-    workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
+    workers = _workers(n)
     request: Diagnostics | None = getattr(_pending, "request", None)
     if request is not None and not request.done and request.n == n:
         if _fold_diag(lib, request, logp, ref, mask, clamp, threshold, workers, acc):
@@ -711,7 +716,7 @@ def ratio_range(logp: Tensor, ref: Tensor, mask: Tensor | None) -> Tensor | None
     mask = mask.contiguous() if mask is not None else None
     n = logp.numel()
     out = torch.empty(3, dtype=torch.float64)
-    workers = max(1, min(torch.get_num_threads(), n // _PARALLEL_FROM))
+    workers = _workers(n)
     mp = mask.data_ptr() if mask is not None else None
     lib.klm_ratio_range(
         logp.data_ptr(), ref.data_ptr(), _DTYPE_CODES[logp.dtype], mp, n, workers, out.data_ptr()
